@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv with everything vizcnn needs, unless it is already there and up to date.
+# Sourced by demo.sh and test.sh; safe to run again (an interrupted install is redone).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.vizcnn-installed"
+want="$(cat "$root/pyproject.toml" "$root/scripts/ensure_venv.sh" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setting up $venv (first run only; about a minute) ..." >&2
+  python=${PYTHON:-python3.11}
+  command -v "$python" >/dev/null || python=python3
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  "$venv/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+  "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+  "$venv/bin/python" -c "import vizcnn, torch, captum, cv2" \
+    || { echo "set-up failed: see the pip messages above" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"

@@ -1,0 +1,25 @@
+"""vizcnn: see what a trained convolutional network has learned."""
+
+from vizcnn.errors import BadArgument, BadCheckpoint, BadImage, LayerNotFound, VizCNNError
+from vizcnn.hooks import activations, capture
+from vizcnn.layers import list_layers
+from vizcnn.models import Preprocessing, load_model, preprocess
+from vizcnn.receptive import ReceptiveField, receptive_field
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadArgument",
+    "BadCheckpoint",
+    "BadImage",
+    "LayerNotFound",
+    "Preprocessing",
+    "ReceptiveField",
+    "VizCNNError",
+    "activations",
+    "capture",
+    "list_layers",
+    "load_model",
+    "preprocess",
+    "receptive_field",
+]

@@ -1,0 +1,1 @@
+"""Data: image files and arrays in, RGB tensors out; the procedural shapes data set."""

@@ -1,0 +1,203 @@
+"""Scoped forward hooks: capture a model's intermediate outputs and leave the model as it was.
+
+Every hook vizcnn adds lives inside a ``with`` block or a single call and is removed in
+``finally``. Captured tensors are clones, so an in-place ReLU that runs after a convolution cannot
+overwrite the convolution's captured output. Tensors stay on the model's device unless
+``to_cpu=True`` is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vizcnn.errors import BadArgument
+from vizcnn.layers import resolve_layer
+
+Calls = Literal["last", "first", "all"]
+
+
+def _clone(value: Any, detach: bool, to_cpu: bool) -> Any:
+    """Clone every tensor in a (possibly nested) module output."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach() if detach else value
+        return value.to("cpu", copy=True) if to_cpu else value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v, detach, to_cpu) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v, detach, to_cpu) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    *,
+    detach: bool = True,
+    to_cpu: bool = False,
+    calls: Calls = "last",
+) -> Iterator[dict[str, Any]]:
+    """Record the outputs of the named layers during forward passes run inside the block.
+
+    A module called more than once per forward pass (ResNet's ``BasicBlock`` applies its one
+    ``relu`` twice) is handled by ``calls``: ``"last"`` (default) keeps the output of the last
+    call, which for a ResNet block's ``relu`` is the block's output; ``"first"`` keeps the first;
+    ``"all"`` keeps a list with every call's output in call order. Several forward passes inside
+    one block behave the same way: "last" holds the latest pass, "all" appends.
+
+    Args:
+        model: the network; it is not modified and holds no hook after the block.
+        layers: one dotted name or several (see ``list_layers``).
+        detach: store detached clones (default) or clones that stay in the autograd graph.
+        to_cpu: copy the clones to the CPU instead of keeping them on the model's device.
+        calls: "last", "first" or "all", see above.
+
+    Yields:
+        ``{name: Tensor}`` (``{name: list[Tensor]}`` for ``calls="all"``), filled as the model
+        runs. Each tensor is ``(N, C, H, W)`` for a conv layer, ``(N, F)`` for a linear one.
+    """
+    if calls not in ("last", "first", "all"):
+        raise BadArgument(f"calls must be 'last', 'first' or 'all', not {calls!r}")
+    names = [layers] if isinstance(layers, str) else list(layers)
+    modules = {name: resolve_layer(model, name) for name in names}  # fail before any hook
+    outputs: dict[str, Any] = {}
+    handles = []
+
+    def store(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if calls == "first" and name in outputs:
+                return
+            value = _clone(output, detach, to_cpu)
+            if calls == "all":
+                outputs.setdefault(name, []).append(value)
+            else:
+                outputs[name] = value
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(_register(module, store(name)))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _register(module: nn.Module, hook: Callable) -> Any:
+    try:
+        return module.register_forward_hook(hook)
+    except RuntimeError as error:  # TorchScript modules cannot take new hooks
+        raise BadArgument(
+            f"cannot hook {type(module).__name__}: {error}",
+            "TorchScript models cannot be inspected layer by layer; load the eager model "
+            "(a state_dict with --arch) instead",
+        ) from None
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.Module]:
+    """Restore every module's ``training`` flag, ``inplace`` flag and parameters'
+    ``requires_grad`` when the block ends, normally or by an exception.
+
+    Args:
+        model: the network.
+        eval_mode: put the model in eval mode for the duration of the block.
+    """
+    training = {module: module.training for module in model.modules()}
+    inplace = {module: module.inplace for module in model.modules() if hasattr(module, "inplace")}
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
+    try:
+        if eval_mode:
+            model.eval()
+        yield model
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+        for module, flag in inplace.items():
+            module.inplace = flag
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+_TOO_SMALL = re.compile(
+    r"too small|non-positive|greater than (the )?actual input|"
+    r"Kernel size can't be greater|input image .* is smaller|Padding size should be less|"
+    r"pad should be at most half",
+    re.IGNORECASE,
+)
+
+
+def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``, with a failure caused by a too small input turned into a ``BadArgument``
+    that names the layer where the feature map ran out.
+
+    Args:
+        x: ``(N, C, H, W)`` on the model's device.
+    """
+    running: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def enter(module: nn.Module, inputs: Any) -> None:
+        running.append(names.get(module, type(module).__name__))
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        running.pop()
+
+    handles = []
+    try:
+        for module in model.modules():
+            if module is not model:
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave))
+        return model(x)
+    except RuntimeError as error:
+        if not _TOO_SMALL.search(str(error)):
+            raise
+        where = f" at layer {running[-1]!r}" if running else ""
+        size = "x".join(str(s) for s in x.shape[2:])
+        raise BadArgument(
+            f"input size {size} is too small for this model: the feature map vanishes{where}",
+            "use a larger --input-size or image",
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def activations(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: str | Sequence[str],
+    *,
+    to_cpu: bool = False,
+    calls: Calls = "last",
+) -> dict[str, Any]:
+    """One forward pass without gradients, in eval mode; returns the named layers' outputs.
+
+    The model's modes are restored afterwards. ``x``: ``(N, C, H, W)``; it is moved to the
+    model's device. Returns ``{name: Tensor}`` as ``capture`` does.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise BadArgument(f"expected a tensor batch (N, C, H, W), got {type(x).__name__}",
+                          "use vizcnn.preprocess(model, image) first")
+    with (
+        preserved_state(model, eval_mode=True),
+        capture(model, layers, to_cpu=to_cpu, calls=calls) as outputs,
+        torch.no_grad(),
+    ):
+        run_forward(model, x.to(model_device(model)))
+    return outputs
