@@ -40,13 +40,43 @@ def _load(args: argparse.Namespace):
 
 
 def _summary(args: argparse.Namespace) -> None:
+    from vizcnn.layers import resolve_layer
     from vizcnn.summary import format_summary, summarize
 
     model = _load(args)
     size = args.input_size or [224, 224]
     rows = summarize(model, tuple(size))
+    if args.layer:
+        for name in args.layer:
+            resolve_layer(model, name)
+        rows = [row for row in rows if row.name in args.layer]
     print(f"{args.model} at input {size[0]}x{size[1]}")
     print(format_summary(rows))
+
+
+def _activations(args: argparse.Namespace) -> None:
+    import torch
+
+    from vizcnn.hooks import activations
+    from vizcnn.io import atomic_path, writable_parent
+    from vizcnn.models import preprocess
+
+    if args.out:
+        writable_parent(args.out)
+    model = _load(args)
+    x = preprocess(model, args.image)
+    captured = activations(model, x, args.layer, to_cpu=True)
+    print(f"{args.image} -> input {'x'.join(map(str, x.shape[1:]))}")
+    print(f"{'layer':<20} {'shape':<16} {'min':>9} {'mean':>9} {'max':>9} {'active':>7}")
+    for name, value in captured.items():
+        shape = "x".join(map(str, value.shape[1:]))
+        active = (value > 0).float().mean().item()
+        print(f"{name:<20} {shape:<16} {value.min().item():9.3f} {value.mean().item():9.3f} "
+              f"{value.max().item():9.3f} {active:7.1%}")
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            torch.save(captured, tmp)
+        print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(summary)
     summary.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                          help="input image size (default 224 224)")
+    summary.add_argument("--layer", action="append", metavar="L",
+                         help="show only this layer (repeatable)")
     summary.set_defaults(run=_summary)
+
+    acts = commands.add_parser("activations", help="capture layer outputs for one image: "
+                               "statistics, and the tensors with --out")
+    _add_model_options(acts)
+    acts.add_argument("image", metavar="IMAGE", help="an image file")
+    acts.add_argument("--layer", action="append", required=True, metavar="L",
+                      help="layer to capture (repeatable), see `vizcnn summary MODEL`")
+    acts.add_argument("--out", help="save {layer: tensor} to this .pt file")
+    acts.set_defaults(run=_activations)
     return parser
 
 

@@ -11,7 +11,8 @@ from vizcnn.errors import BadArgument, LayerNotFound
 # Each kind is a tuple of module classes; `list_layers(model, kind)` filters by isinstance.
 LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "relu": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish),
+    "relu": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU,
+             nn.Hardswish),
     "pool": (
         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
         nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -30,11 +31,11 @@ def list_layers(model: nn.Module, kind: str | None = None) -> list[str]:
     Args:
         model: any ``nn.Module``.
         kind: None for every module (containers too), ``"leaf"`` for modules without children,
-            or one of ``LAYER_KINDS`` (``"conv"``, ``"relu"``, ``"pool"``, ``"linear"``, ``"norm"``).
+            or one of ``LAYER_KINDS``: "conv", "relu", "pool", "linear", "norm".
     """
     if kind is not None and kind != "leaf" and kind not in LAYER_KINDS:
-        raise BadArgument(f"unknown layer kind {kind!r}",
-                          f"use one of: leaf, {', '.join(LAYER_KINDS)}")
+        kinds = ", ".join(LAYER_KINDS)
+        raise BadArgument(f"unknown layer kind {kind!r}", f"use one of: leaf, {kinds}")
     names = []
     for name, module in model.named_modules():
         if not name:

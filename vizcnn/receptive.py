@@ -181,7 +181,7 @@ def _conv_geometry(module: nn.Module) -> tuple[Pair, Pair, Pair, Pair] | None:
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
         return kernel, stride, tuple(padding), dilation  # type: ignore[return-value]
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         kernel = as_pair(module.kernel_size, "kernel")
@@ -273,7 +273,8 @@ class _LinearisedPools(TorchFunctionMode):
             x, output_size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
             if self.identity_pools is None:
                 wanted = torch.nn.modules.utils._ntuple(x.dim() - 2)(output_size)
-                self.seen.append(all(w in (None, s) for w, s in zip(wanted, x.shape[2:])))
+                current = x.shape[2:]
+                self.seen.append(all(w in (None, s) for w, s in zip(wanted, current, strict=True)))
             else:
                 self.seen.append(self.identity_pools[len(self.seen)])
             if self.seen[-1]:
@@ -329,7 +330,7 @@ def _gradient(
     at ``input_size`` comes after an adaptive pool that changes the map size (global pooling)
     or is not spatial (linear layers) is global: its field depends on the input size.
     """
-    device, dtype = model_device(model), torch.float32
+    device = model_device(model)
     state = _linearised_state(model, dtype)
     modules = {name: resolve_layer(model, name) for name in names}
     channels = input_channels(model)

@@ -70,6 +70,6 @@ def format_summary(rows: list[LayerSummary]) -> str:
     lines = []
     for line in table:
         cells = [cell.ljust(width) if i < 3 else cell.rjust(width)
-                 for i, (cell, width) in enumerate(zip(line, widths))]
+                 for i, (cell, width) in enumerate(zip(line, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)

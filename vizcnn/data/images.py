@@ -94,4 +94,4 @@ def load_image(image: Any) -> torch.Tensor:
     else:
         raise BadImage(f"cannot use a {type(image).__name__} as an image",
                        "give a path, an array, a PIL image or a tensor")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    return torch.tensor(array).permute(2, 0, 1).contiguous()  # a copy: arrays may be read-only

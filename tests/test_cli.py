@@ -1,0 +1,144 @@
+"""The command line: summary output, and one clear line with exit 2 for each user mistake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vizcnn.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def row(out: str, layer: str) -> list[str]:
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0] == layer:
+            return cells
+    raise AssertionError(f"{layer} not in the summary")
+
+
+def test_summary_alexnet(capsys):
+    code, out, err = run(capsys, "summary", "torchvision:alexnet")
+    assert code == 0 and err == ""
+    assert row(out, "features.10") == ["features.10", "Conv2d", "256x13x13", "163", "16",
+                                       "590,080"]
+    assert row(out, "classifier.6")[3:5] == ["global", "-"]
+
+
+def test_summary_vgg16_with_layer_filter(capsys):
+    code, out, _ = run(capsys, "summary", "torchvision:vgg16", "--input-size", "224", "224",
+                       "--layer", "features.28", "--layer", "features.30")
+    assert code == 0
+    assert row(out, "features.28")[2:5] == ["512x14x14", "196", "16"]
+    assert row(out, "features.30")[2:5] == ["512x7x7", "212", "32"]
+    assert len([line for line in out.splitlines() if line.startswith("features.")]) == 2
+
+
+def test_summary_resnet18_uses_gradient_fields(capsys):
+    code, out, _ = run(capsys, "summary", "torchvision:resnet18", "--layer", "layer4",
+                       "--layer", "fc")
+    assert code == 0
+    assert row(out, "layer4")[2:5] == ["512x7x7", "435", "32"]
+    assert row(out, "fc")[3] == "global"
+
+
+def test_activations_command(capsys, photo_path, tmp_path):
+    out_file = tmp_path / "deep" / "acts.pt"
+    code, out, _ = run(capsys, "activations", "torchvision:alexnet", photo_path,
+                       "--layer", "features.0", "--layer", "features.10", "--out", str(out_file))
+    assert code == 0 and "features.10" in out and "256x13x13" in out
+    saved = torch.load(out_file)
+    assert saved["features.0"].shape == (1, 64, 55, 55) and saved["features.0"].min() < 0
+    assert [p.name for p in out_file.parent.iterdir()] == ["acts.pt"]  # no temporary left
+
+
+def corrupt_checkpoint(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"\x80\x02 this is no checkpoint" * 10)
+    return str(path)
+
+
+def corrupt_image(tmp_path):
+    path = tmp_path / "corrupt.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 broken jpeg" * 10)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", [
+    "unknown architecture", "missing file", "corrupt checkpoint", "unknown layer in summary",
+    "unknown layer in activations", "missing image", "corrupt image", "input too small",
+    "unwritable output", "untrusted pickle", "state_dict without arch", "bad option",
+])
+def test_user_mistakes_give_one_line_and_exit_2(case, capsys, tmp_path, photo_path, tiny_chain):
+    args = {
+        "unknown architecture": (["summary", "torchvision:alexnett"], "did you mean alexnet"),
+        "missing file": (["summary", str(tmp_path / "none.pt")], "not found"),
+        "corrupt checkpoint": (["summary", corrupt_checkpoint(tmp_path), "--arch", "alexnet"],
+                               "not a readable PyTorch checkpoint"),
+        "unknown layer in summary": (
+            ["summary", "torchvision:alexnet", "--layer", "features.13"], "did you mean"),
+        "unknown layer in activations": (["activations", "torchvision:alexnet", photo_path,
+                                          "--layer", "feature.10"], "'features.10'"),
+        "missing image": (["activations", "torchvision:alexnet", str(tmp_path / "no.png"),
+                           "--layer", "features.0"], "not found"),
+        "corrupt image": (["activations", "torchvision:alexnet", corrupt_image(tmp_path),
+                           "--layer", "features.0"], "corrupt"),
+        "input too small": (["summary", "torchvision:alexnet", "--input-size", "40", "40"],
+                            "too small"),
+        "unwritable output": (["activations", "torchvision:alexnet", photo_path, "--layer",
+                               "features.0", "--out", "/proc/no/such/dir/a.pt"], "output folder"),
+        "untrusted pickle": (["summary", _pickled(tmp_path, tiny_chain)], "--trust-checkpoint"),
+        "state_dict without arch": (["summary", _state_dict(tmp_path, tiny_chain)], "--arch"),
+        "bad option": (["summary", "torchvision:alexnet", "--input-size", "big", "9"],
+                       "invalid int"),
+    }[case]
+    argv, expected = args
+    if case == "bad option":
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        code = exited.value.code
+        err = capsys.readouterr().err
+    else:
+        code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("vizcnn: error:") and expected in err
+    assert "Traceback" not in err
+
+
+def _pickled(tmp_path, model):
+    path = tmp_path / "full.pt"
+    torch.save(model, path)
+    return str(path)
+
+
+def _state_dict(tmp_path, model):
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_trusted_pickle_loads_from_the_cli(capsys, tmp_path, tiny_chain):
+    code, out, _ = run(capsys, "summary", _pickled(tmp_path, tiny_chain), "--trust-checkpoint",
+                       "--input-size", "32", "32")
+    assert code == 0 and row(out, "features.3")[2:5] == ["6x6x6", "13", "4"]
+
+
+def test_console_script_runs_as_a_program(tmp_path):
+    """The installed entry point: version, and an error without a traceback."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "vizcnn.cli"]
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("vizcnn ")
+    bad = subprocess.run([*command, "summary", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,50 @@
+"""Writing outputs safely: a file or folder appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vizcnn.errors import BadArgument
+
+
+def writable_parent(target: str | os.PathLike) -> Path:
+    """Create the folder that will hold ``target`` and check it is writable (fail early,
+    before long work)."""
+    target = Path(target)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadArgument(f"cannot create output folder '{parent}': {error.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise BadArgument(f"output folder '{parent}' is not writable",
+                          "choose another --out")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on
+    any error (or Ctrl-C) it is deleted, so ``target`` is never half-written. Works for a file
+    or a folder written at the yielded path."""
+    target = Path(target)
+    parent = writable_parent(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=parent)
+    os.close(fd)
+    os.unlink(name)
+    temporary = Path(name)
+    try:
+        yield temporary
+        if target.is_dir() and temporary.is_dir():
+            shutil.rmtree(target)
+        os.replace(temporary, target)
+    finally:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists():
+            temporary.unlink()
