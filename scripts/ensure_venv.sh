@@ -11,13 +11,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python=${PYTHON:-python3.11}
   command -v "$python" >/dev/null || python=python3
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-  "$venv/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1 2>&1 \
-    | grep -v "^WARNING: Location" >&2 || true
-  "$venv/bin/python" -m pip install --quiet -e "$root[test]" 2>&1 \
-    | grep -v "^WARNING: Location" >&2 || true
-  "$venv/bin/python" -c "import vizcnn, torch, captum, cv2" \
-    || { echo "set-up failed: see the pip messages above" >&2; exit 1; }
+  log="$venv/install.log"
+  if ! { "$venv/bin/python" -m pip install torch==2.14.1 torchvision==0.29.1 \
+         && "$venv/bin/python" -m pip install -e "$root[test]" \
+         && "$venv/bin/python" -c "import vizcnn, torch, captum, cv2"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "set-up failed; the whole log is in $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,0 +1,43 @@
+"""Write the committed pictures in gallery/ (importable: ``make_gallery(out_dir)``).
+
+For now: the receptive fields of AlexNet (analytic, a chain) and ResNet18 (gradient, a
+residual graph) drawn on scikit-image's photograph of Chelsea the cat. Fields do not depend on
+the weights, so no weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import matplotlib.pyplot as plt
+import skimage.data
+
+import vizcnn
+from vizcnn.receptive import receptive_fields
+from vizcnn.render.figures import receptive_field_boxes, save_figure
+
+LAYERS = {
+    "alexnet": ["features.0", "features.3", "features.6", "features.10", "features.12"],
+    "resnet18": ["conv1", "layer1", "layer2", "layer3", "layer4"],
+}
+
+
+def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
+    photo = cv2.resize(skimage.data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, 3.4), layout="constrained")
+    for ax, (arch, layers) in zip(axes, LAYERS.items(), strict=True):
+        model = vizcnn.load_model(f"torchvision:{arch}")
+        fields = receptive_fields(model, layers, 224)
+        receptive_field_boxes(photo, fields, ax=ax)
+        method = {field.method for field in fields.values()}
+        ax.set_title(f"{arch}: centre unit per layer ({'/'.join(sorted(method))})", fontsize=9)
+    return [save_figure(fig, Path(out_dir) / "receptive_fields.png", dpi=150)]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gallery")
+    for path in make_gallery(parser.parse_args().out):
+        print(f"wrote {path}")

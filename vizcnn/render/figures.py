@@ -1,0 +1,99 @@
+"""Matplotlib figures. Each function takes an optional ``ax``, returns the Figure, and never
+calls ``plt.show()``; save with ``save_figure`` (PNG, PDF or SVG by the file's suffix)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files here; no display is needed or assumed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from vizcnn.data.images import load_image  # noqa: E402
+from vizcnn.errors import BadArgument  # noqa: E402
+from vizcnn.io import atomic_path  # noqa: E402
+from vizcnn.receptive import ReceptiveField  # noqa: E402
+
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def _as_rgb(image) -> np.ndarray:
+    """uint8 (H, W, 3) from anything ``load_image`` takes."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+        return image
+    return load_image(image).permute(1, 2, 0).numpy()
+
+
+def receptive_field_boxes(
+    image,
+    fields: Mapping[str, ReceptiveField],
+    unit: tuple[float, float] = (0.5, 0.5),
+    ax: Axes | None = None,
+) -> Figure:
+    """Draw, on the image, the box that one unit of each layer sees.
+
+    Args:
+        image: the input image at the size the fields were computed for, (H, W, 3) uint8 or
+            anything ``load_image`` takes.
+        fields: ``{layer: ReceptiveField}``, e.g. from ``receptive_fields``.
+        unit: where the unit sits, as a fraction of the map (0.5, 0.5 = the centre unit).
+        ax: draw into this axes instead of a new figure.
+    """
+    rgb = _as_rgb(image)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 4.2 * rgb.shape[0] / rgb.shape[1] + 0.4),
+                               layout="constrained")
+    else:
+        fig = ax.figure
+    ax.imshow(rgb)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(len(fields), 1)))
+    for colour, (name, field) in zip(colours, fields.items(), strict=False):
+        if field.input_size != rgb.shape[:2]:
+            raise BadArgument(f"the field of {name} is for {field.input_size}, the image is "
+                              f"{rgb.shape[:2]}")
+        y, x = _unit_at(field, unit)
+        top, left, bottom, right = field.box(y, x)
+        size, _ = field.describe()
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                               lw=1.6, color=colour, label=f"{name}: {size} px"))
+    ax.set_axis_off()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.set_title("receptive field of the centre unit", fontsize=9)
+    return fig
+
+
+def _unit_at(field: ReceptiveField, unit: tuple[float, float]) -> tuple[int, int]:
+    """The unit nearest to a fractional position of the map, from the field's geometry."""
+    if field.is_global:
+        return 0, 0
+    position = []
+    for axis in range(2):
+        # units whose box starts inside the image: 0 .. count - 1
+        count = (field.input_size[axis] - 1 - field.offset[axis]) // field.jump[axis] + 1
+        centre = unit[axis] * (field.input_size[axis] - 1)
+        index = round((centre - field.offset[axis] - (field.size[axis] - 1) / 2)
+                      / field.jump[axis])
+        position.append(int(min(max(index, 0), max(count - 1, 0))))
+    return position[0], position[1]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
+    """Save as PNG, PDF or SVG (by suffix), atomically; closes the figure. Returns the path."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix not in FORMATS:
+        raise BadArgument(f"cannot save a figure as {suffix or 'a file without suffix'!r}",
+                          "use .png, .pdf or .svg")
+    try:
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format=suffix[1:], dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return str(path)
+
