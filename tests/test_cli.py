@@ -76,7 +76,8 @@ def corrupt_image(tmp_path):
 @pytest.mark.parametrize("case", [
     "unknown architecture", "missing file", "corrupt checkpoint", "unknown layer in summary",
     "unknown layer in activations", "missing image", "corrupt image", "input too small",
-    "unwritable output", "untrusted pickle", "state_dict without arch", "bad option",
+    "unwritable output", "untrusted pickle", "state_dict without arch", "torchscript summary",
+    "bad option",
 ])
 def test_user_mistakes_give_one_line_and_exit_2(case, capsys, tmp_path, photo_path, tiny_chain):
     args = {
@@ -98,6 +99,7 @@ def test_user_mistakes_give_one_line_and_exit_2(case, capsys, tmp_path, photo_pa
                                "features.0", "--out", "/proc/no/such/dir/a.pt"], "output folder"),
         "untrusted pickle": (["summary", _pickled(tmp_path, tiny_chain)], "--trust-checkpoint"),
         "state_dict without arch": (["summary", _state_dict(tmp_path, tiny_chain)], "--arch"),
+        "torchscript summary": (["summary", _scripted(tmp_path, tiny_chain)], "TorchScript"),
         "bad option": (["summary", "torchvision:alexnet", "--input-size", "big", "9"],
                        "invalid int"),
     }[case]
@@ -118,6 +120,13 @@ def test_user_mistakes_give_one_line_and_exit_2(case, capsys, tmp_path, photo_pa
 def _pickled(tmp_path, model):
     path = tmp_path / "full.pt"
     torch.save(model, path)
+    return str(path)
+
+
+def _scripted(tmp_path, model):
+    path = tmp_path / "scripted.pt"
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), str(path))
     return str(path)
 
 

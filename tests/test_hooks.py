@@ -147,3 +147,9 @@ def test_capture_options(alexnet):
 def test_activations_rejects_a_non_tensor(alexnet, photo):
     with pytest.raises(vizcnn.BadArgument, match="preprocess"):
         vizcnn.activations(alexnet, photo, ["features.0"])
+
+
+def test_too_small_input_names_the_layer(alexnet):
+    with pytest.raises(vizcnn.BadArgument, match="too small .* at layer 'features.5'"):
+        vizcnn.activations(alexnet, torch.randn(1, 3, 20, 20), ["features.10"])
+    assert hooks_left(alexnet) == []

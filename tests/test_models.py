@@ -73,6 +73,8 @@ def test_torchscript_file_loads(tmp_path, tiny_chain):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), tiny_chain(x), atol=1e-6)
+    with pytest.raises(vizcnn.BadArgument, match="TorchScript"):  # it runs, but takes no hooks
+        vizcnn.activations(model, x, ["features.0"])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint" * 50, b"PK\x03\x04broken zip"])

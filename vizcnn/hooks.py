@@ -64,6 +64,7 @@ def capture(
     """
     if calls not in ("last", "first", "all"):
         raise BadArgument(f"calls must be 'last', 'first' or 'all', not {calls!r}")
+    require_hookable(model)
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: resolve_layer(model, name) for name in names}  # fail before any hook
     outputs: dict[str, Any] = {}
@@ -83,22 +84,20 @@ def capture(
 
     try:
         for name, module in modules.items():
-            handles.append(_register(module, store(name)))
+            handles.append(module.register_forward_hook(store(name)))
         yield outputs
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _register(module: nn.Module, hook: Callable) -> Any:
-    try:
-        return module.register_forward_hook(hook)
-    except RuntimeError as error:  # TorchScript modules cannot take new hooks
+def require_hookable(model: nn.Module) -> None:
+    """Refuse a TorchScript model up front: it takes no new hooks, and its flags are constants."""
+    if isinstance(model, torch.jit.ScriptModule):
         raise BadArgument(
-            f"cannot hook {type(module).__name__}: {error}",
-            "TorchScript models cannot be inspected layer by layer; load the eager model "
-            "(a state_dict with --arch) instead",
-        ) from None
+            "a TorchScript model cannot be inspected layer by layer (it takes no hooks)",
+            "load the eager model instead: its state_dict with --arch",
+        )
 
 
 @contextlib.contextmanager
@@ -110,6 +109,7 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
         model: the network.
         eval_mode: put the model in eval mode for the duration of the block.
     """
+    require_hookable(model)
     training = {module: module.training for module in model.modules()}
     inplace = {module: module.inplace for module in model.modules() if hasattr(module, "inplace")}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
@@ -121,7 +121,8 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
         for module, flag in training.items():
             module.training = flag
         for module, flag in inplace.items():
-            module.inplace = flag
+            if module.inplace != flag:
+                module.inplace = flag
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
 

@@ -89,6 +89,10 @@ class ReceptiveField:
         return _pair_text(self.size), _pair_text(self.jump)
 
 
+# What a float32 measurement returns when it may have underflowed: measure again in float64.
+_UNDERFLOW = ReceptiveField((0, 0), (0, 0), (0, 0), (0, 0), "gradient")
+
+
 def _pair_text(pair: Pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
@@ -405,6 +409,8 @@ def _measure(output: torch.Tensor, x: torch.Tensor, input_size: Pair) -> Recepti
     (grad,) = torch.autograd.grad(target, x, retain_graph=True)
     magnitude = grad.abs().sum(dim=1)  # (2, H, W)
     support = magnitude > 0
+    if not support.any():
+        return None
     if x.dtype == torch.float32 and magnitude[support].min() < _SMALLEST_SAFE:
         return _UNDERFLOW
     boxes = []
@@ -426,9 +432,6 @@ def _measure(output: torch.Tensor, x: torch.Tensor, input_size: Pair) -> Recepti
         input_size=input_size,
         method="gradient",
     )
-
-
-_UNDERFLOW = ReceptiveField((0, 0), (0, 0), (0, 0), (0, 0), "gradient")  # measure again in float64
 
 
 # --------------------------------------------------------------------------- public functions
