@@ -252,14 +252,16 @@ class _LinearisedPools(TorchFunctionMode):
     the window), and adaptive pools that were the identity at the original input size stay the
     identity when the input is enlarged (AlexNet's and VGG's ``avgpool`` at 224 x 224)."""
 
-    _MAX = {"max_pool1d": F.avg_pool1d, "max_pool2d": F.avg_pool2d, "max_pool3d": F.avg_pool3d,
-            "max_pool1d_with_indices": F.avg_pool1d, "max_pool2d_with_indices": F.avg_pool2d,
-            "max_pool3d_with_indices": F.avg_pool3d}
-    _ADAPTIVE = {"adaptive_max_pool1d": F.adaptive_avg_pool1d,
-                 "adaptive_max_pool2d": F.adaptive_avg_pool2d,
-                 "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-                 "adaptive_avg_pool1d": F.adaptive_avg_pool1d,
-                 "adaptive_max_pool2d_with_indices": F.adaptive_avg_pool2d}
+    _MAX_AS_AVERAGE = {
+        "max_pool1d": F.avg_pool1d, "max_pool2d": F.avg_pool2d, "max_pool3d": F.avg_pool3d,
+        "max_pool1d_with_indices": F.avg_pool1d, "max_pool2d_with_indices": F.avg_pool2d,
+        "max_pool3d_with_indices": F.avg_pool3d,
+    }
+    _ADAPTIVE_AS_AVERAGE = {
+        "adaptive_max_pool1d": F.adaptive_avg_pool1d, "adaptive_max_pool2d": F.adaptive_avg_pool2d,
+        "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+        "adaptive_max_pool2d_with_indices": F.adaptive_avg_pool2d,
+    }
 
     def __init__(self, identity_pools: list[bool] | None):
         super().__init__()
@@ -271,9 +273,9 @@ class _LinearisedPools(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "").lstrip("_")
-        if name in self._MAX:
-            return self._max_as_average(self._MAX[name], *args, **kwargs)
-        if name in self._ADAPTIVE:
+        if name in self._MAX_AS_AVERAGE:
+            return self._max_as_average(self._MAX_AS_AVERAGE[name], *args, **kwargs)
+        if name in self._ADAPTIVE_AS_AVERAGE:
             x, output_size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
             if self.identity_pools is None:
                 wanted = torch.nn.modules.utils._ntuple(x.dim() - 2)(output_size)
@@ -284,7 +286,7 @@ class _LinearisedPools(TorchFunctionMode):
             if self.seen[-1]:
                 return x
             self.resized = True
-            return self._ADAPTIVE[name](x, output_size)
+            return self._ADAPTIVE_AS_AVERAGE[name](x, output_size)
         return func(*args, **kwargs)
 
     @staticmethod
@@ -330,9 +332,9 @@ def _gradient(
     growing side (16, 32, 64, ...) until both boxes lie inside; small probes keep this cheap, and
     a conv/pool field does not depend on the input size. What does depend on it, adaptive pools
     that are the identity at ``input_size`` (AlexNet's and VGG's ``avgpool`` at 224), is
-    recorded at ``input_size`` first and kept so. A layer whose output
-    at ``input_size`` comes after an adaptive pool that changes the map size (global pooling)
-    or is not spatial (linear layers) is global: its field depends on the input size.
+    recorded at ``input_size`` first and kept so. A layer whose output at ``input_size`` comes
+    after an adaptive pool that changes the map size (global pooling), or is not spatial (linear
+    layers), is global: its field depends on the input size.
     """
     device = model_device(model)
     state = _linearised_state(model, dtype)
