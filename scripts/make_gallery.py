@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 import cv2
-import matplotlib.pyplot as plt
 import skimage.data
+from matplotlib.figure import Figure
 
 import vizcnn
 from vizcnn.receptive import receptive_fields
@@ -26,7 +26,8 @@ LAYERS = {
 
 def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
     photo = cv2.resize(skimage.data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
-    fig, axes = plt.subplots(1, 2, figsize=(8.6, 3.4), layout="constrained")
+    fig = Figure(figsize=(8.6, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, (arch, layers) in zip(axes, LAYERS.items(), strict=True):
         model = vizcnn.load_model(f"torchvision:{arch}")
         fields = receptive_fields(model, layers, 224)

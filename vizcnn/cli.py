@@ -40,16 +40,11 @@ def _load(args: argparse.Namespace):
 
 
 def _summary(args: argparse.Namespace) -> None:
-    from vizcnn.layers import resolve_layer
     from vizcnn.summary import format_summary, summarize
 
     model = _load(args)
     size = args.input_size or [224, 224]
-    rows = summarize(model, tuple(size))
-    if args.layer:
-        for name in args.layer:
-            resolve_layer(model, name)
-        rows = [row for row in rows if row.name in args.layer]
+    rows = summarize(model, tuple(size), layers=args.layer)
     print(f"{args.model} at input {size[0]}x{size[1]}")
     print(format_summary(rows))
 

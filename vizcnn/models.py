@@ -111,11 +111,8 @@ def _torchvision_weights(arch: str, name: str) -> Any:
 
 
 def _load_torchvision(arch: str, weights: str | None) -> nn.Module:
-    _check_architecture(arch)
     if weights is None:
-        model = torchvision.models.get_model(arch, weights=None)
-        model.vizcnn_preprocessing = IMAGENET_PREPROCESSING
-        return model
+        return _build_architecture(arch, num_classes=None)
     enum_value = _torchvision_weights(arch, weights)
     try:
         model = torchvision.models.get_model(arch, weights=enum_value)

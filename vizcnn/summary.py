@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.receptive import ReceptiveField, as_pair, receptive_fields, trace_calls
 
 
@@ -31,13 +32,23 @@ class LayerSummary:
     field: ReceptiveField | None
 
 
-def summarize(model: nn.Module, input_size: int | Sequence[int] = 224) -> list[LayerSummary]:
+def summarize(
+    model: nn.Module,
+    input_size: int | Sequence[int] = 224,
+    layers: Sequence[str] | None = None,
+) -> list[LayerSummary]:
     """Every named module of ``model`` (containers too) in registration order, as seen by one
-    forward pass of a ``(1, C, H, W)`` zero image. The model is left as it was."""
+    forward pass of a ``(1, C, H, W)`` zero image; only ``layers`` when given (unknown names
+    raise ``LayerNotFound`` before any work). The model is left as it was."""
     input_size = as_pair(input_size)
+    wanted = set(list_layers(model)) if layers is None else set(layers)
+    for name in wanted:
+        resolve_layer(model, name)
     calls = trace_calls(model, input_size)
     outputs = {}
     for call in calls[1:]:
+        if call.name not in wanted:
+            continue
         if isinstance(call.output, torch.Tensor):
             outputs[call.name] = call.output
         elif isinstance(call.output, (tuple, list)) and call.output and isinstance(
@@ -46,7 +57,7 @@ def summarize(model: nn.Module, input_size: int | Sequence[int] = 224) -> list[L
     fields = receptive_fields(model, list(outputs), input_size, calls=calls)
     rows = []
     for name, module in model.named_modules():
-        if not name:
+        if name not in wanted:
             continue
         output = outputs.get(name)
         rows.append(LayerSummary(

@@ -1,5 +1,8 @@
 """Matplotlib figures. Each function takes an optional ``ax``, returns the Figure, and never
-calls ``plt.show()``; save with ``save_figure`` (PNG, PDF or SVG by the file's suffix)."""
+calls ``plt.show()``; save with ``save_figure`` (PNG, PDF or SVG by the file's suffix).
+
+Figures are built as ``matplotlib.figure.Figure`` objects, not through pyplot, so vizcnn needs
+no display, leaves the user's backend alone, and keeps no figure alive in pyplot's registry."""
 
 from __future__ import annotations
 
@@ -7,19 +10,15 @@ import os
 from collections.abc import Mapping
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # figures are files here; no display is needed or assumed
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from vizcnn.data.images import load_image  # noqa: E402
-from vizcnn.errors import BadArgument  # noqa: E402
-from vizcnn.io import atomic_path  # noqa: E402
-from vizcnn.receptive import ReceptiveField  # noqa: E402
+from vizcnn.data.images import load_image
+from vizcnn.errors import BadArgument
+from vizcnn.io import atomic_path
+from vizcnn.receptive import ReceptiveField
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -48,12 +47,13 @@ def receptive_field_boxes(
     """
     rgb = _as_rgb(image)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(4.2, 4.2 * rgb.shape[0] / rgb.shape[1] + 0.4),
-                               layout="constrained")
+        fig = Figure(figsize=(4.2, 4.2 * rgb.shape[0] / rgb.shape[1] + 0.4),
+                     layout="constrained")
+        ax = fig.subplots()
     else:
         fig = ax.figure
     ax.imshow(rgb)
-    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(len(fields), 1)))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(fields), 1)))
     for colour, (name, field) in zip(colours, fields.items(), strict=False):
         if field.input_size != rgb.shape[:2]:
             raise BadArgument(f"the field of {name} is for {field.input_size}, the image is "
@@ -65,7 +65,8 @@ def receptive_field_boxes(
                                lw=1.6, color=colour, label=f"{name}: {size} px"))
     ax.set_axis_off()
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-    ax.set_title("receptive field of the centre unit", fontsize=9)
+    if unit == (0.5, 0.5):
+        ax.set_title("receptive field of the centre unit", fontsize=9)
     return fig
 
 
@@ -75,7 +76,7 @@ def _unit_at(field: ReceptiveField, unit: tuple[float, float]) -> tuple[int, int
         return 0, 0
     position = []
     for axis in range(2):
-        # units whose box starts inside the image: 0 .. count - 1
+        # the units whose box starts inside the image are 0 .. count - 1
         count = (field.input_size[axis] - 1 - field.offset[axis]) // field.jump[axis] + 1
         centre = unit[axis] * (field.input_size[axis] - 1)
         index = round((centre - field.offset[axis] - (field.size[axis] - 1) / 2)
@@ -85,15 +86,12 @@ def _unit_at(field: ReceptiveField, unit: tuple[float, float]) -> tuple[int, int
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
-    """Save as PNG, PDF or SVG (by suffix), atomically; closes the figure. Returns the path."""
+    """Save as PNG, PDF or SVG (by suffix), atomically. Returns the path."""
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix not in FORMATS:
         raise BadArgument(f"cannot save a figure as {suffix or 'a file without suffix'!r}",
                           "use .png, .pdf or .svg")
-    try:
-        with atomic_path(path) as temporary:
-            fig.savefig(temporary, format=suffix[1:], dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format=suffix[1:], dpi=dpi, bbox_inches="tight")
     return str(path)
 
