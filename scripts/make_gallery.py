@@ -1,8 +1,10 @@
 """Write the committed pictures in gallery/ (importable: ``make_gallery(out_dir)``).
 
-For now: the receptive fields of AlexNet (analytic, a chain) and ResNet18 (gradient, a
-residual graph) drawn on scikit-image's photograph of Chelsea the cat. Fields do not depend on
-the weights, so no weights are downloaded.
+- ``gallery/demo/``: what ``vizcnn demo`` writes (first-layer filters, feature maps of every
+  conv layer, the report) for the bundled demo network;
+- ``gallery/receptive_fields.png``: the receptive fields of AlexNet (analytic, a chain) and
+  ResNet18 (gradient, a residual graph) on scikit-image's photograph of Chelsea the cat. Fields
+  do not depend on the weights, so no weights are downloaded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import skimage.data
 from matplotlib.figure import Figure
 
 import vizcnn
+from vizcnn.demo import run_demo
 from vizcnn.receptive import receptive_fields
 from vizcnn.render.figures import receptive_field_boxes, save_figure
 
@@ -34,7 +37,8 @@ def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
         receptive_field_boxes(photo, fields, ax=ax)
         method = {field.method for field in fields.values()}
         ax.set_title(f"{arch}: centre unit per layer ({'/'.join(sorted(method))})", fontsize=9)
-    return [save_figure(fig, Path(out_dir) / "receptive_fields.png", dpi=150)]
+    written = [save_figure(fig, Path(out_dir) / "receptive_fields.png", dpi=150)]
+    return written + [str(path) for path in run_demo(Path(out_dir) / "demo", progress=False)]
 
 
 if __name__ == "__main__":

@@ -151,3 +151,34 @@ def test_console_script_runs_as_a_program(tmp_path):
     bad = subprocess.run([*command, "summary", str(tmp_path / "missing.pt")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_maps_filters_and_shapes_images(capsys, tmp_path):
+    maps = tmp_path / "x.png"
+    code, out, _ = run(capsys, "maps", "demo", "shapes:3", "--layer", "features.0", "--out",
+                       str(maps))
+    assert code == 0 and maps.stat().st_size > 10_000 and str(maps) in out
+    filters = tmp_path / "f.svg"
+    code, _, _ = run(capsys, "filters", "torchvision:alexnet", "--out", str(filters))
+    assert code == 0 and filters.read_text().lstrip().startswith("<?xml")
+    code, _, _ = run(capsys, "filters", "demo", "--layer", "features.3", "--mode", "channels",
+                     "--out", str(tmp_path / "f3.pdf"))
+    assert code == 0 and (tmp_path / "f3.pdf").read_bytes().startswith(b"%PDF")
+    code, out, _ = run(capsys, "activations", "demo", "shapes:0", "--layer", "features.10")
+    assert code == 0 and "96x7x7" in out  # conv5 of ZFNetMini
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["maps", "demo", "shapes:-1", "--layer", "features.0"], "shapes index must be >= 0"),
+    (["maps", "demo", "shapes:two", "--layer", "features.0"], "shapes:INDEX"),
+    (["maps", "demo", "shapes:3", "--layer", "features.99"], "not found"),
+    (["maps", "demo", "shapes:3", "--layer", "classifier.1"], "no feature maps"),
+    (["filters", "demo", "--layer", "features.1"], "not a conv layer"),
+    (["filters", "demo", "--layer", "features.13"], "not found"),
+    (["filters", "torchvision:alexnet", "--layer", "classifier.1"], "not a conv layer"),
+])
+def test_demo_world_mistakes(argv, expected, capsys, tmp_path):
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "out.png"))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()

@@ -12,6 +12,7 @@ from vizcnn.errors import VizCNNError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+IMAGE_HELP = "an image file, or shapes:INDEX for a held-out image of the demo data set"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,71 @@ def _summary(args: argparse.Namespace) -> None:
     print(format_summary(rows))
 
 
+def _image(spec: str):
+    """An IMAGE argument: a file path, or ``shapes:INDEX`` for a held-out demo image."""
+    from vizcnn.data.shapes import held_out_image, parse_shapes_spec
+
+    index = parse_shapes_spec(spec)
+    return spec if index is None else held_out_image(index)
+
+
+def _conv_layer(model, name: str | None) -> str:
+    """``name`` if it is a conv layer (default: the first one), else a clear error."""
+    from torch import nn
+
+    from vizcnn.errors import BadArgument
+    from vizcnn.layers import list_layers, resolve_layer
+
+    convs = list_layers(model, "conv")
+    if not convs:
+        raise BadArgument("this model has no conv layer")
+    if name is None:
+        return convs[0]
+    module = resolve_layer(model, name)
+    if not isinstance(module, nn.Conv2d):
+        raise BadArgument(f"layer {name!r} is a {type(module).__name__}, not a conv layer",
+                          f"conv layers: {', '.join(convs[:8])}{' ...' if len(convs) > 8 else ''}")
+    return name
+
+
+def _filters(args: argparse.Namespace) -> None:
+    from vizcnn.io import writable_parent
+    from vizcnn.layers import resolve_layer
+    from vizcnn.render.figures import filters_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    layer = _conv_layer(model, args.layer)
+    weight = resolve_layer(model, layer).weight
+    print(f"wrote {save_figure(filters_figure(weight, layer=layer, mode=args.mode), args.out)}")
+
+
+def _maps(args: argparse.Namespace) -> None:
+    from vizcnn.errors import BadArgument
+    from vizcnn.hooks import activations
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess
+    from vizcnn.render.figures import feature_maps_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    image = _image(args.image)
+    x = preprocess(model, image)
+    maps = activations(model, x, [args.layer])[args.layer]
+    if not hasattr(maps, "dim") or maps.dim() != 4:
+        raise BadArgument(f"layer {args.layer!r} gives no feature maps (output "
+                          f"{tuple(getattr(maps, 'shape', ()))})", "pick a conv or pool layer")
+    fig = feature_maps_figure(maps[0], layer=args.layer, image=image, scaling=args.scaling)
+    print(f"wrote {save_figure(fig, args.out)}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vizcnn.demo import run_demo
+
+    for path in run_demo(args.out):
+        print(f"wrote {path}")
+
+
 def _activations(args: argparse.Namespace) -> None:
     import torch
 
@@ -59,7 +125,7 @@ def _activations(args: argparse.Namespace) -> None:
     if args.out:
         writable_parent(args.out)
     model = _load(args)
-    x = preprocess(model, args.image)
+    x = preprocess(model, _image(args.image))
     captured = activations(model, x, args.layer, to_cpu=True)
     print(f"{args.image} -> input {'x'.join(map(str, x.shape[1:]))}")
     print(f"{'layer':<20} {'shape':<16} {'min':>9} {'mean':>9} {'max':>9} {'active':>7}")
@@ -72,6 +138,16 @@ def _activations(args: argparse.Namespace) -> None:
         with atomic_path(args.out) as tmp:
             torch.save(captured, tmp)
         print(f"wrote {args.out}")
+
+
+def _train_demo(args: argparse.Namespace) -> None:
+    from vizcnn.train import train_demo
+
+    result = train_demo(args.out, epochs=args.epochs, per_epoch=args.per_epoch)
+    for epoch, path in sorted(result.checkpoints.items()):
+        print(f"epoch {epoch:2d}: {path}")
+    print(f"held-out accuracy {result.held_out_accuracy:.2%} on 2,000 fresh images "
+          f"(seed never used in training); {result.seconds / 60:.1f} min")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,11 +169,39 @@ def build_parser() -> argparse.ArgumentParser:
     acts = commands.add_parser("activations", help="capture layer outputs for one image: "
                                "statistics, and the tensors with --out")
     _add_model_options(acts)
-    acts.add_argument("image", metavar="IMAGE", help="an image file")
+    acts.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
     acts.add_argument("--layer", action="append", required=True, metavar="L",
                       help="layer to capture (repeatable), see `vizcnn summary MODEL`")
     acts.add_argument("--out", help="save {layer: tensor} to this .pt file")
     acts.set_defaults(run=_activations)
+
+    filters = commands.add_parser("filters", help="a conv layer's filters as a grid figure")
+    _add_model_options(filters)
+    filters.add_argument("--layer", metavar="L", help="conv layer (default: the first)")
+    filters.add_argument("--mode", default="auto", choices=["auto", "rgb", "mean", "channels"],
+                         help="rgb for 3-channel filters, mean or channels for deeper ones")
+    filters.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    filters.set_defaults(run=_filters)
+
+    maps = commands.add_parser("maps", help="one image's feature maps of a layer as a grid figure")
+    _add_model_options(maps)
+    maps.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    maps.add_argument("--layer", required=True, metavar="L", help="conv or pool layer")
+    maps.add_argument("--scaling", default="tile", choices=["tile", "shared"],
+                      help="each map its own range (tile) or one range for all (shared)")
+    maps.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    maps.set_defaults(run=_maps)
+
+    demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
+    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train-demo", help="train the demo network (ZFNetMini) on the "
+                                "shapes data set; checkpoints per chosen epoch")
+    train.add_argument("--out", default="runs/demo", help="folder for the checkpoints")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--per-epoch", type=int, default=12_000, help="fresh images per epoch")
+    train.set_defaults(run=_train_demo)
     return parser
 
 

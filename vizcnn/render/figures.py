@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import cv2
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
@@ -19,6 +20,7 @@ from vizcnn.data.images import load_image
 from vizcnn.errors import BadArgument
 from vizcnn.io import atomic_path
 from vizcnn.receptive import ReceptiveField
+from vizcnn.render.grid import feature_map_grid, filter_grid
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -46,12 +48,7 @@ def receptive_field_boxes(
         ax: draw into this axes instead of a new figure.
     """
     rgb = _as_rgb(image)
-    if ax is None:
-        fig = Figure(figsize=(4.2, 4.2 * rgb.shape[0] / rgb.shape[1] + 0.4),
-                     layout="constrained")
-        ax = fig.subplots()
-    else:
-        fig = ax.figure
+    fig, ax = _new_axes(4.2, 4.2 * rgb.shape[0] / rgb.shape[1] + 0.4, ax)
     ax.imshow(rgb)
     colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(fields), 1)))
     for colour, (name, field) in zip(colours, fields.items(), strict=False):
@@ -67,6 +64,60 @@ def receptive_field_boxes(
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     if unit == (0.5, 0.5):
         ax.set_title("receptive field of the centre unit", fontsize=9)
+    return fig
+
+
+def _new_axes(width: float, height: float, ax: Axes | None) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def filters_figure(weight, *, layer: str = "", mode: str = "auto", ax: Axes | None = None,
+                   title: str | None = None) -> Figure:
+    """A conv layer's filters as a grid (see ``grid.filter_grid``), titled with the layer.
+
+    Args:
+        weight: (out_channels, in_channels, kh, kw).
+        layer: the layer's name, for the title.
+    """
+    grid = filter_grid(weight, mode=mode)
+    fig, ax = _new_axes(4.5, 4.5 * grid.shape[0] / grid.shape[1] + 0.4, ax)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    out_channels, in_channels, height, width = weight.shape
+    if title is None:
+        title = f"{layer} filters: {out_channels} x {in_channels} x {height} x {width}"
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def feature_maps_figure(activations, *, layer: str = "", image=None, scaling: str = "tile",
+                        ax: Axes | None = None, title: str | None = None) -> Figure:
+    """One tile per channel of a layer's output for one image (see ``grid.feature_map_grid``).
+
+    Args:
+        activations: (C, H, W) or (1, C, H, W).
+        image: the input image, shown beside the grid when given and no ``ax`` is.
+        scaling: "tile" (each channel its own range) or "shared".
+    """
+    grid = feature_map_grid(activations, scaling=scaling, colormap=cv2.COLORMAP_VIRIDIS)
+    shape = tuple(activations.shape[-3:])
+    if ax is None and image is not None:
+        fig = Figure(figsize=(7.0, 4.6 * grid.shape[0] / grid.shape[1] + 0.6),
+                     layout="constrained")
+        image_ax, ax = fig.subplots(1, 2, width_ratios=[1, 2.2])
+        image_ax.imshow(_as_rgb(image))
+        image_ax.set_axis_off()
+        image_ax.set_title("input", fontsize=9)
+    else:
+        fig, ax = _new_axes(4.5, 4.5 * grid.shape[0] / grid.shape[1] + 0.4, ax)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title is None:
+        title = f"{layer} feature maps: {' x '.join(map(str, shape))} ({scaling} scaling)"
+    ax.set_title(title, fontsize=9)
     return fig
 
 

@@ -1,0 +1,92 @@
+"""The bundled demo network: accuracy on fresh data, learned (not random) first-layer filters,
+few dead filters, reproducible training, and the `vizcnn demo` output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vizcnn
+from vizcnn.data.shapes import SHAPE_CLASSES
+from vizcnn.demo import run_demo
+from vizcnn.models import DEMO_CHECKPOINT
+from vizcnn.train import accuracy, demo_initialisation, render_batch, train_demo
+
+FRESH_SEED = 424242  # used neither in training (seed 0) nor for the training script's report
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return vizcnn.load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return render_batch(FRESH_SEED, 0, 600)
+
+
+def test_bundled_model_classifies_fresh_images(demo, fresh):
+    images, labels = fresh
+    assert accuracy(demo, images, labels) >= 0.95
+    assert demo.vizcnn_classes == list(SHAPE_CLASSES)
+    assert DEMO_CHECKPOINT.stat().st_size < 5 * 2**20
+
+
+def spatial_autocorrelation(weight: torch.Tensor) -> float:
+    """Mean lag-1 correlation between neighbouring taps of each filter (x and y)."""
+    centred = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+    energy = (centred ** 2).sum(dim=(1, 2, 3))
+    horizontal = (centred[..., :, 1:] * centred[..., :, :-1]).sum(dim=(1, 2, 3))
+    vertical = (centred[..., 1:, :] * centred[..., :-1, :]).sum(dim=(1, 2, 3))
+    return float(((horizontal + vertical) / (2 * energy)).mean())
+
+
+def test_first_layer_filters_are_learned_structure(demo):
+    seed = torch.load(DEMO_CHECKPOINT)["seed"]
+    initial = demo_initialisation(seed).features[0].weight.detach()
+    trained = demo.features[0].weight.detach()
+    assert abs(spatial_autocorrelation(initial)) < 0.15  # white noise: neighbours unrelated
+    assert spatial_autocorrelation(trained) > spatial_autocorrelation(initial) + 0.3
+    assert (trained - initial).norm() > initial.norm()  # training moved them far
+
+
+def test_few_dead_first_layer_filters(demo, fresh):
+    images, _ = fresh
+    weight = demo.features[0].weight.detach()
+    norms = weight.flatten(1).norm(dim=1)
+    tiny = norms < 1e-3 * norms.median()
+    relu = vizcnn.activations(demo, images[:500], ["features.1"])["features.1"]
+    never_active = relu.amax(dim=(0, 2, 3)) <= 0
+    assert (tiny | never_active).float().mean() <= 0.10
+
+
+def test_training_is_reproducible_and_writes_checkpoints(tmp_path):
+    kwargs = dict(epochs=2, per_epoch=256, batch_size=64, held_out=64, save_epochs=(0, 1),
+                  progress=False)
+    first = train_demo(tmp_path / "a", **kwargs)
+    second = train_demo(tmp_path / "b", **kwargs)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "epoch_00.pt", "epoch_01.pt", "final.pt"]
+    a, b = torch.load(first.checkpoints[2]), torch.load(second.checkpoints[2])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["held_out_accuracy"] == first.held_out_accuracy
+    initial = torch.load(first.checkpoints[0])["state_dict"]["features.0.weight"]
+    assert torch.equal(initial, demo_initialisation(0).features[0].weight)
+    model = vizcnn.load_model(first.checkpoints[2])  # arch comes from the checkpoint
+    assert model.vizcnn_classes == list(SHAPE_CLASSES)
+
+
+def test_demo_writes_figures_and_report(tmp_path):
+    files = run_demo(tmp_path / "demo", progress=False)
+    names = sorted(p.name for p in files)
+    assert "filters_layer1.png" in names and "report.txt" in names
+    assert len([n for n in names if n.startswith("maps_layer")]) == 5  # every conv layer
+    report = (tmp_path / "demo" / "report.txt").read_text()
+    assert "held-out accuracy" in report and "features.10" in report
+    run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(vizcnn.BadArgument, match="not a vizcnn demo output"):
+        run_demo(tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"

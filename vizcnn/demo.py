@@ -1,0 +1,101 @@
+"""`vizcnn demo`: what the bundled network has learned, from nothing but the package.
+
+Writes into one folder (built in a temporary folder and renamed into place, so an interrupted
+run leaves nothing half-written): the first-layer filters, feature-map grids of every conv layer
+for a few held-out shapes images, and a text report with the held-out accuracy and the layer
+summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
+from vizcnn.errors import BadArgument
+from vizcnn.hooks import activations
+from vizcnn.io import atomic_path
+from vizcnn.layers import list_layers, resolve_layer
+from vizcnn.models import load_model, preprocess
+from vizcnn.render.figures import feature_maps_figure, filters_figure, save_figure
+from vizcnn.summary import format_summary, summarize
+from vizcnn.train import accuracy, render_batch
+
+DEMO_IMAGES = (0, 1, 2, 3)
+HELD_OUT_SAMPLE = 1000
+
+
+def _check_target(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not an earlier demo output: never lose user data."""
+    if out_dir.exists() and (not out_dir.is_dir() or
+                             (any(out_dir.iterdir()) and not (out_dir / "report.txt").exists())):
+        raise BadArgument(f"'{out_dir}' exists and is not a vizcnn demo output",
+                          "choose another --out (the demo replaces its own earlier output only)")
+
+
+def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
+    """Rows of (input image | feature-map grid of ``layer``), one row per image."""
+    batch = torch.cat([preprocess(model, image) for image in images])
+    maps = activations(model, batch, [layer])[layer]
+    fig = Figure(figsize=(6.4, 3.0 * len(images)), layout="constrained")
+    axes = fig.subplots(len(images), 2, width_ratios=[1, 1.6], squeeze=False)
+    with torch.no_grad():
+        predicted = model(batch).argmax(1).tolist()
+    classes = getattr(model, "vizcnn_classes", None) or [str(i) for i in range(10_000)]
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_axis_off()
+        axes[row, 0].set_title(f"predicted: {classes[predicted[row]]}", fontsize=9)
+        feature_maps_figure(maps[row], layer=layer, ax=axes[row, 1],
+                            title=None if row == 0 else "")
+    return fig
+
+
+def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list[Path]:
+    """Write the demo's figures and report into ``out_dir``; returns the files written."""
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    started = time.perf_counter()
+    model = load_model("demo")
+    conv_layers = list_layers(model, "conv")
+    images = [held_out_image(i) for i in DEMO_IMAGES]
+    steps = tqdm(total=len(conv_layers) + 3, desc="vizcnn demo", disable=not progress)
+    with atomic_path(out_dir) as staging:
+        staging.mkdir()
+        first = conv_layers[0]
+        save_figure(filters_figure(resolve_layer(model, first).weight, layer=first),
+                    staging / "filters_layer1.png")
+        steps.update()
+        for number, layer in enumerate(conv_layers, start=1):
+            save_figure(maps_for_images(model, layer, images),
+                        staging / f"maps_layer{number}_{layer}.png")
+            steps.update()
+        test_images, test_labels = render_batch(HELD_OUT_SEED, 0, HELD_OUT_SAMPLE)
+        overall = accuracy(model, test_images, test_labels)
+        with torch.no_grad():
+            predicted = model(test_images).argmax(1)
+        steps.update()
+        lines = [
+            "vizcnn demo: ZFNetMini on the procedural shapes data set",
+            "",
+            f"held-out accuracy: {overall:.2%} on {HELD_OUT_SAMPLE} images of seed "
+            f"{HELD_OUT_SEED}, never used in training",
+        ]
+        for label, name in enumerate(SHAPE_CLASSES):
+            chosen = test_labels == label
+            correct = (predicted[chosen] == label).float().mean().item()
+            lines.append(f"  {name:<9} {correct:7.2%}  ({int(chosen.sum())} images)")
+        lines += ["", "layers at 64 x 64:", format_summary(summarize(model, 64)), ""]
+        (staging / "report.txt").write_text("\n".join(lines))
+        steps.update()
+        written = sorted(p.name for p in staging.iterdir())
+    steps.close()
+    if progress:
+        print(f"demo written in {time.perf_counter() - started:.1f} s")
+    return [out_dir / name for name in written]
+

@@ -1,0 +1,146 @@
+"""Tile filters and feature maps into one uint8 image (pure: arrays in, an array out).
+
+Layout: tiles row by row, ``columns`` per row (default: the smallest count that makes the grid
+about square), ``padding`` pixels of ``background`` between and around tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from vizcnn.errors import BadArgument
+
+Scaling = Literal["tile", "shared"]
+
+
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
+def stretch(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Map [low, high] (default: the values' own range) linearly onto 0..255 as uint8; a
+    constant input gives zeros."""
+    low = float(values.min()) if low is None else low
+    high = float(values.max()) if high is None else high
+    if not high > low:
+        return np.zeros(values.shape, np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(scaled.round(), 0, 255).astype(np.uint8)
+
+
+def tile(tiles: np.ndarray, columns: int | None = None, padding: int = 1,
+         background: int = 255) -> np.ndarray:
+    """Arrange uint8 tiles (N, h, w, 3) into one (H, W, 3) image.
+
+    H = rows * h + (rows + 1) * padding with rows = ceil(N / columns), likewise W.
+    """
+    count, height, width = tiles.shape[:3]
+    if count == 0:
+        raise BadArgument("nothing to draw: zero tiles")
+    if padding < 0:
+        raise BadArgument(f"padding must be >= 0, not {padding}")
+    columns = columns or math.ceil(math.sqrt(count))
+    if columns < 1:
+        raise BadArgument(f"columns must be >= 1, not {columns}")
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    canvas = np.full((rows * height + (rows + 1) * padding,
+                      columns * width + (columns + 1) * padding, 3), background, np.uint8)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top = padding + row * (height + padding)
+        left = padding + column * (width + padding)
+        canvas[top:top + height, left:left + width] = tiles[index]
+    return canvas
+
+
+def filter_grid(
+    weight,
+    *,
+    mode: Literal["auto", "rgb", "mean", "channels"] = "auto",
+    columns: int | None = None,
+    padding: int = 1,
+) -> np.ndarray:
+    """A conv layer's filters as one uint8 RGB image, each tile contrast-stretched on its own.
+
+    Args:
+        weight: (out_channels, in_channels, kh, kw), tensor or array.
+        mode: "rgb" shows each filter of a 3-input-channel layer in colour (the first layer);
+            "mean" shows each filter's mean over its input channels in gray; "channels" shows
+            every (filter, input channel) slice in gray, one row per filter (``columns`` is then
+            the number of input channels). "auto" is "rgb" for 3 inputs, else "mean".
+        columns, padding: layout, see ``tile``.
+
+    Returns:
+        uint8 (H, W, 3).
+    """
+    weight = _numpy(weight)
+    if weight.ndim != 4:
+        raise BadArgument(f"filter weights must be (out, in, kh, kw), got shape {weight.shape}",
+                          "pick a Conv2d layer")
+    out_channels, in_channels = weight.shape[:2]
+    if mode == "auto":
+        mode = "rgb" if in_channels == 3 else "mean"
+    if mode == "rgb":
+        if in_channels != 3:
+            raise BadArgument(f"mode 'rgb' needs 3 input channels, this layer has {in_channels}",
+                              "use mode 'mean' or 'channels'")
+        tiles = np.stack([stretch(f.transpose(1, 2, 0)) for f in weight])
+    elif mode == "mean":
+        tiles = np.stack([_gray(stretch(f.mean(axis=0))) for f in weight])
+    elif mode == "channels":
+        tiles = np.stack([_gray(stretch(s)) for f in weight for s in f])
+        columns = in_channels
+    else:
+        raise BadArgument(f"unknown filter mode {mode!r}", "use auto, rgb, mean or channels")
+    return tile(tiles, columns, padding)
+
+
+def feature_map_grid(
+    activations,
+    *,
+    scaling: Scaling = "tile",
+    columns: int | None = None,
+    padding: int = 1,
+    colormap: int | None = None,
+) -> np.ndarray:
+    """One tile per channel of a layer's output, as a uint8 RGB image.
+
+    Args:
+        activations: (C, H, W) or (1, C, H, W), tensor or array.
+        scaling: "tile" stretches each channel to its own range (shows the pattern of weak
+            channels); "shared" uses one range for all (shows which channels are strong).
+        columns, padding: layout, see ``tile``.
+        colormap: an OpenCV colour map (e.g. ``cv2.COLORMAP_VIRIDIS``); None for gray.
+
+    Returns:
+        uint8 (H', W', 3).
+    """
+    maps = _numpy(activations)
+    if maps.ndim == 4 and maps.shape[0] == 1:
+        maps = maps[0]
+    if maps.ndim != 3:
+        raise BadArgument(f"feature maps must be (C, H, W) or (1, C, H, W), got {maps.shape}",
+                          "capture a conv or pool layer of one image")
+    if scaling not in ("tile", "shared"):
+        raise BadArgument(f"unknown scaling {scaling!r}", "use 'tile' or 'shared'")
+    low, high = (float(maps.min()), float(maps.max())) if scaling == "shared" else (None, None)
+    tiles = []
+    for channel in maps:
+        gray = stretch(channel, low, high)
+        if colormap is None:
+            tiles.append(_gray(gray))
+        else:
+            tiles.append(cv2.cvtColor(cv2.applyColorMap(gray, colormap), cv2.COLOR_BGR2RGB))
+    return tile(np.stack(tiles), columns, padding)
+
+
+def _gray(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[:, :, None], 3, axis=2)
