@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from matplotlib.patches import Rectangle
@@ -38,3 +40,21 @@ def test_bad_figure_requests(tiny_chain, tmp_path):
     with pytest.raises(vizcnn.BadArgument, match=".png"):
         save_figure(fig, tmp_path / "fields.jpg")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_filter_and_feature_map_figures_in_every_format(tmp_path, suffix):
+    import torch
+
+    from vizcnn.render.figures import feature_maps_figure, filters_figure
+
+    weight = torch.randn(12, 3, 7, 7)
+    maps = torch.randn(1, 10, 9, 13)  # non-square maps
+    image = np.zeros((64, 64, 3), np.uint8)
+    for name, fig in (("filters", filters_figure(weight, layer="conv1")),
+                      ("maps", feature_maps_figure(maps, layer="conv2", image=image)),
+                      ("maps_shared", feature_maps_figure(maps[0], scaling="shared"))):
+        path = save_figure(fig, tmp_path / f"{name}{suffix}")
+        header = Path(path).read_bytes()[:8]
+        assert {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}[suffix] in header
+    assert fig.axes[0].get_title() == "feature maps: 10 x 9 x 13 (shared scaling)"

@@ -88,7 +88,7 @@ def filters_figure(weight, *, layer: str = "", mode: str = "auto", ax: Axes | No
     ax.set_axis_off()
     out_channels, in_channels, height, width = weight.shape
     if title is None:
-        title = f"{layer} filters: {out_channels} x {in_channels} x {height} x {width}"
+        title = f"{layer} filters: {out_channels} x {in_channels} x {height} x {width}".strip()
     ax.set_title(title, fontsize=9)
     return fig
 
@@ -116,7 +116,8 @@ def feature_maps_figure(activations, *, layer: str = "", image=None, scaling: st
     ax.imshow(grid, interpolation="nearest")
     ax.set_axis_off()
     if title is None:
-        title = f"{layer} feature maps: {' x '.join(map(str, shape))} ({scaling} scaling)"
+        size = " x ".join(map(str, shape))
+        title = f"{layer} feature maps: {size} ({scaling} scaling)".strip()
     ax.set_title(title, fontsize=9)
     return fig
 
