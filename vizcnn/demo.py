@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import activations
+from vizcnn.hooks import capture, preserved_state
 from vizcnn.io import atomic_path
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import load_model, preprocess
 from vizcnn.render.figures import feature_maps_figure, filters_figure, save_figure
 from vizcnn.summary import format_summary, summarize
-from vizcnn.train import accuracy, render_batch
+from vizcnn.train import predict, render_batch
 
 DEMO_IMAGES = (0, 1, 2, 3)
 HELD_OUT_SAMPLE = 1000
@@ -41,11 +41,12 @@ def _check_target(out_dir: Path) -> None:
 def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
     """Rows of (input image | feature-map grid of ``layer``), one row per image."""
     batch = torch.cat([preprocess(model, image) for image in images])
-    maps = activations(model, batch, [layer])[layer]
+    with (preserved_state(model, eval_mode=True), capture(model, [layer]) as captured,
+          torch.no_grad()):
+        predicted = model(batch).argmax(1).tolist()  # one pass: maps and predictions
+    maps = captured[layer]
     fig = Figure(figsize=(6.4, 3.0 * len(images)), layout="constrained")
     axes = fig.subplots(len(images), 2, width_ratios=[1, 1.6], squeeze=False)
-    with torch.no_grad():
-        predicted = model(batch).argmax(1).tolist()
     classes = getattr(model, "vizcnn_classes", None) or [str(i) for i in range(10_000)]
     for row, image in enumerate(images):
         axes[row, 0].imshow(image)
@@ -76,9 +77,8 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
                         staging / f"maps_layer{number}_{layer}.png")
             steps.update()
         test_images, test_labels = render_batch(HELD_OUT_SEED, 0, HELD_OUT_SAMPLE)
-        overall = accuracy(model, test_images, test_labels)
-        with torch.no_grad():
-            predicted = model(test_images).argmax(1)
+        predicted = predict(model, test_images)
+        overall = (predicted == test_labels).float().mean().item()
         steps.update()
         lines = [
             "vizcnn demo: ZFNetMini on the procedural shapes data set",

@@ -118,7 +118,8 @@ class ZFNetMini(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def _demo_network(num_classes: int | None = None) -> nn.Module:
+def demo_network(num_classes: int | None = None) -> nn.Module:
+    """An untrained ZFNetMini with the demo's preprocessing and class names attached."""
     from vizcnn.data.shapes import SHAPE_CLASSES
 
     model = ZFNetMini(num_classes or len(SHAPE_CLASSES))
@@ -185,7 +186,7 @@ def _build_architecture(arch: str, num_classes: int | None) -> nn.Module:
     """An untrained model from ``"resnet18"``, ``"demo"`` or ``"package.module:callable"``."""
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if arch == "demo":
-        return _demo_network(num_classes)
+        return demo_network(num_classes)
     if ":" in arch:
         module_name, _, attribute = arch.partition(":")
         try:

@@ -24,7 +24,7 @@ from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, TRAIN_SEED, ShapesD
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
-from vizcnn.models import DEMO_PREPROCESSING, _demo_network
+from vizcnn.models import DEMO_PREPROCESSING, demo_network
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TrainResult:
 def demo_initialisation(seed: int = TRAIN_SEED) -> nn.Module:
     """The untrained ZFNetMini exactly as ``train_demo(seed=seed)`` starts from."""
     torch.manual_seed(seed)
-    return _demo_network()
+    return demo_network()
 
 
 def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,16 +55,17 @@ def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 500) -> float:
-    """Fraction of correct top-1 predictions; the model's modes are restored afterwards."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Top-1 labels (N,) on the CPU for images (N, 3, H, W); the model's modes are restored."""
     device = model_device(model)
-    correct = 0
     with preserved_state(model, eval_mode=True):
-        for start in range(0, len(images), batch_size):
-            logits = model(images[start:start + batch_size].to(device))
-            correct += (logits.argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
-    return correct / max(len(images), 1)
+        return torch.cat([model(images[start:start + batch_size].to(device)).argmax(1).cpu()
+                          for start in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of correct top-1 predictions."""
+    return (predict(model, images) == labels).float().mean().item()
 
 
 def _save(model: nn.Module, path: Path, epoch: int, seed: int, **extra) -> Path:

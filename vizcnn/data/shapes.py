@@ -118,13 +118,6 @@ class ShapesDataset(Dataset):
         return ShapeSample(np.clip(image.round(), 0, 255).astype(np.uint8), label, box, mask)
 
 
-def shapes_batch(dataset: ShapesDataset, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    """Stack items: images (N, 3, H, W) (after the transform), labels (N,), boxes (N, 4)."""
-    items = [dataset[i] for i in indices]
-    images, labels, boxes = zip(*items, strict=True)
-    return torch.stack(images), torch.tensor(labels), torch.stack(boxes)
-
-
 # --------------------------------------------------------------------------- drawing
 
 
