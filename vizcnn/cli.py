@@ -140,6 +140,105 @@ def _activations(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def _deconv(args: argparse.Namespace) -> None:
+    from vizcnn.deconv import Deconvnet
+    from vizcnn.hooks import activations
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess, preprocessing_for
+    from vizcnn.receptive import receptive_field
+    from vizcnn.render.figures import projection_figure, save_figure
+    from vizcnn.render.grid import image_tiles
+
+    writable_parent(args.out)
+    model = _load(args)
+    image = _image(args.image)
+    x = preprocess(model, image)
+    projection = Deconvnet(model).project(x, args.layer, args.channel, mode=args.mode)
+    box = None
+    maps = activations(model, x, [args.layer])[args.layer]
+    if args.mode == "max" and maps.dim() == 4:
+        channel = maps[0, args.channel]
+        y, x_ = divmod(int(channel.flatten().argmax()), channel.shape[1])
+        field = receptive_field(model, args.layer, tuple(x.shape[-2:]))
+        box = field.box(y, x_)
+        print(f"strongest unit of channel {args.channel}: ({y}, {x_}), activation "
+              f"{float(channel[y, x_]):.4g}, receptive field box {box}")
+    steps = preprocessing_for(model)
+    shown = image_tiles(x, steps.mean if steps else None, steps.std if steps else None)[0]
+    fig = projection_figure(shown, projection[0], layer=args.layer,
+                            channel=args.channel, box=box,
+                            title=f"{args.layer} channel {args.channel} ({args.mode})")
+    print(f"wrote {save_figure(fig, args.out)}")
+
+
+def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]:
+    """``"0-15"``, ``"3,7,9-11"`` or ``"all"`` -> channel list, checked against ``count``;
+    None gives the first ``default`` channels."""
+    from vizcnn.errors import BadArgument
+
+    if spec is None:
+        return list(range(min(default, count)))
+    if spec == "all":
+        return list(range(count))
+    channels: list[int] = []
+    try:
+        for part in spec.split(","):
+            low, _, high = part.partition("-")
+            channels += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise BadArgument(f"bad channel list {spec!r}", "write e.g. 0-15 or 3,7,9-11 or all"
+                          ) from None
+    bad = [c for c in channels if not 0 <= c < count]
+    if bad or not channels:
+        raise BadArgument(f"channel {bad[0] if bad else spec} out of range: the layer has "
+                          f"{count} channels (0-{count - 1})")
+    return channels
+
+
+def _topk(args: argparse.Namespace) -> None:
+    import shutil
+    from pathlib import Path
+
+    from vizcnn.deconv import top_patches
+    from vizcnn.io import atomic_path, writable_parent
+    from vizcnn.models import preprocessing_for
+    from vizcnn.render.figures import save_figure, top_patches_figure
+    from vizcnn.scan import open_data, scan_topk
+
+    out = Path(args.out)
+    writable_parent(out / "x")
+    model = _load(args)
+    data = args.data
+    open_data(data)  # a bad DATA fails here, before the model runs
+    state = out.parent / f".{out.name}.scan-state"
+    if state.exists():
+        print(f"resuming the scan saved in {state}")
+    try:
+        top = scan_topk(model, data, args.layer, k=args.k, batch_size=args.batch_size,
+                        state_path=state)
+    except KeyboardInterrupt:
+        print(f"scan state saved in {state}; run the same command again to resume",
+              file=sys.stderr)
+        raise
+    steps = preprocessing_for(model)
+    written = []
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        top.save(staging / "topk")
+        for layer in args.layer:
+            channels = parse_channels(args.channels, top.values[layer].shape[0])
+            patches = top_patches(model, top, data, layer, channels)
+            fig = top_patches_figure(patches, mean=steps.mean if steps else None,
+                                     std=steps.std if steps else None)
+            name = f"fig2_{layer}.{args.format}"
+            save_figure(fig, staging / name)
+            written.append(name)
+    shutil.rmtree(state, ignore_errors=True)
+    print(f"scanned {top.count} images ({len(top.skipped)} unreadable, left out)")
+    for name in ["topk", *written]:
+        print(f"wrote {out / name}")
+
+
 def _train_demo(args: argparse.Namespace) -> None:
     from vizcnn.train import train_demo
 
@@ -191,6 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each map its own range (tile) or one range for all (shared)")
     maps.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
     maps.set_defaults(run=_maps)
+
+    deconv = commands.add_parser("deconv", help="deconvnet projection of one channel of a "
+                                 "layer back to the pixels of an image")
+    _add_model_options(deconv)
+    deconv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    deconv.add_argument("--layer", required=True, metavar="L", help="layer to project from")
+    deconv.add_argument("--channel", required=True, type=int, metavar="C",
+                        help="feature map (channel) of the layer")
+    deconv.add_argument("--mode", default="max", choices=["max", "map"],
+                        help="max: the channel's strongest unit only (default); map: the whole "
+                        "channel")
+    deconv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    deconv.set_defaults(run=_deconv)
+
+    topk = commands.add_parser("topk", help="scan a data set for the top-k images of every "
+                               "channel; Fig. 2 figures (projections beside image patches)")
+    _add_model_options(topk)
+    topk.add_argument("data", metavar="DATA", help="a folder of images (flat or one sub-folder "
+                      "per class), or shapes:N for N held-out demo images")
+    topk.add_argument("--layer", action="append", required=True, metavar="L",
+                      help="layer to scan (repeatable)")
+    topk.add_argument("--k", type=int, default=9, help="images kept per channel (default 9)")
+    topk.add_argument("--channels", metavar="LIST", help="channels drawn in the figures, e.g. "
+                      "0-15 (default), 3,7,9-11 or all; the scan keeps every channel")
+    topk.add_argument("--batch-size", type=int, default=64)
+    topk.add_argument("--format", default="png", choices=["png", "pdf", "svg"],
+                      help="figure format (default png)")
+    topk.add_argument("--out", required=True, help="output folder: topk/ (the saved scan) and "
+                      "fig2_<layer>.<format>")
+    topk.set_defaults(run=_topk)
 
     demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")

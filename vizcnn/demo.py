@@ -2,7 +2,9 @@
 
 Writes into one folder (built in a temporary folder and renamed into place, so an interrupted
 run leaves nothing half-written): the first-layer filters, feature-map grids of every conv layer
-for a few held-out shapes images, and a text report with the held-out accuracy and the layer
+for a few held-out shapes images, Zeiler & Fergus Fig. 2 for every conv layer (the top-9
+held-out images of 16 channels, their deconvnet projections beside the image patches), and a
+text report with the held-out accuracy and the layer
 summary.
 """
 
@@ -17,17 +19,26 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
+from vizcnn.deconv import top_patches
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, preserved_state
 from vizcnn.io import atomic_path
 from vizcnn.layers import list_layers, resolve_layer
-from vizcnn.models import load_model, preprocess
-from vizcnn.render.figures import feature_maps_figure, filters_figure, save_figure
+from vizcnn.models import DEMO_PREPROCESSING, load_model, preprocess
+from vizcnn.render.figures import (
+    feature_maps_figure,
+    filters_figure,
+    save_figure,
+    top_patches_figure,
+)
+from vizcnn.scan import scan_topk
 from vizcnn.summary import format_summary, summarize
 from vizcnn.train import predict, render_batch
 
 DEMO_IMAGES = (0, 1, 2, 3)
 HELD_OUT_SAMPLE = 1000
+TOP_K_SCAN = "shapes:2000"  # the held-out images scanned for the Fig. 2 figures
+TOP_K_CHANNELS = 16  # channels shown per layer
 
 
 def _check_target(out_dir: Path) -> None:
@@ -65,7 +76,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     images = [held_out_image(i) for i in DEMO_IMAGES]
-    steps = tqdm(total=len(conv_layers) + 3, desc="vizcnn demo", disable=not progress)
+    steps = tqdm(total=2 * len(conv_layers) + 4, desc="vizcnn demo", disable=not progress)
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         first = conv_layers[0]
@@ -75,6 +86,14 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
         for number, layer in enumerate(conv_layers, start=1):
             save_figure(maps_for_images(model, layer, images),
                         staging / f"maps_layer{number}_{layer}.png")
+            steps.update()
+        top = scan_topk(model, TOP_K_SCAN, conv_layers, k=9, progress=False)
+        steps.update()
+        for number, layer in enumerate(conv_layers, start=1):
+            patches = top_patches(model, top, TOP_K_SCAN, layer, range(TOP_K_CHANNELS))
+            save_figure(top_patches_figure(patches, mean=DEMO_PREPROCESSING.mean,
+                                           std=DEMO_PREPROCESSING.std),
+                        staging / f"fig2_layer{number}_{layer}.png")
             steps.update()
         test_images, test_labels = render_batch(HELD_OUT_SEED, 0, HELD_OUT_SAMPLE)
         predicted = predict(model, test_images)

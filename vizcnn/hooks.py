@@ -202,3 +202,68 @@ def activations(
     ):
         run_forward(model, x.to(model_device(model)))
     return outputs
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once every wanted layer has run."""
+
+
+def call_counts(names: Sequence[str], traced: Sequence[str]) -> dict[str, int]:
+    """How often each layer runs in one forward pass, from the names of a trace's calls."""
+    return {name: sum(1 for t in traced if t == name) for name in names}
+
+
+def forward_to(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    traced: Sequence[str],
+    on_output: Callable[[str, Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``model(x)`` only as far as needed: it stops right after the last call of the layer
+    that finishes last, so nothing past the deepest wanted layer is computed.
+
+    Args:
+        x: ``(N, C, H, W)`` on the model's device.
+        layers: dotted names.
+        traced: the names of the calls of one forward pass in finishing order (from
+            ``receptive.trace_calls``), which tell how often each layer runs and which is last.
+        on_output: called as ``on_output(name, output)`` at the layer's last call, right away,
+            before any later in-place op can change the output; its result is stored. Default:
+            the output itself (not cloned, still in the autograd graph).
+
+    Returns:
+        ``{name: on_output(name, output)}`` for each layer's last call.
+    """
+    counts = call_counts(layers, traced)
+    never = [name for name, count in counts.items() if count == 0]
+    if never:
+        raise BadArgument(f"layer {never[0]!r} is never called in the model's forward pass",
+                          "pick a layer that the forward pass uses")
+    order = {name: max(i for i, t in enumerate(traced) if t == name) for name in layers}
+    final = max(order, key=order.get)
+    modules = {name: resolve_layer(model, name) for name in layers}
+    seen = dict.fromkeys(layers, 0)
+    results: dict[str, Any] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            seen[name] += 1
+            if seen[name] == counts[name]:
+                results[name] = on_output(name, output) if on_output else output
+                if name == final:
+                    raise _Stop
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        run_forward(model, x)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results

@@ -166,7 +166,7 @@ def trace_calls(model: nn.Module, input_size: Pair) -> list[LayerCall]:
     return calls
 
 
-def _last_call(calls: list[LayerCall], name: str) -> int:
+def last_call(calls: list[LayerCall], name: str) -> int:
     for index in range(len(calls) - 1, 0, -1):
         if calls[index].name == name:
             return index
@@ -197,7 +197,7 @@ def _conv_geometry(module: nn.Module) -> tuple[Pair, Pair, Pair, Pair] | None:
     return None
 
 
-def _chain(calls: list[LayerCall], end: int) -> list[LayerCall] | None:
+def chain_calls(calls: list[LayerCall], end: int) -> list[LayerCall] | None:
     """The leaf calls from the input to ``calls[end]`` if they form a simple chain, else None."""
     leaves = [c for c in calls[1:end + 1] if next(c.module.children(), None) is None]
     previous = calls[0]
@@ -214,7 +214,7 @@ def _chain(calls: list[LayerCall], end: int) -> list[LayerCall] | None:
 
 def _analytic(calls: list[LayerCall], end: int, input_size: Pair) -> ReceptiveField | None:
     """The field by the chain formula, or None when the path is no chain of known layers."""
-    leaves = _chain(calls, end)
+    leaves = chain_calls(calls, end)
     if leaves is None:
         return None
     if not _is_spatial(calls[end].output):
@@ -465,7 +465,7 @@ def receptive_fields(
     calls = calls if calls is not None else trace_calls(model, input_size)
     results: dict[str, ReceptiveField] = {}
     for name in layers:
-        end = _last_call(calls, name)
+        end = last_call(calls, name)
         field = None if method == "gradient" else _analytic(calls, end, input_size)
         if field is None and method == "analytic":
             raise BadArgument(f"layer {name!r} is not on a chain of conv/pool layers",

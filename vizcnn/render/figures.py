@@ -6,6 +6,7 @@ no display, leaves the user's backend alone, and keeps no figure alive in pyplot
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -147,3 +148,92 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
         fig.savefig(temporary, format=suffix[1:], dpi=dpi, bbox_inches="tight")
     return str(path)
 
+
+
+def top_patches_figure(patches, *, mean=None, std=None, columns: int = 4,
+                       ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Zeiler & Fergus Fig. 2 for one layer: per channel a block of its top-k projections
+    (left, gray = zero) beside the image patches they came from (right), strongest first.
+
+    Args:
+        patches: a ``deconv.TopPatches`` (from ``top_patches``).
+        mean, std: the model's normalisation, to show the image patches in their own colours
+            (default: each patch stretched to its range).
+        columns: channel blocks per row.
+    """
+    from vizcnn.render.grid import image_tiles, projection_tiles, tile
+
+    count, k = patches.values.shape[:2]
+    if count == 0:
+        raise BadArgument("no channel to draw")
+    side = math.ceil(math.sqrt(k))
+    filled = patches.indices >= 0
+    blocks = []
+    for channel in range(count):
+        projections = projection_tiles(patches.projections[channel])
+        images = image_tiles(patches.images[channel], mean, std)
+        projections[~filled[channel].numpy()] = 255
+        images[~filled[channel].numpy()] = 255
+        left = tile(projections, columns=side, padding=1, background=255)
+        right = tile(images, columns=side, padding=1, background=255)
+        gap = np.full((left.shape[0], max(2, left.shape[1] // 12), 3), 255, np.uint8)
+        blocks.append(np.concatenate([left, gap, right], axis=1))
+    columns = max(1, min(columns, count))
+    spacing = max(4, blocks[0].shape[0] // 6)
+    mosaic = tile(np.stack(blocks), columns=columns, padding=spacing, background=255)
+    label_room = 0.22 * math.ceil(count / columns)
+    width = 7.0 if count >= columns else 7.0 * count / columns
+    fig, ax = _new_axes(width, width * mosaic.shape[0] / mosaic.shape[1] + label_room + 0.3, ax)
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    height, block_width = blocks[0].shape[:2]
+    for index, channel in enumerate(patches.channels):
+        row, column = divmod(index, columns)
+        ax.text(spacing + column * (block_width + spacing), spacing + row * (height + spacing)
+                - 1, f"ch {channel}", fontsize=6, va="bottom", ha="left")
+    if title is None:
+        title = (f"{patches.layer}: top {k} projections (left) and image patches (right) "
+                 "per channel")
+    ax.set_title(title, fontsize=8)
+    return fig
+
+
+def projection_figure(image, projection, *, layer: str = "", channel: int | None = None,
+                      box: tuple[int, int, int, int] | None = None, title: str | None = None
+                      ) -> Figure:
+    """The input image beside its deconvnet projection (gray = zero), and with ``box`` (the
+    projected unit's receptive field) drawn on both and the projection's patch enlarged.
+
+    Args:
+        image: the model's input image (H, W, 3) uint8, or anything ``load_image`` takes.
+        projection: (C, H, W) or (1, C, H, W), from ``Deconvnet.project``.
+        box: (top, left, bottom, right) of the unit's receptive field, ends exclusive.
+    """
+    from vizcnn.render.grid import projection_tiles
+
+    rgb = _as_rgb(image)
+    values = projection if projection.dim() == 4 else projection[None]
+    shown = projection_tiles(values)[0]
+    if shown.shape[:2] != rgb.shape[:2]:
+        rgb = cv2.resize(rgb, shown.shape[1::-1], interpolation=cv2.INTER_AREA)
+    panels = 3 if box is not None else 2
+    fig = Figure(figsize=(2.6 * panels, 2.9), layout="constrained")
+    axes = fig.subplots(1, panels)
+    axes[0].imshow(rgb)
+    axes[0].set_title("input", fontsize=9)
+    axes[1].imshow(shown, interpolation="nearest")
+    axes[1].set_title("projection", fontsize=9)
+    if box is not None:
+        top, left, bottom, right = box
+        for ax in axes[:2]:
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top,
+                                   fill=False, lw=1.2, color="orange"))
+        axes[2].imshow(projection_tiles(values[..., top:bottom, left:right])[0],
+                       interpolation="nearest")
+        axes[2].set_title(f"receptive field {bottom - top}x{right - left}", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if title is None:
+        title = f"{layer} channel {channel}" if channel is not None else layer
+    fig.suptitle(title, fontsize=10)
+    return fig

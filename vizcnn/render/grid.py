@@ -144,3 +144,36 @@ def feature_map_grid(
 
 def _gray(values: np.ndarray) -> np.ndarray:
     return np.repeat(values[:, :, None], 3, axis=2)
+
+
+def projection_tiles(projections) -> np.ndarray:
+    """Deconvnet projections (N, C, h, w) as uint8 RGB tiles (N, h, w, 3): each tile scaled on
+    its own, symmetric about zero, so zero is mid-gray and the sign of the signal shows
+    (the paper's look). The scale is the 99.5th percentile of |value| (a few extreme pixels
+    would leave the rest gray), clipped beyond. One-channel projections are gray."""
+    values = _numpy(projections)
+    if values.ndim != 4:
+        raise BadArgument(f"expected projections (N, C, h, w), got shape {values.shape}")
+    if len(values) == 0:
+        return np.zeros((0, *values.shape[2:], 3), np.uint8)
+    scale = np.percentile(np.abs(values).reshape(len(values), -1), 99.5, axis=1)
+    scale[scale == 0] = 1.0
+    scaled = 127.5 + 127.5 * values / scale[:, None, None, None]
+    tiles = np.clip(scaled.round(), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(tiles, 3, axis=3) if tiles.shape[3] == 1 else tiles[..., :3]
+
+
+def image_tiles(images, mean=None, std=None) -> np.ndarray:
+    """Normalised model inputs (N, C, h, w) back to uint8 RGB tiles (N, h, w, 3): undo
+    ``mean`` / ``std`` when given, else stretch each tile to its own range."""
+    values = _numpy(images)
+    if values.ndim != 4:
+        raise BadArgument(f"expected images (N, C, h, w), got shape {values.shape}")
+    if mean is not None and std is not None:
+        mean = np.asarray(mean, np.float32)[None, :, None, None]
+        std = np.asarray(std, np.float32)[None, :, None, None]
+        tiles = np.clip(((values * std + mean) * 255.0).round(), 0, 255).astype(np.uint8)
+    else:
+        tiles = np.stack([stretch(v) for v in values]) if len(values) else values.astype(np.uint8)
+    tiles = tiles.transpose(0, 2, 3, 1)
+    return np.repeat(tiles, 3, axis=3) if tiles.shape[3] == 1 else tiles[..., :3]

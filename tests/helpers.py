@@ -1,0 +1,35 @@
+"""Assertions shared by several test modules: no hook left behind, the model unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hooks_left(model: nn.Module) -> list[str]:
+    """Names of modules that hold any forward, pre-forward or backward hook."""
+    held = []
+    for name, module in model.named_modules():
+        for attribute in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                          "_backward_pre_hooks", "_forward_hooks_with_kwargs"):
+            if getattr(module, attribute, None):
+                held.append(f"{name or '<root>'}.{attribute}")
+    return held
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert hooks_left(model) == []
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key  # bit-identical
+    for key in ("training", "inplace", "requires_grad"):
+        assert after[key] == before[key], key

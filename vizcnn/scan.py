@@ -1,0 +1,430 @@
+"""Streaming top-k: which images of a data set excite each feature map most, and where.
+
+``scan_topk`` runs the model over a data set once, batch by batch, only as far as the deepest
+scanned layer, and keeps per layer and channel the k strongest images: each image counts once,
+with its strongest unit of the channel (value, data-set index, (y, x) in the map), as in
+Zeiler & Fergus's top-9. Memory is O(channels x k) whatever the data set's size.
+
+Ties are broken by the smaller data-set index, and within an image by the first position in
+row-major order, so the result does not depend on the batch size or on where a scan was
+interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vizcnn.errors import BadArgument, BadImage
+from vizcnn.hooks import forward_to, model_device, preserved_state
+from vizcnn.io import atomic_path
+from vizcnn.layers import resolve_layer
+from vizcnn.models import preprocess
+from vizcnn.receptive import trace_calls
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_FORMAT = 1  # version of the saved layout
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k strongest images per channel of each scanned layer.
+
+    Attributes:
+        k: entries kept per channel.
+        values: ``{layer: (C, k)}`` strongest activation of the channel in each kept image,
+            in descending order; ``-inf`` where fewer than k images were scanned.
+        indices: ``{layer: (C, k)}`` long data-set index of each entry (-1 where empty).
+        positions: ``{layer: (C, k, 2)}`` long (y, x) of the unit in the layer's map ((0, 0)
+            for a linear layer).
+        count: images scanned so far: a resumed scan goes on from data-set index ``count``.
+        source: what was scanned (e.g. ``shapes:2000`` or a folder), for the record.
+        fingerprint: identifies the model's weights, so a resumed scan cannot mix two models.
+    """
+
+    k: int
+    values: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor]
+    count: int = 0
+    source: str = ""
+    fingerprint: str = ""
+    skipped: tuple[str, ...] = field(default=())  # unreadable images left out, by name
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.values)
+
+    def units(self, layer: str, channel: int) -> list[tuple[float, int, int, int]]:
+        """``[(value, index, y, x), ...]`` of one channel, strongest first, empty slots left out."""
+        values, indices = self.values[layer][channel], self.indices[layer][channel]
+        positions = self.positions[layer][channel]
+        return [(float(v), int(i), int(p[0]), int(p[1]))
+                for v, i, p in zip(values, indices, positions, strict=True) if i >= 0]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``topk.pt`` (the tensors) and ``manifest.json`` into ``folder``, atomically:
+        the folder is replaced whole or not at all. Returns the folder."""
+        folder = Path(folder)
+        with atomic_path(folder) as staging:
+            staging.mkdir()
+            tensors = {"values": self.values, "indices": self.indices,
+                       "positions": self.positions}
+            torch.save({name: {layer: t.cpu() for layer, t in d.items()}
+                        for name, d in tensors.items()}, staging / "topk.pt")
+            manifest = {"format": _FORMAT, "k": self.k, "count": self.count,
+                        "source": self.source, "fingerprint": self.fingerprint,
+                        "skipped": list(self.skipped),
+                        "layers": {layer: list(v.shape) for layer, v in self.values.items()}}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> TopK:
+        """Read a folder written by ``save``."""
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            tensors = torch.load(folder / "topk.pt", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise BadArgument(f"cannot read a saved top-k from '{folder}': "
+                              f"{getattr(error, 'strerror', None) or error}",
+                              "give a folder written by TopK.save or `vizcnn topk`") from None
+        if manifest.get("format") != _FORMAT:
+            raise BadArgument(f"'{folder}' holds a top-k of another format version")
+        return cls(manifest["k"], tensors["values"], tensors["indices"], tensors["positions"],
+                   manifest["count"], manifest["source"], manifest["fingerprint"],
+                   tuple(manifest.get("skipped", ())))
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+class ImageFolder(Dataset):
+    """The image files under a folder, flat or in class sub-folders (ImageFolder layout),
+    sorted by path; ``dataset[i]`` is the uint8 image (3, H, W), read with OpenCV."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise BadArgument(f"'{root}' is not a folder", "give a folder of images, or "
+                              "shapes:N for N demo images")
+        self.paths = sorted(p for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.paths:
+            raise BadArgument(f"no images in '{root}'",
+                              f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from vizcnn.data.images import load_image
+
+        return load_image(self.paths[index])
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index].relative_to(self.root))
+
+
+def open_data(data: Any) -> Any:
+    """A data argument as something iterable: ``"shapes:N"`` becomes the first N held-out demo
+    images, a folder path an ``ImageFolder``; anything else is returned as it is."""
+    if isinstance(data, (str, os.PathLike)):
+        from vizcnn.data.shapes import HELD_OUT_SEED, ShapesDataset
+
+        text = str(data)
+        if text.startswith("shapes:"):
+            try:
+                count = int(text.removeprefix("shapes:"))
+            except ValueError:
+                count = -1
+            if count < 1:
+                raise BadArgument(f"bad data set {text!r}", "write shapes:N, e.g. shapes:2000")
+            return ShapesDataset(count, seed=HELD_OUT_SEED)
+        return ImageFolder(text)
+    return data
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    length = f" of {len(data)}" if hasattr(data, "__len__") else ""
+    return f"{type(data).__name__}{length}"
+
+
+def _first(item: Any) -> Any:
+    """The image of a data-set item: ``(image, label, ...)`` tuples give their first element."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _as_input(model: nn.Module, image: Any) -> torch.Tensor:
+    """(C, H, W) model input: float tensors are taken as already preprocessed; uint8 tensors,
+    arrays, PIL images and paths go through ``preprocess``."""
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        if image.dim() != 3:
+            raise BadArgument(f"expected images (C, H, W), got a tensor of shape "
+                              f"{tuple(image.shape)}")
+        return image
+    return preprocess(model, image)[0]
+
+
+def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0
+                  ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on.
+
+    A batch holds items of one size (a size change closes the batch). ``skipped`` names
+    unreadable images that were left out: their indices are never reported.
+    """
+    data = open_data(data)
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise BadArgument(f"a tensor data set must be (N, C, H, W), got {tuple(data.shape)}")
+        for first in range(start, len(data), batch_size):
+            yield list(range(first, min(first + batch_size, len(data)))), \
+                data[first:first + batch_size], []
+        return
+    if isinstance(data, DataLoader):
+        index = 0
+        for batch in data:
+            images = _first(batch)
+            if index + len(images) > start:
+                skip = max(start - index, 0)
+                yield list(range(index + skip, index + len(images))), \
+                    _loader_batch(model, images[skip:]), []
+            index += len(images)
+        return
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        items: Iterable[tuple[int, Any]] = ((i, data[i]) for i in range(start, len(data)))
+        names = data.name if isinstance(data, ImageFolder) else str
+    else:
+        items = ((i, item) for i, item in enumerate(data) if i >= start)
+        names = str
+    pending: list[torch.Tensor] = []
+    indices: list[int] = []
+    skipped: list[str] = []
+    for index, item in _readable(items, names, skipped):
+        image = _as_input(model, _first(item))
+        if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
+            yield indices, torch.stack(pending), skipped
+            pending, indices, skipped = [], [], []
+        pending.append(image)
+        indices.append(index)
+    if pending or skipped:
+        yield indices, torch.stack(pending) if pending else torch.empty(0), skipped
+
+
+def _readable(items, names, skipped: list[str]):
+    """Pass items on; an unreadable image is named in ``skipped`` instead of ending the scan."""
+    iterator = iter(items)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except BadImage as error:
+            skipped.append(str(error))
+
+
+def _loader_batch(model: nn.Module, images: Any) -> torch.Tensor:
+    if isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4:
+        return images
+    return torch.stack([_as_input(model, image) for image in images])
+
+
+def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tensor:
+    """The model inputs (P, C, H, W) of the given data-set indices, in that order (repeats
+    allowed): by indexing where the data can be indexed, else by one pass over it."""
+    data = open_data(data)
+    wanted = sorted(set(int(i) for i in indices))
+    found: dict[int, torch.Tensor] = {}
+    if isinstance(data, torch.Tensor) or (isinstance(data, Dataset) and hasattr(data, "__len__")
+                                          and not isinstance(data, DataLoader)):
+        for index in wanted:
+            found[index] = _as_input(model, _first(data[index])) if not isinstance(
+                data, torch.Tensor) else data[index]
+    else:
+        for batch_indices, batch, _ in input_batches(model, data, 64):
+            for index, image in zip(batch_indices, batch, strict=True):
+                if index in wanted:
+                    found[index] = image
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise BadArgument(f"data-set index {missing[0]} is not in the data",
+                          "use the data set the top-k scan ran over")
+    return torch.stack([found[int(i)] for i in indices])
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameter names, shapes and a few values of each."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        if flat.numel():
+            digest.update(flat[:: max(flat.numel() // 16, 1)].double().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _empty(k: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.full((channels, k), float("-inf"), device=device),
+            torch.full((channels, k), -1, dtype=torch.long, device=device),
+            torch.zeros(channels, k, 2, dtype=torch.long, device=device))
+
+
+def _strongest(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel the strongest unit: values (B, C), positions (B, C, 2)."""
+    if output.dim() == 2:
+        return output, torch.zeros(*output.shape, 2, dtype=torch.long, device=output.device)
+    if output.dim() != 4:
+        raise BadArgument(f"cannot scan an output of shape {tuple(output.shape)}",
+                          "scan conv, pool or linear layers")
+    values, flat = output.flatten(2).max(dim=2)
+    width = output.shape[-1]
+    return values, torch.stack([flat // width, flat % width], dim=2)
+
+
+def _merge(kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor], values: torch.Tensor,
+           positions: torch.Tensor, indices: torch.Tensor, k: int):
+    """Merge a batch (values (B, C), positions (B, C, 2), ascending data-set indices (B,))
+    into the kept (C, k) lists. A stable sort on values keeps the kept entries (smaller
+    indices) ahead of the batch's on ties, and the batch in index order."""
+    kept_values, kept_indices, kept_positions = kept
+    batch, channels = values.shape
+    indices = indices.expand(channels, batch)
+    all_values = torch.cat([kept_values, values.t().float()], dim=1)
+    all_indices = torch.cat([kept_indices, indices], dim=1)
+    all_positions = torch.cat([kept_positions, positions.transpose(0, 1)], dim=1)
+    order = torch.sort(all_values, dim=1, descending=True, stable=True).indices[:, :k]
+    return (all_values.gather(1, order), all_indices.gather(1, order),
+            all_positions.gather(1, order[..., None].expand(-1, -1, 2)))
+
+
+def scan_topk(
+    model: nn.Module,
+    data: Any,
+    layers: str | Sequence[str],
+    k: int = 9,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    state_path: str | os.PathLike | None = None,
+    save_every: float = 30.0,
+    progress: bool = True,
+) -> TopK:
+    """The k strongest images of every channel of each layer over a data set, in one pass.
+
+    Args:
+        model: the network; it is left as it was (modes, flags, no hooks).
+        data: a folder of images (flat or ImageFolder), ``"shapes:N"``, a torch ``Dataset``
+            (items may be ``(image, label, ...)``), a ``DataLoader``, an (N, C, H, W) tensor,
+            or any iterable of images. Float tensors are taken as model input; uint8 images,
+            arrays and paths are preprocessed for the model.
+        layers: one dotted name or several.
+        k: entries per channel.
+        batch_size: images per forward pass (a DataLoader brings its own batches).
+        device: run on this device; the user's model is copied there, never moved. Default:
+            the model's device.
+        state_path: a folder for the scan's state. It is saved every ``save_every`` seconds
+            and on Ctrl-C; a later call with the same path (same model, layers and k) resumes
+            from there without rescanning. The finished result is saved there too.
+        save_every: seconds between state saves.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``TopK`` with (C, k) values, indices and (C, k, 2) positions per layer.
+    """
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise BadArgument("no layer to scan", "give at least one layer")
+    if not isinstance(k, int) or k < 1:
+        raise BadArgument(f"k must be a positive integer, got {k!r}")
+    if batch_size < 1:
+        raise BadArgument(f"batch_size must be positive, got {batch_size}")
+    for name in names:
+        resolve_layer(model, name)
+    if device is not None and torch.device(device) != model_device(model):
+        import copy
+
+        model = copy.deepcopy(model).to(device)
+    run_device = model_device(model)
+    fingerprint = model_fingerprint(model)
+    source = _describe(data)
+    data = open_data(data)
+    state = _resume(state_path, names, k, fingerprint) if state_path else None
+    kept = ({n: (state.values[n].to(run_device), state.indices[n].to(run_device),
+                 state.positions[n].to(run_device)) for n in names} if state else {})
+    count = state.count if state else 0
+    skipped = list(state.skipped) if state else []
+    total = len(data) if hasattr(data, "__len__") and not isinstance(data, DataLoader) else (
+        len(data.dataset) if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__")
+        else None)
+    bar = tqdm(total=total, initial=count, desc="scan", unit="img", disable=not progress)
+    traced: list[str] | None = None
+    input_size = None
+    last_save = time.monotonic()
+
+    def result() -> TopK:
+        return TopK(k, {n: kept[n][0].cpu() for n in kept}, {n: kept[n][1].cpu() for n in kept},
+                    {n: kept[n][2].cpu() for n in kept}, count, source, fingerprint,
+                    tuple(skipped))
+
+    try:
+        with preserved_state(model, eval_mode=True), torch.no_grad():
+            for indices, batch, batch_skipped in input_batches(model, data, batch_size, count):
+                skipped += batch_skipped
+                if len(batch):
+                    batch = batch.to(run_device)
+                    if traced is None or batch.shape[-2:] != input_size:
+                        input_size = batch.shape[-2:]
+                        traced = [c.name for c in trace_calls(model, tuple(input_size))]
+                    found = forward_to(model, batch, names, traced, lambda _, out: _strongest(out))
+                    order = torch.tensor(indices, device=run_device)
+                    for name in names:
+                        values, positions = found[name]
+                        if name not in kept:
+                            kept[name] = _empty(k, values.shape[1], run_device)
+                        kept[name] = _merge(kept[name], values, positions, order, k)
+                    count = indices[-1] + 1
+                bar.update(len(batch) + len(batch_skipped))
+                if state_path and time.monotonic() - last_save >= save_every:
+                    result().save(state_path)
+                    last_save = time.monotonic()
+    except KeyboardInterrupt:
+        if state_path and kept:
+            result().save(state_path)
+        raise
+    finally:
+        bar.close()
+    if not kept:
+        raise BadArgument(f"no image to scan in {source}")
+    top = result()
+    if state_path:
+        top.save(state_path)
+    return top
+
+
+def _resume(state_path, names: list[str], k: int, fingerprint: str) -> TopK | None:
+    """The saved state at ``state_path`` if there is one, checked against this scan."""
+    if not (Path(state_path) / "manifest.json").exists():
+        return None
+    state = TopK.load(state_path)
+    if state.k != k or state.layers != names or state.fingerprint != fingerprint:
+        raise BadArgument(f"the scan state in '{state_path}' is for another scan (layers "
+                          f"{', '.join(state.layers)}, k={state.k}, or another model)",
+                          "remove that folder or give another state path")
+    return state
