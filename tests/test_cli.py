@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import vizcnn
 from vizcnn.cli import main
 
 
@@ -182,3 +183,86 @@ def test_demo_world_mistakes(argv, expected, capsys, tmp_path):
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_deconv_command(capsys, tmp_path):
+    out = tmp_path / "deconv.png"
+    code, text, err = run(capsys, "deconv", "demo", "shapes:3", "--layer", "features.3",
+                          "--channel", "4", "--out", str(out))
+    assert code == 0 and out.stat().st_size > 10_000 and str(out) in text
+    assert "strongest unit of channel 4" in text
+    code, _, _ = run(capsys, "deconv", "demo", "shapes:3", "--layer", "features.3", "--channel",
+                     "4", "--mode", "map", "--out", str(tmp_path / "map.svg"))
+    assert code == 0 and (tmp_path / "map.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_topk_command_writes_figures_and_the_scan(capsys, tmp_path):
+    out = tmp_path / "top"
+    code, text, _ = run(capsys, "topk", "demo", "shapes:40", "--layer", "features.3",
+                        "--layer", "features.10", "--k", "4", "--channels", "0-2,5",
+                        "--out", str(out))
+    assert code == 0, text
+    assert sorted(p.name for p in out.iterdir()) == ["fig2_features.10.png",
+                                                     "fig2_features.3.png", "topk"]
+    top = vizcnn.TopK.load(out / "topk")
+    assert top.count == 40 and top.k == 4 and top.values["features.3"].shape == (96, 4)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no state left
+
+
+def test_interrupted_topk_resumes(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during the scan: exit 130, no output folder, the state kept; the same command
+    again resumes from the state and finishes."""
+    import vizcnn.scan
+
+    real = vizcnn.scan.forward_to
+    calls = {"count": 0}
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vizcnn.scan, "forward_to", interrupt_on_third)
+    out = tmp_path / "top"
+    argv = ["topk", "demo", "shapes:100", "--layer", "features.6", "--batch-size", "16",
+            "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "resume" in err and not out.exists()
+    state = tmp_path / ".top.scan-state"
+    assert vizcnn.TopK.load(state).count == 32
+    code, text, _ = run(capsys, *argv)
+    assert code == 0 and "resuming" in text and not state.exists()
+    expected = vizcnn.scan_topk(vizcnn.load_model("demo"), "shapes:100", ["features.6"],
+                                progress=False)
+    assert torch.equal(vizcnn.TopK.load(out / "topk").indices["features.6"],
+                       expected.indices["features.6"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["deconv", "demo", "shapes:3", "--layer", "features.33", "--channel", "1"],
+     "did you mean"),
+    (["deconv", "demo", "shapes:3", "--layer", "features.3", "--channel", "96"],
+     "channel 96 out of range"),
+    (["deconv", "demo", "shapes:3", "--layer", "features.3", "--channel", "1", "--mode",
+      "mean"], "invalid choice: 'mean'"),
+    (["topk", "demo", "shapes:10", "--layer", "features.33"], "did you mean"),
+    (["topk", "demo", "shapes:10", "--layer", "features.3", "--channels", "90-99"],
+     "channel 96 out of range"),
+    (["topk", "demo", "shapes:10", "--layer", "features.3", "--channels", "a-b"],
+     "bad channel list"),
+    (["topk", "demo", "shapes:0", "--layer", "features.3"], "bad data set"),
+    (["topk", "demo", "/no/such/folder", "--layer", "features.3"], "not a folder"),
+    (["topk", "demo", "shapes:10", "--layer", "features.3", "--k", "0"], "k must be"),
+])
+def test_deconv_and_topk_mistakes(argv, expected, capsys, tmp_path):
+    out = tmp_path / "out.png"
+    if "--mode" in argv:
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--out", str(out)])
+        code, err = exited.value.code, capsys.readouterr().err
+    else:
+        code, _, err = run(capsys, *argv, "--out", str(out))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()

@@ -9,6 +9,7 @@ import pytest
 from matplotlib.patches import Rectangle
 
 import vizcnn
+import vizcnn.data.shapes
 from vizcnn.receptive import receptive_fields
 from vizcnn.render.figures import receptive_field_boxes, save_figure
 
@@ -58,3 +59,40 @@ def test_filter_and_feature_map_figures_in_every_format(tmp_path, suffix):
         header = Path(path).read_bytes()[:8]
         assert {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}[suffix] in header
     assert fig.axes[0].get_title() == "feature maps: 10 x 9 x 13 (shared scaling)"
+
+
+def test_fig2_and_projection_figures(tmp_path):
+    """Fig. 2: one block per channel; the drawn projections are the patches' own pixels."""
+    from vizcnn.deconv import top_patches
+    from vizcnn.models import DEMO_PREPROCESSING as steps
+    from vizcnn.render.figures import projection_figure, top_patches_figure
+    from vizcnn.render.grid import image_tiles, projection_tiles
+
+    model = vizcnn.load_model("demo")
+    top = vizcnn.scan_topk(model, "shapes:30", ["features.3"], k=4, progress=False)
+    patches = top_patches(model, top, "shapes:30", "features.3", [1, 4, 9])
+    assert patches.projections.shape == (3, 4, 3, 27, 27)
+    fig = top_patches_figure(patches, mean=steps.mean, std=steps.std)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == ["ch 1", "ch 4", "ch 9"]
+    mosaic = fig.axes[0].images[0].get_array()
+    first = projection_tiles(patches.projections[0])[0]
+    import cv2
+
+    match = cv2.matchTemplate(np.ascontiguousarray(mosaic), first, cv2.TM_SQDIFF)
+    assert match.min() == 0  # the tile is drawn pixel for pixel
+    tiles = image_tiles(patches.images[0], steps.mean, steps.std)
+    index = int(patches.indices[0, 0])
+    top_, left, bottom, right = patches.boxes[0, 0].tolist()
+    image = vizcnn.data.shapes.held_out_image(index)
+    assert np.abs(tiles[0].astype(int) - image[top_:bottom, left:right]).max() <= 1
+    for suffix in (".png", ".pdf", ".svg"):
+        path = tmp_path / f"fig2{suffix}"
+        save_figure(fig, path)
+        assert path.stat().st_size > 1000
+    x = vizcnn.preprocess(model, image)
+    projection = vizcnn.Deconvnet(model).project(x, "features.3", 4)
+    fig = projection_figure(image, projection[0], layer="features.3", channel=4,
+                            box=(0, 0, 27, 27))
+    assert len(fig.axes) == 3 and "features.3 channel 4" in fig._suptitle.get_text()
+    save_figure(fig, tmp_path / "projection.png")

@@ -200,16 +200,24 @@ def _topk(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from vizcnn.deconv import top_patches
+    from vizcnn.errors import BadArgument
+    from vizcnn.hooks import activations
     from vizcnn.io import atomic_path, writable_parent
     from vizcnn.models import preprocessing_for
     from vizcnn.render.figures import save_figure, top_patches_figure
-    from vizcnn.scan import open_data, scan_topk
+    from vizcnn.scan import input_batches, scan_topk
 
     out = Path(args.out)
-    writable_parent(out / "x")
+    writable_parent(out)
     model = _load(args)
     data = args.data
-    open_data(data)  # a bad DATA fails here, before the model runs
+    # check DATA, the layers and --channels on one image, before the long scan
+    _, first, _ = next(input_batches(model, data, 1), (None, None, None))
+    if first is None or not len(first):
+        raise BadArgument(f"no readable image in {data}")
+    maps = activations(model, first, args.layer)
+    channels = {layer: parse_channels(args.channels, maps[layer].shape[1])
+                for layer in args.layer}
     state = out.parent / f".{out.name}.scan-state"
     if state.exists():
         print(f"resuming the scan saved in {state}")
@@ -226,8 +234,7 @@ def _topk(args: argparse.Namespace) -> None:
         staging.mkdir()
         top.save(staging / "topk")
         for layer in args.layer:
-            channels = parse_channels(args.channels, top.values[layer].shape[0])
-            patches = top_patches(model, top, data, layer, channels)
+            patches = top_patches(model, top, data, layer, channels[layer])
             fig = top_patches_figure(patches, mean=steps.mean if steps else None,
                                      std=steps.std if steps else None)
             name = f"fig2_{layer}.{args.format}"

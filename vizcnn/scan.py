@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,17 +205,15 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0
                     _loader_batch(model, images[skip:]), []
             index += len(images)
         return
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        items: Iterable[tuple[int, Any]] = ((i, data[i]) for i in range(start, len(data)))
-        names = data.name if isinstance(data, ImageFolder) else str
-    else:
-        items = ((i, item) for i, item in enumerate(data) if i >= start)
-        names = str
     pending: list[torch.Tensor] = []
     indices: list[int] = []
     skipped: list[str] = []
-    for index, item in _readable(items, names, skipped):
-        image = _as_input(model, _first(item))
+    for index, load in _items(data, start):
+        try:
+            image = _as_input(model, _first(load()))
+        except BadImage as error:  # one unreadable file must not end a long scan
+            skipped.append(str(error))
+            continue
         if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
             yield indices, torch.stack(pending), skipped
             pending, indices, skipped = [], [], []
@@ -225,16 +223,15 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0
         yield indices, torch.stack(pending) if pending else torch.empty(0), skipped
 
 
-def _readable(items, names, skipped: list[str]):
-    """Pass items on; an unreadable image is named in ``skipped`` instead of ending the scan."""
-    iterator = iter(items)
-    while True:
-        try:
-            yield next(iterator)
-        except StopIteration:
-            return
-        except BadImage as error:
-            skipped.append(str(error))
+def _items(data: Any, start: int) -> Iterator[tuple[int, Callable[[], Any]]]:
+    """``(index, load)`` pairs from ``start`` on; ``load()`` reads the item (and may fail)."""
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        for index in range(start, len(data)):
+            yield index, lambda index=index: data[index]
+        return
+    for index, item in enumerate(data):
+        if index >= start:
+            yield index, lambda item=item: item
 
 
 def _loader_batch(model: nn.Module, images: Any) -> torch.Tensor:

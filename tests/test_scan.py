@@ -1,0 +1,196 @@
+"""scan_topk: equals brute force, resumes exactly, reads every kind of data, leaves no hook."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import assert_unchanged, hooks_left, snapshot
+from torch.utils.data import DataLoader, Dataset
+
+import vizcnn
+from vizcnn.data.shapes import HELD_OUT_SEED, ShapesDataset
+from vizcnn.scan import TopK, images_at, scan_topk
+
+LAYERS = ["features.3", "features.10"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return vizcnn.load_model("demo")
+
+
+@pytest.fixture(scope="module")
+def shapes200():
+    return ShapesDataset(200, seed=HELD_OUT_SEED)
+
+
+def brute_force(model, dataset, layer: str, k: int):
+    """All activations of all images, then per channel: each image's strongest unit (first in
+    row-major order on ties), images sorted by value descending, then by index."""
+    batch = torch.cat([vizcnn.preprocess(model, dataset[i][0]) for i in range(len(dataset))])
+    maps = torch.cat([vizcnn.activations(model, batch[i:i + 64], [layer])[layer]
+                      for i in range(0, len(batch), 64)]).numpy()  # (N, C, h, w)
+    count, channels, height, width = maps.shape
+    flat = maps.reshape(count, channels, -1)
+    best = flat.argmax(axis=2)  # numpy: first occurrence
+    values = flat.max(axis=2)
+    result = {"values": [], "indices": [], "positions": []}
+    for channel in range(channels):
+        order = np.lexsort((np.arange(count), -values[:, channel]))[:k]
+        result["values"].append(values[order, channel])
+        result["indices"].append(order)
+        result["positions"].append(np.stack([best[order, channel] // width,
+                                             best[order, channel] % width], axis=1))
+    return {key: np.stack(value) for key, value in result.items()}
+
+
+def assert_same(a: TopK, b: TopK) -> None:
+    assert a.layers == b.layers and a.k == b.k and a.count == b.count
+    for layer in a.layers:
+        assert torch.equal(a.values[layer], b.values[layer])
+        assert torch.equal(a.indices[layer], b.indices[layer])
+        assert torch.equal(a.positions[layer], b.positions[layer])
+
+
+def test_equals_brute_force(demo, shapes200):
+    before = snapshot(demo)
+    top = scan_topk(demo, shapes200, LAYERS, k=9, batch_size=64, progress=False)
+    assert_unchanged(demo, before)
+    assert top.count == 200
+    for layer in LAYERS:
+        expected = brute_force(demo, shapes200, layer, 9)
+        assert np.array_equal(top.values[layer].numpy(), expected["values"])
+        assert np.array_equal(top.indices[layer].numpy(), expected["indices"])
+        assert np.array_equal(top.positions[layer].numpy(), expected["positions"])
+    # the batch size changes nothing, nor does the kind of data source
+    assert_same(top, scan_topk(demo, shapes200, LAYERS, batch_size=17, progress=False))
+    assert_same(top, scan_topk(demo, "shapes:200", LAYERS, progress=False))
+    inputs = torch.cat([vizcnn.preprocess(demo, shapes200[i][0]) for i in range(200)])
+    loader = DataLoader(torch.utils.data.TensorDataset(inputs, torch.zeros(200)), batch_size=50)
+    assert_same(top, scan_topk(demo, loader, LAYERS, progress=False))
+    assert_same(top, scan_topk(demo, inputs, LAYERS, progress=False))
+    assert_same(top, scan_topk(demo, (shapes200[i][0] for i in range(200)), LAYERS,
+                               progress=False))
+
+
+def test_fewer_images_than_k_leave_empty_slots(demo):
+    top = scan_topk(demo, "shapes:5", ["features.10"], k=9, progress=False)
+    assert (top.indices["features.10"][:, 5:] == -1).all()
+    assert torch.isinf(top.values["features.10"][:, 5:]).all()
+    assert sorted(top.indices["features.10"][0, :5].tolist()) == [0, 1, 2, 3, 4]
+    assert len(top.units("features.10", 0)) == 5
+
+
+class Interrupting:
+    """The shapes images, with Ctrl-C (or another error) after ``stop_after`` items; counts
+    the items it hands out."""
+
+    def __init__(self, dataset, stop_after: int | None, error=KeyboardInterrupt):
+        self.dataset, self.stop_after, self.error = dataset, stop_after, error
+        self.served = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if self.stop_after is not None and self.served >= self.stop_after:
+            raise self.error()
+        self.served += 1
+        return self.dataset[index]
+
+
+@pytest.mark.parametrize(("error", "save_every"), [(KeyboardInterrupt, 3600.0),
+                                                    (RuntimeError, 0.0)])
+def test_resumed_scan_equals_an_uninterrupted_one(demo, shapes200, tmp_path, error,
+                                                  save_every):
+    """Ctrl-C saves the state at once; a crash (or kill) loses at most what came after the last
+    periodic save (here: after every batch). The resumed scan rescans nothing it saved."""
+    class Items(Interrupting, Dataset):
+        pass
+
+    whole = scan_topk(demo, shapes200, LAYERS, batch_size=32, progress=False)
+    state = tmp_path / "state"
+    first = Items(shapes200, stop_after=100, error=error)
+    with pytest.raises(error):
+        scan_topk(demo, first, LAYERS, batch_size=32, state_path=state, save_every=save_every,
+                  progress=False)
+    assert hooks_left(demo) == []
+    saved = TopK.load(state)
+    assert saved.count == 96  # three whole batches of 32 before the 101st item failed
+    second = Items(shapes200, stop_after=None)
+    resumed = scan_topk(demo, second, LAYERS, batch_size=32, state_path=state, progress=False)
+    assert second.served == 200 - saved.count
+    assert_same(resumed, whole)
+    # a finished state is a finished scan
+    third = Items(shapes200, stop_after=None)
+    assert_same(scan_topk(demo, third, LAYERS, batch_size=32, state_path=state,
+                          progress=False), whole)
+    assert third.served == 0
+
+
+def test_state_of_another_scan_is_refused(demo, tmp_path):
+    state = tmp_path / "state"
+    scan_topk(demo, "shapes:20", LAYERS, k=4, state_path=state, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="another scan"):
+        scan_topk(demo, "shapes:20", LAYERS, k=5, state_path=state, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="another scan"):
+        scan_topk(demo, "shapes:20", ["features.3"], k=4, state_path=state, progress=False)
+
+
+def test_save_and_load(demo, tmp_path):
+    top = scan_topk(demo, "shapes:30", LAYERS, k=3, progress=False)
+    folder = top.save(tmp_path / "top")
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "topk.pt"]
+    assert_same(TopK.load(folder), top)
+    with pytest.raises(vizcnn.BadArgument, match="cannot read a saved top-k"):
+        TopK.load(tmp_path / "nothing")
+
+
+def test_image_folder_with_a_corrupt_file(demo, tmp_path, shapes200):
+    root = tmp_path / "images"
+    for index in range(12):
+        folder = root / ("a" if index % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = shapes200.render(index).image
+        cv2.imwrite(str(folder / f"{index:02d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (root / "a" / "broken.png").write_bytes(b"not a png")
+    top = scan_topk(demo, str(root), ["features.10"], k=4, progress=False)
+    assert len(top.skipped) == 1 and "broken.png" in top.skipped[0]
+    assert top.count == 13
+    # the folder order is sorted by path: a/01, a/03, ..., a/11, a/broken, b/00, b/02, ...
+    x = images_at(demo, str(root), [0, 8])
+    assert torch.equal(x[0], vizcnn.preprocess(demo, shapes200.render(1).image)[0])
+    assert torch.equal(x[1], vizcnn.preprocess(demo, shapes200.render(2).image)[0])
+    assert 6 not in top.indices["features.10"]
+
+
+def test_bad_arguments(demo, tmp_path):
+    with pytest.raises(vizcnn.LayerNotFound, match="did you mean"):
+        scan_topk(demo, "shapes:5", ["features.99"], progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="k must be a positive integer"):
+        scan_topk(demo, "shapes:5", LAYERS, k=0, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="bad data set"):
+        scan_topk(demo, "shapes:x", LAYERS, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="not a folder"):
+        scan_topk(demo, str(tmp_path / "missing"), LAYERS, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="no images in"):
+        scan_topk(demo, str(tmp_path), LAYERS, progress=False)
+    assert hooks_left(demo) == []
+
+
+def test_no_hook_left_when_the_data_fails(demo, shapes200):
+    with pytest.raises(OSError):
+        scan_topk(demo, Interrupting(shapes200, stop_after=10, error=OSError), LAYERS,
+                  batch_size=4, progress=False)
+    assert hooks_left(demo) == []
+
+
+def test_module_called_twice_is_scanned_at_its_last_call(resnet18):
+    """ResNet's block relu runs twice; the scan sees the block's output, as capture does."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 64, 64)
+    top = scan_topk(resnet18, x, ["layer1.0.relu"], k=2, progress=False)
+    maps = vizcnn.activations(resnet18, x, ["layer1.0.relu"])["layer1.0.relu"]
+    assert torch.equal(top.values["layer1.0.relu"][:, 0], maps.amax(dim=(0, 2, 3)))
