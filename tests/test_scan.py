@@ -194,3 +194,41 @@ def test_module_called_twice_is_scanned_at_its_last_call(resnet18):
     top = scan_topk(resnet18, x, ["layer1.0.relu"], k=2, progress=False)
     maps = vizcnn.activations(resnet18, x, ["layer1.0.relu"])["layer1.0.relu"]
     assert torch.equal(top.values["layer1.0.relu"][:, 0], maps.amax(dim=(0, 2, 3)))
+
+
+def test_killed_scan_resumes(demo, tmp_path):
+    """A real SIGKILL in the middle of a scan that saves after every batch: the state on disk
+    is whole, and resuming from it gives the uninterrupted result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    state = tmp_path / "state"
+    child = (
+        "import time, vizcnn\n"
+        "from vizcnn.data.shapes import HELD_OUT_SEED, ShapesDataset\n"
+        "data = ShapesDataset(1500, seed=HELD_OUT_SEED)\n"
+        "def slow():\n"
+        "    for i in range(len(data)):\n"
+        "        time.sleep(0.004)\n"
+        "        yield data[i]\n"
+        "vizcnn.scan_topk(vizcnn.load_model('demo'), slow(), ['features.10'], batch_size=16,\n"
+        f"                 state_path={str(state)!r}, save_every=0, progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (state / "topk.pt").exists() and TopK.load(state).count >= 160:
+                break
+            assert process.poll() is None, "the scan ended before it could be killed"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    saved = TopK.load(state)
+    assert 160 <= saved.count < 1500
+    resumed = scan_topk(demo, "shapes:1500", ["features.10"], state_path=state, progress=False)
+    assert_same(resumed, scan_topk(demo, "shapes:1500", ["features.10"], progress=False))

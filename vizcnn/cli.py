@@ -197,17 +197,16 @@ def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]
 
 def _topk(args: argparse.Namespace) -> None:
     import shutil
-    from pathlib import Path
 
     from vizcnn.deconv import top_patches
     from vizcnn.errors import BadArgument
     from vizcnn.hooks import activations
-    from vizcnn.io import atomic_path, writable_parent
+    from vizcnn.io import atomic_path, check_replaceable, writable_parent
     from vizcnn.models import preprocessing_for
     from vizcnn.render.figures import save_figure, top_patches_figure
     from vizcnn.scan import input_batches, scan_topk
 
-    out = Path(args.out)
+    out = check_replaceable(args.out, "topk/manifest.json", "top-k")
     writable_parent(out)
     model = _load(args)
     data = args.data

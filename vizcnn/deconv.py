@@ -149,16 +149,18 @@ def _crop(x: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, length: tupl
           ) -> torch.Tensor:
     """Crops of ``length`` at ``start`` (P, 2) of images ``x[rows]``; outside the image: 0.
 
-    x: (N, C, H, W) -> (P, C, h, w)."""
+    x: (N, C, H, W) -> (P, C, h, w). One slice copy per crop: cheaper than padding the whole
+    batch or gathering with index tensors."""
     height, width = x.shape[-2:]
-    top, left = int(-start[:, 0].min().clamp(max=0)), int(-start[:, 1].min().clamp(max=0))
-    bottom = int((start[:, 0].max() + length[0] - height).clamp(min=0))
-    right = int((start[:, 1].max() + length[1] - width).clamp(min=0))
-    padded = F.pad(x, (left, right, top, bottom))
-    ys = start[:, :1] + top + torch.arange(length[0], device=x.device)  # (P, h)
-    xs = start[:, 1:] + left + torch.arange(length[1], device=x.device)  # (P, w)
-    crops = padded[rows[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (P, h, w, C)
-    return crops.permute(0, 3, 1, 2)
+    crops = x.new_empty(len(rows), x.shape[1], *length)
+    for p, (row, (top, left)) in enumerate(zip(rows.tolist(), start.tolist(), strict=True)):
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + length[0], height), min(left + length[1], width)
+        if (y1 - y0, x1 - x0) != length:
+            crops[p].zero_()
+        if y1 > y0 and x1 > x0:
+            crops[p, :, y0 - top:y1 - top, x0 - left:x1 - left] = x[row, :, y0:y1, x0:x1]
+    return crops
 
 
 @dataclass
@@ -185,10 +187,10 @@ def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
         switch = None
         module = step.module
         if step.kind == "conv":
-            signal = F.conv2d(signal.masked_fill(~mask, 0.0), module.weight, module.bias,
+            signal = F.conv2d(_outside(signal, mask, 0.0), module.weight, module.bias,
                               module.stride, 0, module.dilation, module.groups)
         elif step.kind == "pool":
-            signal, switch = F.max_pool2d(signal.masked_fill(~mask, float("-inf")), step.kernel,
+            signal, switch = F.max_pool2d(_outside(signal, mask, float("-inf")), step.kernel,
                                           step.stride, 0, step.dilation, return_indices=True)
         elif step.kind == "relu":
             signal = F.relu(signal)
@@ -205,16 +207,16 @@ def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
     crop coordinates, the top output cropped."""
     lengths = _regions(steps, top_len)
     starts = _starts(steps, top_start)
-    whole_starts = _starts(steps, _zeros(int(whole.output.shape[0]), top_start.device))
+    whole_starts = _starts(steps, _zeros(1, top_start.device))  # the same for every image
     masks, switches = [], []
     for index, step in enumerate(steps):
         masks.append(_inside(starts[index], lengths[index], step.input_size))
         switch = None
         if step.kind == "pool":
-            out_start = starts[index + 1] - whole_starts[index + 1][rows]
+            out_start = starts[index + 1] - whole_starts[index + 1]
             cropped = _crop(whole.switches[index], rows, out_start, lengths[index + 1])
             width = whole.lengths[index][1]
-            offset = starts[index] - whole_starts[index][rows]  # crop start in whole-crop coords
+            offset = starts[index] - whole_starts[index]  # crop start in whole-crop coords
             ys = cropped // width - offset[:, :1, None, None]
             xs = cropped % width - offset[:, 1:, None, None]
             # positions outside the map carry no signal; any index inside the crop will do
@@ -222,9 +224,22 @@ def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
             xs = xs.clamp(0, lengths[index][1] - 1)
             switch = ys * lengths[index][1] + xs
         switches.append(switch)
-    top = starts[-1] - whole_starts[-1][rows]
-    output = _crop(whole.output, rows, top, lengths[-1])
+    output = _crop(whole.output, rows, starts[-1] - whole_starts[-1], lengths[-1])
     return _Forward(masks, switches, lengths, output)
+
+
+def _whole_forward(steps: list[_Step], x: torch.Tensor, map_size: tuple[int, int],
+                   batch_size: int) -> _Forward:
+    """The chain over the whole map of every image of ``x``, in batches; the masks are the
+    same for every image and kept once (batch dimension 1)."""
+    parts = [_chain_forward(steps, x, torch.arange(start, min(start + batch_size, len(x)),
+                                                   device=x.device),
+                            _zeros(min(start + batch_size, len(x)) - start, x.device), map_size)
+             for start in range(0, len(x), batch_size)]
+    return _Forward([mask[:1] for mask in parts[0].masks],
+                    [None if s is None else torch.cat([p.switches[i] for p in parts])
+                     for i, s in enumerate(parts[0].switches)],
+                    parts[0].lengths, torch.cat([p.output for p in parts]))
 
 
 def _cost(steps: list[_Step], top_len: tuple[int, int]) -> float:
@@ -237,6 +252,14 @@ def _cost(steps: list[_Step], top_len: tuple[int, int]) -> float:
             weight = step.module.weight
             total += out[0] * out[1] * weight.numel()
     return total
+
+
+def _outside(signal: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """Set the positions outside the map (``mask`` False) to ``value``, in place: the padding
+    of a conv (0) or a max pool (-inf). ``signal`` must be a tensor this module owns."""
+    if not bool(mask.all()):
+        signal.masked_fill_(~mask, value)
+    return signal
 
 
 def _norm_scale(module: nn.BatchNorm2d) -> torch.Tensor:
@@ -259,11 +282,12 @@ def _chain_backward(steps: list[_Step], forward: _Forward, signal: torch.Tensor,
     crop (P, C_in, H, W). ``rows[p]`` is the forward row whose switches projection p uses."""
     for index in range(len(steps) - 1, -1, -1):
         step = steps[index]
-        mask = forward.masks[index][rows]
+        mask = forward.masks[index]
+        mask = mask if len(mask) == 1 else mask[rows]
         length = forward.lengths[index]
         if step.kind == "conv":
             # the padding takes no signal
-            signal = _transposed_conv(signal, step.module).masked_fill(~mask, 0.0)
+            signal = _outside(_transposed_conv(signal, step.module), mask, 0.0)
         elif step.kind == "pool":
             switches = forward.switches[index][rows].flatten(2)  # type: ignore[index]
             unpooled = signal.new_zeros(*signal.shape[:2], length[0] * length[1])
@@ -445,7 +469,7 @@ class Deconvnet:
         Returns:
             (P, C_in, H, W) projections.
         """
-        plan = self._plan(x, layer, channels, images, positions, mode, path)
+        plan = self._plan(x, layer, channels, images, positions, mode, path, batch_size)
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
         for chunk in _chunks(len(plan.channels), batch_size):
             crops, starts = self._project_chunk(plan, chunk)
@@ -466,7 +490,7 @@ class Deconvnet:
         """Like ``project_many`` in "max" mode, but keeps only each unit's patch: its receptive
         field, cut from the projection and from the input (see ``Patches``). This is what the
         Fig. 2 figure shows, and it never holds full-size projections in memory."""
-        plan = self._plan(x, layer, channels, images, positions, "max", path)
+        plan = self._plan(x, layer, channels, images, positions, "max", path, batch_size)
         field_size = plan.field_size
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
         boxes = _patch_boxes(plan.field_starts, patch, plan.x.shape[-2:])
@@ -479,8 +503,10 @@ class Deconvnet:
 
     # ------------------------------------------------------------------ internals
 
-    def _plan(self, x, layer, channels, images, positions, mode, path) -> _Plan:
+    def _plan(self, x, layer, channels, images, positions, mode, path, batch_size) -> _Plan:
         """Check the arguments, trace the model, and find each projection's unit."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
         if mode not in ("max", "map"):
             raise BadArgument(f"mode must be 'max' or 'map', not {mode!r}")
         if path not in ("auto", "explicit", "autograd"):
@@ -525,7 +551,12 @@ class Deconvnet:
         elif mode == "max":
             positions = self._strongest(x, layer, calls, channels, images)
         plan = _Plan(x, layer, channels, images, positions, mode, steps,
-                     [c.name for c in calls], map_size)
+                     [c.name for c in calls], map_size, batch_size=batch_size)
+        plan.distinct, plan.distinct_rows = torch.unique(images, return_inverse=True)
+        if steps is not None and mode == "max":
+            # whole forward passes pay off when many projections share an image
+            plan.share_forward = (len(plan.distinct) * _cost(steps, map_size)
+                                  < len(images) * _cost(steps, (1, 1)))
         if steps is not None and mode == "max":
             plan.field_size = _regions(steps, (1, 1))[0]
             plan.field_starts = _starts(steps, positions)[0]
@@ -569,36 +600,32 @@ class Deconvnet:
         with preserved_state(model, eval_mode=True):
             if plan.steps is not None:
                 with torch.no_grad():
-                    return self._explicit(plan, channels, images, positions)
+                    return self._explicit(plan, chunk, channels, images, positions)
             for param in model.parameters():
                 param.requires_grad_(False)  # only the input's gradient is needed
             return self._autograd(plan, channels, images, positions)
 
-    def _explicit(self, plan, channels, images, positions):
+    def _explicit(self, plan, chunk, channels, images, positions):
         steps, device = plan.steps, plan.x.device
-        if plan.mode == "max":
-            distinct, rows = torch.unique(images, return_inverse=True)
-            if len(distinct) * _cost(steps, plan.map_size) < len(images) * _cost(steps, (1, 1)):
-                # images shared by many projections: one full forward pass per image, and each
-                # projection takes its switches from it
-                whole = _chain_forward(steps, plan.x, distinct, _zeros(len(distinct), device),
-                                       plan.map_size)
-                forward = _crop_forward(steps, whole, rows, positions, (1, 1))
-            else:  # a forward pass per projection, on its receptive field alone
-                forward = _chain_forward(steps, plan.x, images, positions, (1, 1))
-            rows = torch.arange(len(channels), device=device)
-            activation = forward.output[rows, channels, 0, 0]
-            signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
-            projected = _chain_backward(steps, forward, signal, rows)
-            projected *= activation.view(-1, 1, 1, 1)
-            return projected, _starts(steps, positions)[0]
-        # the whole map: one forward pass per distinct image
-        distinct, rows = torch.unique(images, return_inverse=True)
-        forward = _chain_forward(steps, plan.x, distinct, _zeros(len(distinct), device),
-                                 plan.map_size)
-        signal = _select(forward.output[rows], channels, None)
+        if plan.mode == "max" and not plan.share_forward:
+            # a forward pass per projection, on its receptive field alone
+            forward = _chain_forward(steps, plan.x, images, positions, (1, 1))
+        else:  # one whole forward pass per distinct image, shared by its projections
+            if plan.whole is None:
+                plan.whole = _whole_forward(steps, plan.x[plan.distinct], plan.map_size,
+                                            plan.batch_size)
+            rows = plan.distinct_rows[chunk]
+            if plan.mode == "map":
+                signal = _select(plan.whole.output[rows], channels, None)
+                projected = _chain_backward(steps, plan.whole, signal, rows)
+                return projected, _starts(steps, _zeros(len(channels), device))[0]
+            forward = _crop_forward(steps, plan.whole, rows, positions, (1, 1))
+        rows = torch.arange(len(channels), device=device)
+        activation = forward.output[rows, channels, 0, 0]
+        signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
         projected = _chain_backward(steps, forward, signal, rows)
-        return projected, _starts(steps, _zeros(len(channels), device))[0]
+        projected *= activation.view(-1, 1, 1, 1)
+        return projected, _starts(steps, positions)[0]
 
     def _autograd(self, plan, channels, images, positions):
         x = plan.x[images].detach().requires_grad_(True)
@@ -627,6 +654,11 @@ class _Plan:
     map_size: tuple[int, int]
     field_size: tuple[int, int] = (0, 0)
     field_starts: torch.Tensor | None = None
+    batch_size: int = 64
+    distinct: torch.Tensor | None = None  # the distinct images, ascending
+    distinct_rows: torch.Tensor | None = None  # (P,) each projection's row in ``distinct``
+    share_forward: bool = False  # "max" mode: crop the units from whole forward passes
+    whole: _Forward | None = None  # the whole forward passes, computed on first use
 
 
 def _batch(x: Any) -> torch.Tensor:

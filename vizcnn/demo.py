@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
 from vizcnn.deconv import top_patches
-from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, preserved_state
-from vizcnn.io import atomic_path
+from vizcnn.io import atomic_path, check_replaceable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import DEMO_PREPROCESSING, load_model, preprocess
 from vizcnn.render.figures import (
@@ -39,14 +38,6 @@ DEMO_IMAGES = (0, 1, 2, 3)
 HELD_OUT_SAMPLE = 1000
 TOP_K_SCAN = "shapes:2000"  # the held-out images scanned for the Fig. 2 figures
 TOP_K_CHANNELS = 16  # channels shown per layer
-
-
-def _check_target(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not an earlier demo output: never lose user data."""
-    if out_dir.exists() and (not out_dir.is_dir() or
-                             (any(out_dir.iterdir()) and not (out_dir / "report.txt").exists())):
-        raise BadArgument(f"'{out_dir}' exists and is not a vizcnn demo output",
-                          "choose another --out (the demo replaces its own earlier output only)")
 
 
 def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
@@ -71,7 +62,7 @@ def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
 def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list[Path]:
     """Write the demo's figures and report into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
-    _check_target(out_dir)
+    check_replaceable(out_dir, "report.txt", "demo")
     started = time.perf_counter()
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")

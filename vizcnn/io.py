@@ -48,3 +48,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(temporary, ignore_errors=True)
         elif temporary.exists():
             temporary.unlink()
+
+
+def check_replaceable(folder: str | os.PathLike, marker: str, what: str) -> Path:
+    """Refuse an output folder that exists, is not empty, and lacks ``marker`` (the file that
+    vizcnn's own output of this kind holds): replacing it would delete the user's files.
+
+    Args:
+        folder: the output folder that will be replaced whole.
+        marker: a path relative to the folder, e.g. "report.txt".
+        what: the kind of output, for the message ("demo", "top-k").
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or
+                            (any(folder.iterdir()) and not (folder / marker).exists())):
+        raise BadArgument(f"'{folder}' exists and is not a vizcnn {what} output",
+                          f"choose another --out (vizcnn replaces its own earlier {what} "
+                          "output only)")
+    return folder

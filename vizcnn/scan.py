@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.hooks import forward_to, model_device, preserved_state
-from vizcnn.io import atomic_path
+from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
 from vizcnn.receptive import trace_calls
@@ -74,20 +74,21 @@ class TopK:
                 for v, i, p in zip(values, indices, positions, strict=True) if i >= 0]
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``topk.pt`` (the tensors) and ``manifest.json`` into ``folder``, atomically:
-        the folder is replaced whole or not at all. Returns the folder."""
+        """Write ``topk.pt`` (everything) and ``manifest.json`` (the same facts, for people)
+        into ``folder``. Each file is replaced atomically, and ``load`` reads ``topk.pt`` only,
+        so a save killed at any moment leaves the previous state or the new one, never a mix:
+        this is what makes a killed scan resumable. Returns the folder."""
         folder = Path(folder)
-        with atomic_path(folder) as staging:
-            staging.mkdir()
-            tensors = {"values": self.values, "indices": self.indices,
-                       "positions": self.positions}
-            torch.save({name: {layer: t.cpu() for layer, t in d.items()}
-                        for name, d in tensors.items()}, staging / "topk.pt")
-            manifest = {"format": _FORMAT, "k": self.k, "count": self.count,
-                        "source": self.source, "fingerprint": self.fingerprint,
-                        "skipped": list(self.skipped),
-                        "layers": {layer: list(v.shape) for layer, v in self.values.items()}}
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        writable_parent(folder / "topk.pt")
+        manifest = {"format": _FORMAT, "k": self.k, "count": self.count, "source": self.source,
+                    "fingerprint": self.fingerprint, "skipped": list(self.skipped),
+                    "layers": {layer: list(v.shape) for layer, v in self.values.items()}}
+        tensors = {name: {layer: t.cpu() for layer, t in getattr(self, name).items()}
+                   for name in ("values", "indices", "positions")}
+        with atomic_path(folder / "topk.pt") as temporary:
+            torch.save({"manifest": manifest, **tensors}, temporary)
+        with atomic_path(folder / "manifest.json") as temporary:
+            temporary.write_text(json.dumps(manifest, indent=2))
         return folder
 
     @classmethod
@@ -95,15 +96,15 @@ class TopK:
         """Read a folder written by ``save``."""
         folder = Path(folder)
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            tensors = torch.load(folder / "topk.pt", weights_only=True)
-        except (OSError, ValueError, RuntimeError) as error:
+            saved = torch.load(folder / "topk.pt", weights_only=True)
+            manifest = saved["manifest"]
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
             raise BadArgument(f"cannot read a saved top-k from '{folder}': "
                               f"{getattr(error, 'strerror', None) or error}",
                               "give a folder written by TopK.save or `vizcnn topk`") from None
         if manifest.get("format") != _FORMAT:
             raise BadArgument(f"'{folder}' holds a top-k of another format version")
-        return cls(manifest["k"], tensors["values"], tensors["indices"], tensors["positions"],
+        return cls(manifest["k"], saved["values"], saved["indices"], saved["positions"],
                    manifest["count"], manifest["source"], manifest["fingerprint"],
                    tuple(manifest.get("skipped", ())))
 
@@ -417,7 +418,7 @@ def scan_topk(
 
 def _resume(state_path, names: list[str], k: int, fingerprint: str) -> TopK | None:
     """The saved state at ``state_path`` if there is one, checked against this scan."""
-    if not (Path(state_path) / "manifest.json").exists():
+    if not (Path(state_path) / "topk.pt").exists():
         return None
     state = TopK.load(state_path)
     if state.k != k or state.layers != names or state.fingerprint != fingerprint:

@@ -1,0 +1,225 @@
+"""Speed of vizcnn against its references, as ratios measured in one process.
+
+    python scripts/bench.py                       # every section
+    python scripts/bench.py --section deconv      # or scan; --quick for a short run
+
+Sections:
+    deconv  top-9 projections of every channel of AlexNet features.10 (and features.3): vizcnn's
+            batched deconvnet against a loop of Captum's NeuronDeconvolution (one call per
+            channel, its 9 images as one batch), same numbers checked on every projection.
+    scan    scan_topk over N images against a bare no-grad forward pass to the same layer, on
+            the same batches; and the peak memory of a scan of 200 and of 2,000 images (each in
+            a fresh process).
+
+Weights are random (seeded): nothing is downloaded, and speed does not depend on the weights.
+The images are crops of scikit-image's and scikit-learn's photographs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+
+import vizcnn
+from vizcnn.data.shapes import HELD_OUT_SEED
+from vizcnn.deconv import Deconvnet
+from vizcnn.layers import resolve_layer
+from vizcnn.models import IMAGENET_PREPROCESSING, Preprocessing
+
+
+def photo_batch(count: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """``count`` normalised (3, size, size) crops of real photographs, randomly placed and
+    flipped: (count, 3, size, size)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+              skimage.data.rocket(), *load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    steps = IMAGENET_PREPROCESSING
+    crops = []
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        scale = rng.uniform(0.5, 1.0)
+        side = int(min(photo.shape[:2]) * scale)
+        top = rng.integers(photo.shape[0] - side + 1)
+        left = rng.integers(photo.shape[1] - side + 1)
+        crop = photo[top:top + side, left:left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        tensor = torch.tensor(np.ascontiguousarray(crop)).permute(2, 0, 1)
+        crops.append(Preprocessing(resize=(size, size), crop=None,
+                                                 mean=steps.mean, std=steps.std)(tensor))
+    return torch.stack(crops)
+
+
+def _alexnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.alexnet().eval()
+
+
+def _timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- deconv
+
+
+def bench_deconv(quick: bool, image_counts: tuple[int, ...] = (64, 512)) -> None:
+    model = _alexnet()
+    print(f"deconv: AlexNet (random weights), top-9 of N photo crops at 224 x 224, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'layer':<12} {'N':>4} {'distinct':>8} {'channels':>8} {'vizcnn s':>9} "
+          f"{'patches s':>9} {'captum s':>9} {'speed-up':>8} {'patches':>8} {'max rel diff':>12}")
+    for count in (24,) if quick else image_counts:
+        images = photo_batch(count)
+        for layer in ["features.3", "features.10"]:
+            _deconv_layer(model, images, layer, 32 if quick else None)
+    print("  speed-up: full-size projections (project_many, 16 channels per call); patches: "
+          "receptive-field patches only (project_patches, all channels in one call, what "
+          "Fig. 2 draws); distinct: images among the top-9 lists")
+
+
+def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
+    top = vizcnn.scan_topk(model, images, [layer], k=9, progress=False)
+    channels = min(channels or 10**9, top.values[layer].shape[0])
+    indices = top.indices[layer][:channels]  # (C, 9)
+    positions = top.positions[layer][:channels]  # (C, 9, 2)
+    pair_channels = torch.arange(channels).repeat_interleave(9)
+    net = Deconvnet(model)
+    _, patch_seconds = _timed(net.project_patches, images, layer, pair_channels,
+                              images=indices.flatten(), positions=positions.view(-1, 2))
+    captum = _captum(model, layer)
+    vizcnn_seconds = captum_seconds = 0.0
+    worst = 0.0
+    for start in range(0, channels, 16):
+        chunk = slice(start, min(start + 16, channels))
+        ours, seconds = _timed(net.project_many, images, layer, pair_channels[chunk.start * 9:
+                                                                             chunk.stop * 9],
+                               images=indices[chunk].flatten(),
+                               positions=positions[chunk].reshape(-1, 2))
+        vizcnn_seconds += seconds
+        for row, channel in enumerate(range(chunk.start, chunk.stop)):
+            reference, seconds = _timed(captum, images[indices[channel]], channel,
+                                        positions[channel])
+            captum_seconds += seconds
+            mine = ours[row * 9:(row + 1) * 9]
+            scale = reference.abs().amax(dim=(1, 2, 3)).clamp_min(1e-30)
+            worst = max(worst, float(((mine - reference).abs().amax(dim=(1, 2, 3))
+                                      / scale).max()))
+    distinct = len(set(indices.flatten().tolist()))
+    print(f"{layer:<12} {len(images):>4} {distinct:>8} {channels:>8} {vizcnn_seconds:>9.2f} "
+          f"{patch_seconds:>9.2f} {captum_seconds:>9.2f} {captum_seconds / vizcnn_seconds:>7.1f}x "
+          f"{captum_seconds / patch_seconds:>7.1f}x {worst:>12.1e}")
+
+
+def _captum(model, layer):
+    """Captum's NeuronDeconvolution at given units (one per image), times their activations:
+    the reference for vizcnn's "max" mode."""
+    from captum.attr import NeuronDeconvolution
+
+    module = resolve_layer(model, layer)
+    deconvolution = NeuronDeconvolution(model, module)
+
+    def project(x, channel, positions):
+        rows = torch.arange(len(x))
+
+        def unit(output):
+            return output[rows, channel, positions[:, 0], positions[:, 1]]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gradient = deconvolution.attribute(x, neuron_selector=unit)
+        with torch.no_grad():
+            activation = vizcnn.activations(model, x, [layer])[layer]
+        return gradient * unit(activation).view(-1, 1, 1, 1)
+
+    return project
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def bench_scan(quick: bool) -> None:
+    cases = [("AlexNet features.10", _alexnet(), photo_batch(64 if quick else 256),
+              "features.10", 32),
+             ("ZFNetMini features.10", vizcnn.load_model("demo"),
+              _shapes(1000 if quick else 4000), "features.10", 128)]
+    print(f"scan: scan_topk against a bare no-grad forward pass to the layer, same batches, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'model':<22} {'images':>6} {'scan s':>8} {'forward s':>9} {'ratio':>6} "
+          f"{'images/s':>9}")
+    for label, model, images, layer, batch in cases:
+        prefix = _prefix(model, layer)
+        scan_seconds, forward_seconds = [], []
+        for _ in range(3):  # best of three: the machine is shared
+            _, seconds = _timed(vizcnn.scan_topk, model, images, [layer], k=9,
+                                batch_size=batch, progress=False)
+            scan_seconds.append(seconds)
+            _, seconds = _timed(_bare_forward, prefix, images, batch)
+            forward_seconds.append(seconds)
+        scan, forward = min(scan_seconds), min(forward_seconds)
+        print(f"{label:<22} {len(images):>6} {scan:>8.2f} {forward:>9.2f} "
+              f"{scan / forward:>5.2f}x {len(images) / scan:>9.0f}")
+    small, large = (_peak_memory(n) for n in (200, 2000))
+    print(f"peak memory (VmHWM) of scan_topk(demo, 'shapes:N', 5 conv layers) in a fresh "
+          f"process: N=200 {small / 2**20:.0f} MiB, N=2000 {large / 2**20:.0f} MiB "
+          f"(+{(large / small - 1) * 100:.1f} %)")
+
+
+def _shapes(count: int) -> torch.Tensor:
+    from vizcnn.train import render_batch
+
+    images, _ = render_batch(HELD_OUT_SEED, 0, count)
+    return images
+
+
+def _prefix(model, layer: str) -> torch.nn.Module:
+    """The model's ``features`` up to and including ``layer``: the bare forward pass."""
+    index = int(layer.split(".")[1])
+    return model.features[:index + 1]
+
+
+def _bare_forward(prefix, images, batch: int) -> None:
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            prefix(images[start:start + batch])
+
+
+def _peak_memory(count: int) -> int:
+    """Max RSS in bytes of a fresh process that scans ``count`` shapes images."""
+    # VmHWM, not ru_maxrss: a child's ru_maxrss can report the parent's peak from the fork
+    code = ("import vizcnn; m = vizcnn.load_model('demo'); "
+            f"vizcnn.scan_topk(m, 'shapes:{count}', vizcnn.list_layers(m, 'conv'), "
+            "progress=False); print(next(line.split()[1] for line in open('/proc/self/status')"
+            " if line.startswith('VmHWM')))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout
+    return int(output.split()[-1]) * 1024  # VmHWM is in KiB
+
+
+SECTIONS = {"deconv": bench_deconv, "scan": bench_scan}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--section", action="append", choices=list(SECTIONS),
+                        help="run only this section (repeatable); default: all")
+    parser.add_argument("--quick", action="store_true", help="fewer images and channels")
+    args = parser.parse_args(argv)
+    for name in args.section or list(SECTIONS):
+        SECTIONS[name](args.quick)
+        print()
+
+
+if __name__ == "__main__":
+    main()
