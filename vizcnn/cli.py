@@ -163,6 +163,9 @@ def _deconv(args: argparse.Namespace) -> None:
         box = field.box(y, x_)
         print(f"strongest unit of channel {args.channel}: ({y}, {x_}), activation "
               f"{float(channel[y, x_]):.4g}, receptive field box {box}")
+        if channel[y, x_] <= 0:
+            print("note: the channel does not fire anywhere in this image (its strongest "
+                  "activation is not positive); try another channel or image")
     steps = preprocessing_for(model)
     shown = image_tiles(x, steps.mean if steps else None, steps.std if steps else None)[0]
     fig = projection_figure(shown, projection[0], layer=args.layer,
