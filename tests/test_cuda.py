@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vizcnn
+from vizcnn.data.shapes import held_out_image
 from vizcnn.receptive import receptive_fields
 
 pytestmark = pytest.mark.cuda
@@ -31,3 +32,25 @@ def test_resnet_gradient_field_on_cuda():
     field = vizcnn.receptive_field(model, "layer4", 224)
     assert field.size == (435, 435) and field.jump == (32, 32)
     assert all(not module._forward_hooks for module in model.modules())
+
+
+def test_deconv_and_scan_on_cuda():
+    """The deconvnet and the scan follow the model's device and give the CPU's numbers."""
+    cpu_model = vizcnn.load_model("demo")
+    gpu_model = vizcnn.load_model("demo", device="cuda")
+    x = torch.cat([vizcnn.preprocess(cpu_model, held_out_image(i)) for i in range(3)])
+    for path in ("explicit", "autograd"):
+        on_gpu = vizcnn.Deconvnet(gpu_model).project(x.cuda(), "features.6", 1, path=path)
+        assert on_gpu.is_cuda
+        on_cpu = vizcnn.Deconvnet(cpu_model).project(x, "features.6", 1, path=path)
+        assert (on_gpu.cpu() - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max()
+    top_gpu = vizcnn.scan_topk(gpu_model, "shapes:300", ["features.3", "features.10"],
+                               progress=False)
+    top_cpu = vizcnn.scan_topk(cpu_model, "shapes:300", ["features.3", "features.10"],
+                               device="cuda", progress=False)  # a copy runs on the GPU
+    assert next(cpu_model.parameters()).device.type == "cpu"
+    for layer in ("features.3", "features.10"):
+        assert torch.equal(top_gpu.indices[layer], top_cpu.indices[layer])
+    patches = vizcnn.top_patches(gpu_model, top_gpu, "shapes:300", "features.3", [0, 1])
+    assert patches.projections.is_cuda and patches.projections.shape[:2] == (2, 9)
+    assert all(not module._forward_hooks for module in gpu_model.modules())

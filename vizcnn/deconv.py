@@ -43,10 +43,10 @@ from torch.overrides import TorchFunctionMode
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import forward_to, model_device, preserved_state
 from vizcnn.layers import resolve_layer
-from vizcnn.receptive import LayerCall, chain_calls, last_call, trace_calls
+from vizcnn.receptive import LayerCall, chain_calls, last_call, receptive_fields, trace_calls
 
 Mode = Literal["max", "map"]
-Path = Literal["auto", "explicit", "autograd"]
+Route = Literal["auto", "explicit", "autograd"]  # which implementation projects
 _POINTWISE_STEPS = (nn.Dropout, nn.Dropout2d, nn.Identity)
 
 
@@ -422,15 +422,16 @@ class Deconvnet:
         self.model = model
 
     def project(self, x: torch.Tensor, layer: str, channel: int, mode: Mode = "max", *,
-                path: Path = "auto") -> torch.Tensor:
+                path: Route = "auto") -> torch.Tensor:
         """Project one channel of ``layer`` for each image of ``x``.
 
         Args:
             x: (N, C_in, H, W) model input (normalised).
             layer: dotted layer name.
             channel: the feature map (for a linear layer, the unit).
-            mode: "max" keeps only the channel's strongest activation in each image; "map"
-                keeps the whole channel.
+            mode: "max" keeps only the channel's strongest activation in each image (the
+                projection is that activation times the deconvnet image of the unit); "map"
+                keeps the whole channel as it is.
             path: "auto" (explicit for chains, autograd otherwise), "explicit" or "autograd".
 
         Returns:
@@ -448,13 +449,16 @@ class Deconvnet:
         images: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mode: Mode = "max",
-        path: Path = "auto",
+        path: Route = "auto",
         batch_size: int = 64,
     ) -> torch.Tensor:
         """Project many (image, channel) pairs of one layer in batches.
 
-        Each image goes through the model once, up to ``layer`` and no further; in "max" mode
-        on the explicit path each projection then runs on its unit's receptive-field crop.
+        No forward pass goes past ``layer``. Without ``positions``, one pass per image finds
+        the strongest units. On the explicit path in "max" mode each projection then runs on
+        its unit's receptive-field crop, taken either from one whole forward pass per distinct
+        image (when many projections share an image) or from a forward pass over the crop
+        alone, whichever needs fewer multiply-adds; the numbers are the same.
 
         Args:
             x: (N, C_in, H, W) images.
@@ -484,7 +488,7 @@ class Deconvnet:
         *,
         images: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        path: Path = "auto",
+        path: Route = "auto",
         batch_size: int = 64,
     ) -> Patches:
         """Like ``project_many`` in "max" mode, but keeps only each unit's patch: its receptive
@@ -581,8 +585,6 @@ class Deconvnet:
 
     def _field(self, plan: _Plan, calls) -> tuple[tuple[int, int], torch.Tensor]:
         """Receptive-field size and unclipped starts of each unit, for the autograd path."""
-        from vizcnn.receptive import receptive_fields
-
         field = receptive_fields(self.model, [plan.layer], tuple(plan.x.shape[-2:]),
                                  calls=calls)[plan.layer]
         if field.is_global:
@@ -747,7 +749,7 @@ class TopPatches:
 
 
 def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
-                channels: Sequence[int] | None = None, *, path: Path = "auto",
+                channels: Sequence[int] | None = None, *, path: Route = "auto",
                 batch_size: int = 64) -> TopPatches:
     """Project the top-k units of each channel (from ``scan_topk``) and cut their patches.
 
