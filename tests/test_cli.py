@@ -266,3 +266,13 @@ def test_deconv_and_topk_mistakes(argv, expected, capsys, tmp_path):
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_topk_refuses_to_replace_a_foreign_folder(capsys, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    code, _, err = run(capsys, "topk", "demo", "shapes:10", "--layer", "features.3", "--out",
+                       str(mine))
+    assert code == 2 and "not a vizcnn top-k output" in err
+    assert (mine / "notes.txt").read_text() == "precious"

@@ -82,6 +82,9 @@ def test_demo_writes_figures_and_report(tmp_path):
     names = sorted(p.name for p in files)
     assert "filters_layer1.png" in names and "report.txt" in names
     assert len([n for n in names if n.startswith("maps_layer")]) == 5  # every conv layer
+    assert [n for n in names if n.startswith("fig2_")] == [
+        "fig2_layer1_features.0.png", "fig2_layer2_features.3.png", "fig2_layer3_features.6.png",
+        "fig2_layer4_features.8.png", "fig2_layer5_features.10.png"]
     report = (tmp_path / "demo" / "report.txt").read_text()
     assert "held-out accuracy" in report and "features.10" in report
     run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output
