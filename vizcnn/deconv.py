@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import forward_to, model_device, preserved_state
 from vizcnn.layers import resolve_layer
@@ -145,24 +146,6 @@ def _inside(start: torch.Tensor, length: tuple[int, int], size: tuple[int, int])
     return (rows_in[:, :, None] & cols_in[:, None, :]).unsqueeze(1)
 
 
-def _crop(x: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, length: tuple[int, int]
-          ) -> torch.Tensor:
-    """Crops of ``length`` at ``start`` (P, 2) of images ``x[rows]``; outside the image: 0.
-
-    x: (N, C, H, W) -> (P, C, h, w). One slice copy per crop: cheaper than padding the whole
-    batch or gathering with index tensors."""
-    height, width = x.shape[-2:]
-    crops = x.new_empty(len(rows), x.shape[1], *length)
-    for p, (row, (top, left)) in enumerate(zip(rows.tolist(), start.tolist(), strict=True)):
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + length[0], height), min(left + length[1], width)
-        if (y1 - y0, x1 - x0) != length:
-            crops[p].zero_()
-        if y1 > y0 and x1 > x0:
-            crops[p, :, y0 - top:y1 - top, x0 - left:x1 - left] = x[row, :, y0:y1, x0:x1]
-    return crops
-
-
 @dataclass
 class _Forward:
     """What the backward pass needs from the forward pass over the crops."""
@@ -179,7 +162,7 @@ def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
     value outside the full map, then the layer runs without padding."""
     lengths = _regions(steps, top_len)
     starts = _starts(steps, top_start)
-    signal = _crop(x, rows, starts[0], lengths[0])
+    signal = crop_batch(x, rows, starts[0], lengths[0])
     masks, switches = [], []
     for step, start, length in zip(steps, starts, lengths, strict=False):
         mask = _inside(start, length, step.input_size)
@@ -214,7 +197,7 @@ def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
         switch = None
         if step.kind == "pool":
             out_start = starts[index + 1] - whole_starts[index + 1]
-            cropped = _crop(whole.switches[index], rows, out_start, lengths[index + 1])
+            cropped = crop_batch(whole.switches[index], rows, out_start, lengths[index + 1])
             width = whole.lengths[index][1]
             offset = starts[index] - whole_starts[index]  # crop start in whole-crop coords
             ys = cropped // width - offset[:, :1, None, None]
@@ -224,7 +207,7 @@ def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
             xs = xs.clamp(0, lengths[index][1] - 1)
             switch = ys * lengths[index][1] + xs
         switches.append(switch)
-    output = _crop(whole.output, rows, starts[-1] - whole_starts[-1], lengths[-1])
+    output = crop_batch(whole.output, rows, starts[-1] - whole_starts[-1], lengths[-1])
     return _Forward(masks, switches, lengths, output)
 
 
@@ -477,7 +460,7 @@ class Deconvnet:
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
         for chunk in _chunks(len(plan.channels), batch_size):
             crops, starts = self._project_chunk(plan, chunk)
-            _paste(crops, starts, (0, 0), result[chunk])
+            paste_batch(crops, starts, (0, 0), result[chunk])
         return result
 
     def project_patches(
@@ -501,8 +484,8 @@ class Deconvnet:
         projections = plan.x.new_zeros(len(plan.channels), plan.x.shape[1], *patch)
         for chunk in _chunks(len(plan.channels), batch_size):
             projected, starts = self._project_chunk(plan, chunk)
-            _paste(projected, starts, boxes[chunk, :2], projections[chunk])
-        images = _crop(plan.x, plan.images, boxes[:, :2], patch)
+            paste_batch(projected, starts, boxes[chunk, :2], projections[chunk])
+        images = crop_batch(plan.x, plan.images, boxes[:, :2], patch)
         return Patches(projections, images, boxes)
 
     # ------------------------------------------------------------------ internals
@@ -703,22 +686,6 @@ def _patch_boxes(starts: torch.Tensor, patch: tuple[int, int], size) -> torch.Te
     top = starts[:, 0].clamp(0, size[0] - patch[0])
     left = starts[:, 1].clamp(0, size[1] - patch[1])
     return torch.stack([top, left, top + patch[0], left + patch[1]], dim=1)
-
-
-def _paste(crops: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor | tuple,
-           out: torch.Tensor) -> None:
-    """Add crops (P, C, h, w) that start at ``starts`` (P, 2) into ``out`` (P, C, H, W), whose
-    items start at ``targets`` (P, 2) (or one shared start); all in input coordinates."""
-    count, _, height, width = crops.shape
-    size = out.shape[-2:]
-    targets = torch.as_tensor(targets, device=starts.device).expand(count, 2)
-    for p, ((sy, sx), (ty, tx)) in enumerate(zip(starts.tolist(), targets.tolist(),
-                                                 strict=True)):
-        top, left = max(sy, ty), max(sx, tx)
-        bottom, right = min(sy + height, ty + size[0]), min(sx + width, tx + size[1])
-        if bottom > top and right > left:
-            out[p, :, top - ty:bottom - ty, left - tx:right - tx] += \
-                crops[p, :, top - sy:bottom - sy, left - sx:right - sx]
 
 
 # --------------------------------------------------------------------------- top-k patches
