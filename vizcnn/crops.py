@@ -27,9 +27,10 @@ def crop_batch(x: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, length:
 
 
 def paste_batch(crops: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor | tuple,
-                out: torch.Tensor) -> None:
-    """Add crops (P, C, h, w) that start at ``starts`` (P, 2) into ``out`` (P, C, H, W), whose
-    items start at ``targets`` (P, 2) (or one shared start); all in input coordinates."""
+                out: torch.Tensor, *, add: bool = True) -> None:
+    """Add (or, with ``add=False``, write) crops (P, C, h, w) that start at ``starts`` (P, 2)
+    into ``out`` (P, C, H, W), whose items start at ``targets`` (P, 2) (or one shared start);
+    all in the same coordinates. Parts outside ``out`` are left out."""
     count, _, height, width = crops.shape
     size = out.shape[-2:]
     targets = torch.as_tensor(targets, device=starts.device).expand(count, 2)
@@ -38,5 +39,8 @@ def paste_batch(crops: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor
         top, left = max(sy, ty), max(sx, tx)
         bottom, right = min(sy + height, ty + size[0]), min(sx + width, tx + size[1])
         if bottom > top and right > left:
-            out[p, :, top - ty:bottom - ty, left - tx:right - tx] += \
-                crops[p, :, top - sy:bottom - sy, left - sx:right - sx]
+            piece = crops[p, :, top - sy:bottom - sy, left - sx:right - sx]
+            if add:
+                out[p, :, top - ty:bottom - ty, left - tx:right - tx] += piece
+            else:
+                out[p, :, top - ty:bottom - ty, left - tx:right - tx] = piece

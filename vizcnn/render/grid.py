@@ -177,3 +177,30 @@ def image_tiles(images, mean=None, std=None) -> np.ndarray:
         tiles = np.stack([stretch(v) for v in values]) if len(values) else values.astype(np.uint8)
     tiles = tiles.transpose(0, 2, 3, 1)
     return np.repeat(tiles, 3, axis=3) if tiles.shape[3] == 1 else tiles[..., :3]
+
+
+def occlusion_map_png(values, path, *, low: float | None = None, high: float | None = None,
+                      categorical: bool = False, min_side: int = 256) -> None:
+    """Write one occlusion map (gy, gx) as a colour PNG, enlarged (nearest) to at least
+    ``min_side`` pixels: jet for values (``low``/``high`` fix the range), a fixed palette
+    of distinct colours for class labels (``categorical``)."""
+    array = _numpy(values)
+    if categorical:
+        palette = (np.array(_PALETTE, np.uint8))
+        rgb = palette[array.astype(np.int64) % len(palette)]
+    else:
+        rgb = cv2.applyColorMap(stretch(array, low, high), cv2.COLORMAP_JET)[..., ::-1]
+    scale = max(1, math.ceil(min_side / max(array.shape)))
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (array.shape[1] * scale, array.shape[0] * scale),
+                     interpolation=cv2.INTER_NEAREST)
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise BadArgument(f"cannot write '{path}'")
+
+
+# Distinct colours for class labels (matplotlib's tab20, as uint8 RGB).
+_PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+]

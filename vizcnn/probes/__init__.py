@@ -1,0 +1,1 @@
+"""Probes: occlusion (and, later, adversarial and invariance)."""

@@ -1,0 +1,623 @@
+"""Occlusion probes (Zeiler & Fergus, section 4.2, Fig. 7): which part of the image a decision
+and a feature map depend on.
+
+A square (or rectangle) of ``fill`` slides over the image, top-left corners at
+``range(0, H - window + 1, stride)`` in each axis. At every position we record the probability
+of the target class (panel d), the most probable label (panel e) and, for a chosen feature map,
+its total activation (panel b).
+
+Two engines give the same numbers:
+
+- **incremental** (Krypton, Nakandala et al., SIGMOD 2019): the model's graph is traced with
+  ``torch.fx``; the clean image runs once, and for each occluder only the region that the
+  occluder can change is recomputed, layer by layer (a conv of kernel K and stride S changes
+  the outputs whose windows touch the changed inputs), from the clean values around it. Convs,
+  max and average pools, pointwise layers (ReLU, batch norm, dropout, LRN) and residual adds
+  stay incremental; anything else (flatten, linear, concatenation) gets full tensors again:
+  the clean value with the changed region pasted in. Many occluders run as one batch.
+- **naive**: occluded copies of the image through the whole model, in batches. Used where the
+  model cannot be traced, and as the reference.
+
+``approx=True`` (or a fraction) caps the changed region at that fraction of each map's side
+(Krypton's projective-field threshold, default 0.5): changes further out are dropped, which
+is faster and approximate; the result reports the largest deviation from the exact
+probabilities on a sample of positions it re-checks exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vizcnn.crops import crop_batch, paste_batch
+from vizcnn.errors import BadArgument
+from vizcnn.hooks import capture, model_device, preserved_state, run_forward
+from vizcnn.io import atomic_path
+from vizcnn.layers import resolve_layer
+
+DEFAULT_APPROX = 0.5  # Krypton's projective-field threshold, as a fraction of the map side
+_CHECKED = 16  # positions re-checked exactly in approximate mode
+
+
+@dataclass(frozen=True)
+class OcclusionMaps:
+    """The occlusion maps of a batch of images, over the grid of occluder positions.
+
+    Attributes:
+        prob: (N, gy, gx) probability of each image's target class.
+        label: (N, gy, gx) long, the most probable class.
+        activation: (N, gy, gx) total activation of the feature map ``channel`` of ``layer``
+            (float64), or None when no layer was given.
+        positions: (gy, gx, 2) long, the occluder's top-left corner (y, x).
+        window: (h, w) of the occluder; stride: (y, x) step between positions.
+        target: (N,) the class whose probability ``prob`` holds.
+        clean_prob, clean_label: (N,) the same for the image without occluder.
+        clean_activation: (N,) or None.
+        layer: the feature maps' layer, or None.
+        channel: (N,) the feature map per image (chosen as the strongest when not given).
+        engine: "incremental" or "naive"; engine_note says why naive was used.
+        max_deviation: approximate mode only: the largest |prob - exact prob| over the
+            re-checked positions (and their count in ``checked``).
+    """
+
+    prob: torch.Tensor
+    label: torch.Tensor
+    activation: torch.Tensor | None
+    positions: torch.Tensor
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    target: torch.Tensor
+    clean_prob: torch.Tensor
+    clean_label: torch.Tensor
+    clean_activation: torch.Tensor | None = None
+    layer: str | None = None
+    channel: torch.Tensor | None = None
+    engine: str = "incremental"
+    engine_note: str = ""
+    approx: float | None = None
+    max_deviation: float | None = None
+    checked: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``maps.pt`` (every tensor), one PNG per map and image (probability,
+        label, activation) and ``manifest.json`` into ``folder``, which is replaced whole."""
+        from vizcnn.render.grid import occlusion_map_png
+
+        folder = Path(folder)
+        tensors = {name: getattr(self, name) for name in
+                   ("prob", "label", "activation", "positions", "target", "clean_prob",
+                    "clean_label", "clean_activation", "channel")}
+        with atomic_path(folder) as staging:
+            staging.mkdir()
+            torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v
+                        for k, v in tensors.items()}, staging / "maps.pt")
+            for n in range(len(self.prob)):
+                occlusion_map_png(self.prob[n], staging / f"prob_{n}.png", low=0.0, high=1.0)
+                occlusion_map_png(self.label[n], staging / f"label_{n}.png", categorical=True)
+                if self.activation is not None:
+                    occlusion_map_png(self.activation[n], staging / f"activation_{n}.png")
+            manifest = {
+                "window": list(self.window), "stride": list(self.stride),
+                "grid": list(self.prob.shape[1:]), "engine": self.engine,
+                "engine_note": self.engine_note, "layer": self.layer,
+                "channel": None if self.channel is None else self.channel.tolist(),
+                "target": self.target.tolist(), "clean_prob": self.clean_prob.tolist(),
+                "clean_label": self.clean_label.tolist(), "approx": self.approx,
+                "max_deviation": self.max_deviation, "checked": self.checked,
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return folder
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair) or min(pair) < 1:
+        raise BadArgument(f"{what} must be a positive integer or two (H W), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def grid_positions(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+                   ) -> tuple[list[int], list[int]]:
+    """The occluder's top-left corners per axis: ``range(0, H - window + 1, stride)``."""
+    if window[0] > size[0] or window[1] > size[1]:
+        raise BadArgument(f"window {window[0]}x{window[1]} is larger than the image "
+                          f"{size[0]}x{size[1]}", "use a smaller --window")
+    return (list(range(0, size[0] - window[0] + 1, stride[0])),
+            list(range(0, size[1] - window[1] + 1, stride[1])))
+
+
+def _fill_tensor(fill: Any, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 1) fill values in the model's input space (normalised)."""
+    if fill is None:
+        fill = 0.0
+    values = torch.as_tensor(fill, dtype=like.dtype, device=like.device).flatten()
+    if values.numel() not in (1, channels) or not torch.isfinite(values).all():
+        raise BadArgument(f"fill must be one number or one per channel ({channels}), "
+                          f"got {fill!r}")
+    return values.expand(channels).reshape(channels, 1, 1).clone()
+
+
+# --------------------------------------------------------------------------- incremental engine
+
+
+@dataclass
+class _Patched:
+    """A batch of feature maps that equal ``clean`` (1, C, H, W) except in one box each:
+    ``values`` (B, C, h, w) at top-left ``start`` (B, 2), inside the map."""
+
+    clean: torch.Tensor
+    values: torch.Tensor
+    start: torch.Tensor
+
+    def full(self) -> torch.Tensor:
+        """(B, C, H, W): the clean map with each box pasted in."""
+        out = self.clean.expand(len(self.values), *self.clean.shape[1:]).clone()
+        paste_batch(self.values, self.start, (0, 0), out, add=False)
+        return out
+
+    def crop(self, start: torch.Tensor, length: tuple[int, int], fill: float) -> torch.Tensor:
+        """(B, C, *length) at ``start`` (B, 2): clean values, the box pasted over them, and
+        ``fill`` outside the map."""
+        rows = torch.zeros(len(start), dtype=torch.long, device=start.device)
+        out = crop_batch(self.clean, rows, start, length, fill)
+        paste_batch(self.values, self.start - start, (0, 0), out, add=False)
+        return out
+
+
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
+              nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d,
+              nn.Identity, nn.LocalResponseNorm)
+_ADD = {operator.add, operator.iadd, torch.add}
+_RELU = {F.relu, torch.relu, torch.relu_}
+
+
+def _geometry(module: nn.Module) -> tuple[str, tuple, tuple, tuple, tuple] | None:
+    """(kind, kernel, stride, padding, dilation) of a conv or pool the engine can crop."""
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return "conv", module.kernel_size, module.stride, module.padding, module.dilation
+    if isinstance(module, nn.MaxPool2d):
+        return ("max", pair(module.kernel_size), pair(module.stride or module.kernel_size),
+                pair(module.padding), pair(module.dilation))
+    if isinstance(module, nn.AvgPool2d):
+        if (not module.count_include_pad and pair(module.padding) != (0, 0)) or \
+                module.divisor_override is not None:
+            return None
+        return ("avg", pair(module.kernel_size), pair(module.stride or module.kernel_size),
+                pair(module.padding), (1, 1))
+    return None
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the traced model on the clean image and keeps a clone of every node's value
+    (clones: a later in-place op must not change what we keep)."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule):
+        super().__init__(graph_module)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        value = super().run_node(node)
+        self.values[node] = value.clone() if isinstance(value, torch.Tensor) else value
+        return value
+
+
+class _Incremental(torch.fx.Interpreter):
+    """Runs the traced model on a batch of occluders, recomputing only changed regions.
+
+    ``clean`` holds the clean image's value of every node; ``cap`` is the approximate mode's
+    largest region side as a fraction of the map's (None: exact); ``layer_node`` is the node
+    whose channel total is recorded in ``activation``."""
+
+    def __init__(self, graph_module, clean, cap: float | None, layer_node, channel: int | None):
+        super().__init__(graph_module)
+        self.clean = clean
+        self.cap = cap
+        self.layer_node = layer_node
+        self.channel = channel
+        self.activation: torch.Tensor | None = None
+        self.node: torch.fx.Node | None = None
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        self.node = node
+        value = super().run_node(node)
+        if node is self.layer_node:
+            self.activation = _channel_total(value, self.clean[node], self.channel)
+        return value
+
+    # ------------------------------------------------------------------ calls
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        patched = [a for a in args if isinstance(a, _Patched)]
+        if patched and len(args) == 1 and not kwargs:
+            source = args[0]
+            geometry = _geometry(module)
+            if geometry is not None:
+                return self._spatial(module, geometry, source)
+            if isinstance(module, _POINTWISE):
+                return self._pointwise(source, module)
+            if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and \
+                    self.clean[self.node].shape == source.clean.shape:
+                return _Patched(self.clean[self.node], source.values, source.start)
+        return super().call_module(target, _materialised(args), _materialised(kwargs))
+
+    def call_function(self, target, args, kwargs):
+        if any(isinstance(a, _Patched) for a in args):
+            if target in _ADD and len(args) == 2 and not kwargs:
+                return self._add(*args)
+            if target in _RELU and len(args) == 1:
+                return self._pointwise(args[0], F.relu)
+        return super().call_function(target, _materialised(args), _materialised(kwargs))
+
+    def call_method(self, target, args, kwargs):
+        if isinstance(args[0], _Patched):
+            if target in ("add", "add_", "__add__", "__iadd__") and len(args) == 2 \
+                    and not kwargs:
+                return self._add(*args)
+            if target in ("relu", "relu_") and len(args) == 1:
+                return self._pointwise(args[0], F.relu)
+        return super().call_method(target, _materialised(args), _materialised(kwargs))
+
+    # ------------------------------------------------------------------ rules
+
+    def _pointwise(self, source: _Patched, function) -> _Patched:
+        values = source.values
+        if getattr(function, "inplace", False):
+            values = values.clone()  # never write into a value another node may read
+        return _Patched(self.clean[self.node], function(values), source.start)
+
+    def _spatial(self, module, geometry, source: _Patched) -> _Patched:
+        """A conv or pool: the outputs whose windows touch the changed box, from the input
+        around them (padded as the layer pads), without padding."""
+        kind, kernel, stride, padding, dilation = geometry
+        clean_out = self.clean[self.node]
+        out_size = clean_out.shape[-2:]
+        length, in_length, starts = [], [], []
+        for axis in range(2):
+            first = source.start[:, axis]
+            last = first + source.values.shape[2 + axis] - 1
+            reach = dilation[axis] * (kernel[axis] - 1)
+            low = torch.div(first + padding[axis] - reach + stride[axis] - 1, stride[axis],
+                            rounding_mode="floor").clamp(0, out_size[axis] - 1)
+            high = torch.div(last + padding[axis], stride[axis],
+                             rounding_mode="floor").clamp(0, out_size[axis] - 1)
+            size = max(1, min(int((high - low).max()) + 1, out_size[axis]))
+            if self.cap is not None:
+                size = min(size, max(1, math.ceil(self.cap * out_size[axis])))
+                low = torch.div(low + high + 1 - size, 2, rounding_mode="floor")
+            start = low.clamp(0, out_size[axis] - size)
+            length.append(size)
+            starts.append(start)
+            in_length.append((size - 1) * stride[axis] + reach + 1)
+        start = torch.stack(starts, dim=1)
+        in_start = start * torch.tensor(stride, device=start.device) - torch.tensor(
+            padding, device=start.device)
+        fill = float("-inf") if kind == "max" else 0.0
+        crops = source.crop(in_start, tuple(in_length), fill)
+        if kind == "conv":
+            values = F.conv2d(crops, module.weight, module.bias, module.stride, 0,
+                              module.dilation, module.groups)
+        elif kind == "max":
+            values = F.max_pool2d(crops, kernel, stride, 0, dilation)
+        else:
+            values = F.avg_pool2d(crops, kernel, stride, 0, count_include_pad=True)
+        return _Patched(clean_out, values, start)
+
+    def _add(self, a: Any, b: Any) -> Any:
+        if not (isinstance(a, _Patched) and isinstance(b, _Patched)):
+            if isinstance(b, (int, float)) or isinstance(a, (int, float)):
+                scalar, source = (b, a) if isinstance(b, (int, float)) else (a, b)
+                return _Patched(self.clean[self.node], source.values + scalar, source.start)
+            return _materialised(a) + _materialised(b)
+        size = a.clean.shape[-2:]
+        first = torch.minimum(a.start, b.start)
+        ends = torch.maximum(a.start + torch.tensor(a.values.shape[-2:], device=a.start.device),
+                             b.start + torch.tensor(b.values.shape[-2:], device=b.start.device))
+        length = tuple(min(int((ends - first)[:, axis].max()), size[axis]) for axis in range(2))
+        start = torch.stack([first[:, axis].clamp(0, size[axis] - length[axis])
+                             for axis in range(2)], dim=1)
+        values = a.crop(start, length, 0.0) + b.crop(start, length, 0.0)
+        return _Patched(self.clean[self.node], values, start)
+
+
+def _materialised(value: Any) -> Any:
+    """Full tensors in place of every ``_Patched`` in a (nested) argument."""
+    if isinstance(value, _Patched):
+        return value.full()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_materialised(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialised(v) for k, v in value.items()}
+    return value
+
+
+def _channel_total(value: Any, clean: torch.Tensor, channel: int) -> torch.Tensor:
+    """(B,) total of one channel, float64; for a patched map: the clean total corrected by
+    the box."""
+    if isinstance(value, _Patched):
+        rows = torch.zeros(len(value.start), dtype=torch.long, device=value.start.device)
+        before = crop_batch(clean, rows, value.start, tuple(value.values.shape[-2:]))
+        change = (value.values[:, channel].double().sum((1, 2))
+                  - before[:, channel].double().sum((1, 2)))
+        return clean[0, channel].double().sum() + change
+    return value[:, channel].double().sum((1, 2))
+
+
+def _layer_node(graph_module: torch.fx.GraphModule, layer: str | None) -> torch.fx.Node | None:
+    """The node that gives ``layer``'s output at its last call (as ``capture`` keeps the last
+    call): the layer's own node for a leaf module, else the last node traced inside the
+    container (fx records each node's module scope in ``nn_module_stack``)."""
+    if layer is None:
+        return None
+    nodes = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == layer]
+    if not nodes:
+        nodes = [n for n in graph_module.graph.nodes
+                 if layer in {key.split("@")[0] for key in n.meta.get("nn_module_stack", {})}]
+    return nodes[-1] if nodes else None
+
+
+def _trace(model: nn.Module, layer: str | None) -> tuple[torch.fx.GraphModule | None, str]:
+    """The model's fx graph, or None with the reason the incremental engine cannot run."""
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: run naively
+        return None, f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__})"
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None, "the model's forward takes more than one input"
+    if layer is not None and _layer_node(graph_module, layer) is None:
+        return None, f"layer {layer!r} is not a module call in the traced graph"
+    return graph_module, ""
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def occlusion(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    window: int | Sequence[int],
+    stride: int | Sequence[int],
+    fill: float | Sequence[float] | None = None,
+    target: int | Sequence[int] | None = None,
+    layer: str | None = None,
+    channel: int | None = None,
+    batch_size: int = 64,
+    approx: bool | float = False,
+    engine: str = "auto",
+    progress: bool = True,
+) -> OcclusionMaps:
+    """Slide an occluder over each image and record what changes (Zeiler & Fergus Fig. 7).
+
+    Args:
+        model: a classifier; it is left as it was (modes, flags, no hooks).
+        x: (N, C, H, W) model input (normalised).
+        window: occluder side, or (h, w).
+        stride: step between positions, or (y, x).
+        fill: the occluder's value in the normalised input, one number or one per channel;
+            default 0, the data set's mean (gray).
+        target: the class whose probability is mapped, per image or one for all; default: the
+            class predicted for the clean image.
+        layer: a layer with feature maps, for the activation map (panel b).
+        channel: the feature map; default: the strongest one of the clean image (largest
+            activation), reported in ``channel``.
+        batch_size: occluded positions computed at once.
+        approx: False (exact), True (cap the changed region at half of each map's side) or a
+            fraction in (0, 1].
+        engine: "auto" (incremental where the model can be traced), "incremental" or "naive".
+        progress: show a tqdm bar over the positions.
+
+    Returns:
+        ``OcclusionMaps``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise BadArgument("expected an image batch (N, C, H, W)",
+                          "use vizcnn.preprocess(model, image) first")
+    window, stride = _pair(window, "window"), _pair(stride, "stride")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+    cap = _approx_fraction(approx)
+    if engine not in ("auto", "incremental", "naive"):
+        raise BadArgument(f"engine must be auto, incremental or naive, not {engine!r}")
+    if cap is not None and engine == "naive":
+        raise BadArgument("the approximate mode needs the incremental engine")
+    tops, lefts = grid_positions(tuple(x.shape[-2:]), window, stride)
+    if layer is not None:
+        resolve_layer(model, layer)
+    x = x.to(model_device(model))
+    fill_values = _fill_tensor(fill, x.shape[1], x)
+    positions = torch.tensor([[(t, left) for left in lefts] for t in tops], device=x.device)
+    flat = positions.view(-1, 2)
+    with preserved_state(model, eval_mode=True), torch.no_grad():
+        clean_logits, clean_maps = _clean_pass(model, x, layer)
+        classes = clean_logits.shape[1]
+        targets = _targets(target, clean_logits, classes)
+        channels = _channels(channel, clean_maps, layer)
+        graph_module, note = (None, "engine='naive' was asked for") if engine == "naive" \
+            else _trace(model, layer)
+        if graph_module is None and engine == "incremental":
+            raise BadArgument(f"the incremental engine cannot run: {note}",
+                              "use engine='naive' or 'auto'")
+        if graph_module is None and cap is not None:
+            raise BadArgument(f"the approximate mode cannot run: {note}")
+        bar = tqdm(total=len(x) * len(flat), desc="occlusion", unit="pos", disable=not progress)
+        probs, labels, totals = [], [], []
+        try:
+            for n in range(len(x)):
+                run = (_IncrementalRun(graph_module, x[n:n + 1], layer, channels, n)
+                       if graph_module is not None else None)
+                image_probs, image_labels, image_totals = [], [], []
+                for begin in range(0, len(flat), batch_size):
+                    corners = flat[begin:begin + batch_size]
+                    if run is not None:
+                        logits, total = run(corners, window, fill_values, cap)
+                    else:
+                        logits, total = _naive(model, x[n], corners, window, fill_values, layer,
+                                               None if channels is None else int(channels[n]))
+                    p = torch.softmax(logits.float(), dim=1)
+                    image_probs.append(p[:, targets[n]])
+                    image_labels.append(p.argmax(dim=1))
+                    if total is not None:
+                        image_totals.append(total)
+                    bar.update(len(corners))
+                shape = positions.shape[:2]
+                probs.append(torch.cat(image_probs).view(shape))
+                labels.append(torch.cat(image_labels).view(shape))
+                if image_totals:
+                    totals.append(torch.cat(image_totals).view(shape))
+        finally:
+            bar.close()
+        clean_p = torch.softmax(clean_logits.float(), dim=1)
+        maps = OcclusionMaps(
+            prob=torch.stack(probs), label=torch.stack(labels),
+            activation=torch.stack(totals) if totals else None, positions=positions,
+            window=window, stride=stride, target=targets,
+            clean_prob=clean_p[torch.arange(len(x)), targets], clean_label=clean_p.argmax(1),
+            clean_activation=(None if clean_maps is None else
+                              clean_maps[torch.arange(len(x)), channels].double().sum((1, 2))),
+            layer=layer, channel=channels,
+            engine="incremental" if graph_module is not None else "naive", engine_note=note,
+            approx=cap)
+        if cap is not None:
+            maps = _check_approximation(maps, model, x, graph_module, fill_values, batch_size)
+    return maps
+
+
+class _IncrementalRun:
+    """The clean pass of one image through the traced graph, then batches of occluders."""
+
+    def __init__(self, graph_module, image, layer, channels, n):
+        recorder = _Recorder(graph_module)
+        recorder.run(image)
+        self.graph_module = graph_module
+        self.clean = recorder.values
+        self.image = image
+        self.layer_node = _layer_node(graph_module, layer)
+        self.channel = None if channels is None else int(channels[n])
+
+    def __call__(self, corners, window, fill_values, cap):
+        channels = self.image.shape[1]
+        occluder = fill_values.expand(channels, *window).unsqueeze(0)
+        source = _Patched(self.image, occluder.expand(len(corners), channels, *window), corners)
+        interpreter = _Incremental(self.graph_module, self.clean, cap, self.layer_node,
+                                   self.channel)
+        output = interpreter.run(source)
+        logits = _materialised(output)
+        return logits, interpreter.activation
+
+
+def _clean_pass(model, x, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (N, K) of the clean images and the layer's maps (N, C, h, w) if a layer is
+    given."""
+    if layer is None:
+        logits = run_forward(model, x)
+        maps = None
+    else:
+        with capture(model, [layer]) as captured:
+            logits = run_forward(model, x)
+        maps = captured[layer]
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
+            raise BadArgument(f"layer {layer!r} has no spatial output (its output is "
+                              f"{tuple(getattr(maps, 'shape', ()))})",
+                              "pick a conv or pool layer")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise BadArgument("occlusion needs a classifier: the model's output must be (N, "
+                          f"classes), not {tuple(getattr(logits, 'shape', ()))}")
+    return logits, maps
+
+
+def _targets(target, logits: torch.Tensor, classes: int) -> torch.Tensor:
+    if target is None:
+        return logits.argmax(dim=1)
+    values = torch.as_tensor(target, dtype=torch.long, device=logits.device).flatten()
+    values = values.expand(len(logits)) if values.numel() == 1 else values
+    if len(values) != len(logits):
+        raise BadArgument(f"{len(values)} targets for {len(logits)} images")
+    bad = values[(values < 0) | (values >= classes)]
+    if len(bad):
+        raise BadArgument(f"target class {int(bad[0])} out of range: the model has {classes} "
+                          f"classes (0-{classes - 1})")
+    return values
+
+
+def _channels(channel, maps: torch.Tensor | None, layer) -> torch.Tensor | None:
+    if maps is None:
+        if channel is not None:
+            raise BadArgument("a channel needs a layer", "give --layer too")
+        return None
+    count = maps.shape[1]
+    if channel is None:  # the strongest feature map of each clean image
+        return maps.amax(dim=(2, 3)).argmax(dim=1)
+    if not isinstance(channel, int) or not 0 <= channel < count:
+        raise BadArgument(f"channel {channel} out of range: {layer!r} has {count} channels "
+                          f"(0-{count - 1})")
+    return torch.full((len(maps),), channel, dtype=torch.long, device=maps.device)
+
+
+def _naive(model, image, corners, window, fill_values, layer, channel):
+    """Occluded copies of one image through the whole model: logits (B, K), totals (B,)."""
+    batch = image.expand(len(corners), *image.shape).clone()
+    for b, (top, left) in enumerate(corners.tolist()):
+        batch[b, :, top:top + window[0], left:left + window[1]] = fill_values
+    if layer is None:
+        return run_forward(model, batch), None
+    with capture(model, [layer]) as captured:
+        logits = run_forward(model, batch)
+    return logits, captured[layer][:, channel].double().sum((1, 2))
+
+
+def _approx_fraction(approx: bool | float) -> float | None:
+    if approx is False or approx is None:
+        return None
+    if approx is True:
+        return DEFAULT_APPROX
+    if not isinstance(approx, (int, float)) or not 0 < approx <= 1:
+        raise BadArgument(f"approx must be True, False or a fraction in (0, 1], got {approx!r}")
+    return float(approx)
+
+
+def _check_approximation(maps: OcclusionMaps, model, x, graph_module, fill_values,
+                         batch_size) -> OcclusionMaps:
+    """Re-run a sample of positions exactly (evenly spread, plus each image's lowest
+    probability) and record the largest deviation of the approximate probabilities."""
+    from dataclasses import replace
+
+    flat = maps.positions.view(-1, 2)
+    count = len(flat)
+    worst = 0.0
+    checked = 0
+    for n in range(len(x)):
+        picks = torch.linspace(0, count - 1, min(_CHECKED, count)).round().long()
+        picks = torch.unique(torch.cat([picks, maps.prob[n].flatten().argmin().view(1).cpu()]))
+        run = _IncrementalRun(graph_module, x[n:n + 1], maps.layer, maps.channel, n)
+        exact = []
+        for begin in range(0, len(picks), batch_size):
+            logits, _ = run(flat[picks[begin:begin + batch_size]], maps.window, fill_values,
+                            None)
+            exact.append(torch.softmax(logits.float(), dim=1)[:, maps.target[n]])
+        approx = maps.prob[n].flatten()[picks.to(maps.prob.device)]
+        worst = max(worst, float((approx - torch.cat(exact)).abs().max()))
+        checked += len(picks)
+    return replace(maps, max_deviation=worst, checked=checked)
