@@ -113,17 +113,34 @@ def test_the_occluder_that_hurts_most_covers_the_shape():
     assert hits >= 90
 
 
-def test_approximate_mode_reports_its_deviation(alexnet):
+def test_approximate_modes_report_their_deviation(alexnet):
     model = sharpened(alexnet, "classifier.6", 300.0)
     torch.manual_seed(6)
     x = torch.randn(1, 3, 112, 112)
-    exact = occlusion(model, x, window=16, stride=12, progress=False)
-    approx = occlusion(model, x, window=16, stride=12, approx=0.3, progress=False)
-    assert approx.approx == 0.3 and approx.checked >= 16
-    deviation = (approx.prob - exact.prob).abs()
+    exact = occlusion(model, x, window=16, stride=8, progress=False)
+    capped = occlusion(model, x, window=16, stride=8, approx=0.3, progress=False)
+    assert capped.approx == 0.3 and capped.checked >= 16
+    deviation = (capped.prob - exact.prob).abs()
     # the reported deviation is the true one on the positions it checked: a lower bound
-    assert 0 <= approx.max_deviation <= deviation.max() + 1e-6
+    assert 0 <= capped.max_deviation <= deviation.max() + 1e-6
     assert deviation.max() > 0  # the cap does drop changes here: approximate, not exact
+    drilled = occlusion(model, x, window=16, stride=8, approx=True, progress=False)
+    assert drilled.approx is None and drilled.computed < exact.prob.numel()
+    # the positions of the coarse grid are exact
+    assert torch.allclose(drilled.prob[0, ::2, ::2], exact.prob[0, ::2, ::2], atol=1e-5)
+
+
+def test_drill_down_on_the_demo_finds_the_shape():
+    """On the demo's clean maps the drill-down computes far fewer positions and keeps the
+    lowest-probability position on the shape."""
+    model = vizcnn.load_model("demo")
+    dataset = ShapesDataset(10, seed=HELD_OUT_SEED)
+    samples = [dataset.render(i) for i in range(10)]
+    x = torch.cat([vizcnn.preprocess(model, s.image) for s in samples])
+    exact = occlusion(model, x, window=16, stride=2, progress=False)
+    approx = occlusion(model, x, window=16, stride=2, approx=True, progress=False)
+    assert approx.computed < 0.6 * exact.prob.numel()
+    assert (approx.prob - exact.prob).abs().mean() < 0.02
 
 
 def test_save_writes_arrays_pngs_and_manifest(tmp_path):

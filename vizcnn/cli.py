@@ -248,6 +248,59 @@ def _topk(args: argparse.Namespace) -> None:
         print(f"wrote {out / name}")
 
 
+def _class_index(model, spec: str | None) -> int | None:
+    """--target: a class index, or a class name the model knows (the demo's shapes)."""
+    from vizcnn.errors import BadArgument
+
+    if spec is None:
+        return None
+    if spec.lstrip("-").isdigit():
+        return int(spec)
+    names = list(getattr(model, "vizcnn_classes", None) or [])
+    if spec in names:
+        return names.index(spec)
+    known = f"known classes: {', '.join(names)}" if names else "give a class index"
+    raise BadArgument(f"unknown class {spec!r}", known)
+
+
+def _occlusion(args: argparse.Namespace) -> None:
+    from vizcnn.deconv import Deconvnet
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess, preprocessing_for
+    from vizcnn.probes.occlusion import occlusion
+    from vizcnn.render.figures import occlusion_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    x = preprocess(model, _image(args.image))
+    maps = occlusion(model, x, window=args.window, stride=args.stride,
+                     target=_class_index(model, args.target), layer=args.layer,
+                     channel=args.channel, approx=args.approx or False, engine=args.engine)
+    names = getattr(model, "vizcnn_classes", None)
+    clean, target = int(maps.clean_label[0]), int(maps.target[0])
+
+    def name(index: int) -> str:
+        return names[index] if names and index < len(names) else str(index)
+
+    print(f"clean image: {name(clean)} ({float(maps.clean_prob[0]):.3f} for {name(target)}); "
+          f"{maps.prob.shape[1]}x{maps.prob.shape[2]} positions, engine {maps.engine}"
+          + (f" ({maps.engine_note})" if maps.engine_note else ""))
+    worst = int(maps.prob[0].flatten().argmin())
+    top, left = maps.positions.view(-1, 2)[worst].tolist()
+    print(f"lowest p({name(target)}) = {float(maps.prob[0].flatten()[worst]):.3f} with the "
+          f"occluder at y={top}, x={left}")
+    if maps.max_deviation is not None:
+        print(f"approximate: largest deviation {maps.max_deviation:.2e} from exact on "
+              f"{maps.checked} re-checked positions")
+    projections = None
+    if maps.layer is not None:
+        projections = Deconvnet(model).project(x, maps.layer, int(maps.channel[0]))
+    steps = preprocessing_for(model)
+    fig = occlusion_figure(x, maps, projections=projections, classes=names,
+                           mean=steps.mean if steps else None, std=steps.std if steps else None)
+    print(f"wrote {save_figure(fig, args.out)}")
+
+
 def _train_demo(args: argparse.Namespace) -> None:
     from vizcnn.train import train_demo
 
@@ -329,6 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument("--out", required=True, help="output folder: topk/ (the saved scan) and "
                       "fig2_<layer>.<format>")
     topk.set_defaults(run=_topk)
+
+    occ = commands.add_parser("occlusion", help="slide an occluder over an image: class "
+                              "probability, label and feature-map activation maps (Fig. 7)")
+    _add_model_options(occ)
+    occ.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    occ.add_argument("--window", type=int, default=16, help="occluder side in pixels (16)")
+    occ.add_argument("--stride", type=int, default=4, help="step between positions (4)")
+    occ.add_argument("--target", metavar="CLASS", help="class index or name (default: the "
+                     "clean image's prediction)")
+    occ.add_argument("--layer", metavar="L", help="layer for the activation map (panel b)")
+    occ.add_argument("--channel", type=int, metavar="C", help="feature map of --layer "
+                     "(default: the strongest in the clean image)")
+    occ.add_argument("--approx", nargs="?", type=float, const=True, metavar="FRACTION",
+                     help="approximate: adaptive drill-down (refine only where the coarse map "
+                     "changes); with a FRACTION also cap the recomputed region at that "
+                     "fraction of each map's side")
+    occ.add_argument("--engine", default="auto", choices=["auto", "incremental", "naive"])
+    occ.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    occ.set_defaults(run=_occlusion)
 
     demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")

@@ -18,10 +18,12 @@ Two engines give the same numbers:
 - **naive**: occluded copies of the image through the whole model, in batches. Used where the
   model cannot be traced, and as the reference.
 
-``approx=True`` (or a fraction) caps the changed region at that fraction of each map's side
-(Krypton's projective-field threshold, default 0.5): changes further out are dropped, which
-is faster and approximate; the result reports the largest deviation from the exact
-probabilities on a sample of positions it re-checks exactly.
+The approximate mode (opt-in) follows Krypton's two ideas. ``approx=True`` is the adaptive
+drill-down: compute every second row and column of the grid exactly, then only the cells whose
+corners disagree (probabilities more than 0.05 apart, or different labels), and interpolate
+the rest. ``approx=τ`` (a fraction) also caps the recomputed region at τ of each map's side
+(the projective-field threshold): changes further out are dropped. The result reports the
+largest deviation from the exact probabilities on a sample of positions it re-checks.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from vizcnn.hooks import capture, model_device, preserved_state, run_forward
 from vizcnn.io import atomic_path
 from vizcnn.layers import resolve_layer
 
-DEFAULT_APPROX = 0.5  # Krypton's projective-field threshold, as a fraction of the map side
+DRILL_FACTOR = 2  # approximate mode: the coarse grid takes every 2nd row and column
+DRILL_TOLERANCE = 0.05  # ... and refines cells whose corner probabilities differ more
 _CHECKED = 16  # positions re-checked exactly in approximate mode
 
 
@@ -68,8 +71,10 @@ class OcclusionMaps:
         layer: the feature maps' layer, or None.
         channel: (N,) the feature map per image (chosen as the strongest when not given).
         engine: "incremental" or "naive"; engine_note says why naive was used.
+        approx: the region cap of the approximate mode (None: no cap).
         max_deviation: approximate mode only: the largest |prob - exact prob| over the
             re-checked positions (and their count in ``checked``).
+        computed: positions actually computed (fewer than the grid's in approximate mode).
     """
 
     prob: torch.Tensor
@@ -89,6 +94,7 @@ class OcclusionMaps:
     approx: float | None = None
     max_deviation: float | None = None
     checked: int = 0
+    computed: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -404,7 +410,7 @@ def occlusion(
     target: int | Sequence[int] | None = None,
     layer: str | None = None,
     channel: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     approx: bool | float = False,
     engine: str = "auto",
     progress: bool = True,
@@ -424,8 +430,8 @@ def occlusion(
         channel: the feature map; default: the strongest one of the clean image (largest
             activation), reported in ``channel``.
         batch_size: occluded positions computed at once.
-        approx: False (exact), True (cap the changed region at half of each map's side) or a
-            fraction in (0, 1].
+        approx: False (exact), True (adaptive drill-down) or a fraction in (0, 1] (drill-down
+            and the region cap at that fraction of each map's side); see the module's text.
         engine: "auto" (incremental where the model can be traced), "incremental" or "naive".
         progress: show a tqdm bar over the positions.
 
@@ -438,10 +444,10 @@ def occlusion(
     window, stride = _pair(window, "window"), _pair(stride, "stride")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
-    cap = _approx_fraction(approx)
+    drill_down, cap = _approx_settings(approx)
     if engine not in ("auto", "incremental", "naive"):
         raise BadArgument(f"engine must be auto, incremental or naive, not {engine!r}")
-    if cap is not None and engine == "naive":
+    if drill_down and engine == "naive":
         raise BadArgument("the approximate mode needs the incremental engine")
     tops, lefts = grid_positions(tuple(x.shape[-2:]), window, stride)
     if layer is not None:
@@ -460,33 +466,50 @@ def occlusion(
         if graph_module is None and engine == "incremental":
             raise BadArgument(f"the incremental engine cannot run: {note}",
                               "use engine='naive' or 'auto'")
-        if graph_module is None and cap is not None:
+        if graph_module is None and drill_down:
             raise BadArgument(f"the approximate mode cannot run: {note}")
         bar = tqdm(total=len(x) * len(flat), desc="occlusion", unit="pos", disable=not progress)
         probs, labels, totals = [], [], []
+        computed = 0
         try:
             for n in range(len(x)):
                 run = (_IncrementalRun(graph_module, x[n:n + 1], layer, channels, n)
                        if graph_module is not None else None)
-                image_probs, image_labels, image_totals = [], [], []
-                for begin in range(0, len(flat), batch_size):
-                    corners = flat[begin:begin + batch_size]
-                    if run is not None:
-                        logits, total = run(corners, window, fill_values, cap)
-                    else:
-                        logits, total = _naive(model, x[n], corners, window, fill_values, layer,
-                                               None if channels is None else int(channels[n]))
-                    p = torch.softmax(logits.float(), dim=1)
-                    image_probs.append(p[:, targets[n]])
-                    image_labels.append(p.argmax(dim=1))
-                    if total is not None:
-                        image_totals.append(total)
-                    bar.update(len(corners))
+
+                def evaluate(indices: torch.Tensor, n=n, run=run):
+                    """Exact (or capped) values at the given flat positions: prob, label,
+                    total (or None)."""
+                    out_probs, out_labels, out_totals = [], [], []
+                    for begin in range(0, len(indices), batch_size):
+                        corners = flat[indices[begin:begin + batch_size]]
+                        if run is not None:
+                            logits, total = run(corners, window, fill_values, cap)
+                        else:
+                            logits, total = _naive(model, x[n], corners, window, fill_values,
+                                                   layer, None if channels is None
+                                                   else int(channels[n]))
+                        p = torch.softmax(logits.float(), dim=1)
+                        out_probs.append(p[:, targets[n]])
+                        out_labels.append(p.argmax(dim=1))
+                        if total is not None:
+                            out_totals.append(total)
+                        bar.update(len(corners))
+                    return (torch.cat(out_probs), torch.cat(out_labels),
+                            torch.cat(out_totals) if out_totals else None)
+
                 shape = positions.shape[:2]
-                probs.append(torch.cat(image_probs).view(shape))
-                labels.append(torch.cat(image_labels).view(shape))
-                if image_totals:
-                    totals.append(torch.cat(image_totals).view(shape))
+                if drill_down:
+                    prob, label, total, count = _drill_down(evaluate, shape, DRILL_FACTOR,
+                                                            DRILL_TOLERANCE, x.device)
+                    bar.update(len(flat) - count)
+                else:
+                    prob, label, total = evaluate(torch.arange(len(flat), device=x.device))
+                    count = len(flat)
+                computed += count
+                probs.append(prob.view(shape))
+                labels.append(label.view(shape))
+                if total is not None:
+                    totals.append(total.view(shape))
         finally:
             bar.close()
         clean_p = torch.softmax(clean_logits.float(), dim=1)
@@ -499,9 +522,9 @@ def occlusion(
                               clean_maps[torch.arange(len(x)), channels].double().sum((1, 2))),
             layer=layer, channel=channels,
             engine="incremental" if graph_module is not None else "naive", engine_note=note,
-            approx=cap)
-        if cap is not None:
-            maps = _check_approximation(maps, model, x, graph_module, fill_values, batch_size)
+            approx=cap, computed=computed)
+        if drill_down:
+            maps = _check_approximation(maps, x, graph_module, fill_values, batch_size)
     return maps
 
 
@@ -588,17 +611,77 @@ def _naive(model, image, corners, window, fill_values, layer, channel):
     return logits, captured[layer][:, channel].double().sum((1, 2))
 
 
-def _approx_fraction(approx: bool | float) -> float | None:
+def _approx_settings(approx: bool | float) -> tuple[bool, float | None]:
+    """(drill down?, region cap) from the ``approx`` argument."""
     if approx is False or approx is None:
-        return None
+        return False, None
     if approx is True:
-        return DEFAULT_APPROX
+        return True, None
     if not isinstance(approx, (int, float)) or not 0 < approx <= 1:
         raise BadArgument(f"approx must be True, False or a fraction in (0, 1], got {approx!r}")
-    return float(approx)
+    return True, float(approx)
 
 
-def _check_approximation(maps: OcclusionMaps, model, x, graph_module, fill_values,
+def _drill_down(evaluate, shape: tuple[int, int], factor: int, tolerance: float, device):
+    """Krypton's adaptive drill-down: compute every ``factor``-th row and column of the grid
+    (and the last ones), then, in each coarse cell, compute the positions inside exactly only
+    where the cell's corners disagree (probabilities more than ``tolerance`` apart, or
+    different labels); elsewhere interpolate bilinearly (the label: the corners' label).
+
+    Returns prob, label, total (flat, or None) and how many positions were computed."""
+    rows = sorted(set(range(0, shape[0], factor)) | {shape[0] - 1})
+    cols = sorted(set(range(0, shape[1], factor)) | {shape[1] - 1})
+    known = torch.zeros(shape, dtype=torch.bool, device=device)
+    known[torch.tensor(rows, device=device)[:, None], torch.tensor(cols, device=device)] = True
+    prob = torch.zeros(shape, device=device)
+    label = torch.zeros(shape, dtype=torch.long, device=device)
+    total = None
+
+    def fill(indices: torch.Tensor) -> None:
+        nonlocal total
+        if len(indices) == 0:
+            return
+        values = evaluate(indices)
+        prob.view(-1)[indices], label.view(-1)[indices] = values[0], values[1]
+        if values[2] is not None:
+            if total is None:
+                total = torch.zeros(shape, dtype=torch.float64, device=device)
+            total.view(-1)[indices] = values[2]
+
+    fill(known.flatten().nonzero().flatten())
+    exact = known.clone()
+    refine = torch.zeros(shape, dtype=torch.bool, device=device)
+    for top, bottom in zip(rows, rows[1:], strict=False):
+        for left, right in zip(cols, cols[1:], strict=False):
+            corners = [(top, left), (top, right), (bottom, left), (bottom, right)]
+            p = torch.stack([prob[c] for c in corners])
+            same_label = len({int(label[c]) for c in corners}) == 1
+            if not same_label or float(p.max() - p.min()) > tolerance:
+                refine[top:bottom + 1, left:right + 1] = True
+    refine &= ~known
+    fill(refine.flatten().nonzero().flatten())
+    exact |= refine
+    for top, bottom in zip(rows, rows[1:], strict=False):
+        for left, right in zip(cols, cols[1:], strict=False):
+            for y in range(top, bottom + 1):
+                for x in range(left, right + 1):
+                    if exact[y, x]:
+                        continue
+                    wy = (y - top) / (bottom - top)
+                    wx = (x - left) / (right - left)
+                    weights = [(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx]
+                    corners = [(top, left), (top, right), (bottom, left), (bottom, right)]
+                    prob[y, x] = sum(w * prob[c] for w, c in zip(weights, corners, strict=True))
+                    label[y, x] = label[top, left]
+                    if total is not None:
+                        total[y, x] = sum(w * total[c]
+                                          for w, c in zip(weights, corners, strict=True))
+                    exact[y, x] = True
+    count = int(known.sum() + refine.sum())
+    return prob.flatten(), label.flatten(), None if total is None else total.flatten(), count
+
+
+def _check_approximation(maps: OcclusionMaps, x, graph_module, fill_values,
                          batch_size) -> OcclusionMaps:
     """Re-run a sample of positions exactly (evenly spread, plus each image's lowest
     probability) and record the largest deviation of the approximate probabilities."""

@@ -237,3 +237,70 @@ def projection_figure(image, projection, *, layer: str = "", channel: int | None
         title = f"{layer} channel {channel}" if channel is not None else layer
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None, std=None
+                     ) -> Figure:
+    """Zeiler & Fergus Fig. 7, one row per image: (a) the input, (b) the total activation of
+    the chosen feature map for each occluder position, (c) that feature map's deconvnet
+    projection on the clean image, (d) the probability of the target class, (e) the most
+    probable class, with a legend. Panels (b) and (c) need ``maps.layer`` (and
+    ``projections``).
+
+    Args:
+        images: (N, C, H, W) model input (normalised; shown with ``mean``/``std``) or uint8
+            (N, H, W, 3) arrays.
+        maps: ``OcclusionMaps`` of these images.
+        projections: (N, C, H, W), e.g. ``Deconvnet(model).project(x, maps.layer, channel)``.
+        classes: class names, indexed by label.
+    """
+    from matplotlib.colors import ListedColormap
+
+    from vizcnn.render.grid import _PALETTE, image_tiles, projection_tiles
+
+    rgb = (np.asarray(images) if isinstance(images, np.ndarray) and images.dtype == np.uint8
+           else image_tiles(images, mean, std))
+    count = len(rgb)
+    with_layer = maps.activation is not None
+    panels = ["input"] + (["activation"] if with_layer else []) + \
+        (["projection"] if with_layer and projections is not None else []) + ["prob", "label"]
+    fig = Figure(figsize=(2.3 * len(panels), 2.4 * count + 0.3), layout="constrained")
+    axes = fig.subplots(count, len(panels), squeeze=False)
+    names = list(classes) if classes is not None else None
+    palette = ListedColormap(np.array(_PALETTE) / 255.0)
+    for n in range(count):
+        target = int(maps.target[n])
+        for ax, panel in zip(axes[n], panels, strict=True):
+            ax.set_axis_off()
+            if panel == "input":
+                ax.imshow(rgb[n])
+                height, width = maps.window
+                ax.add_patch(Rectangle((-0.5, -0.5), width, height, fill=True, alpha=0.6,
+                                       color="gray"))
+                ax.set_title(f"(a) input, occluder {height}x{width}", fontsize=8)
+            elif panel == "activation":
+                shown = ax.imshow(maps.activation[n].cpu().numpy(), cmap="jet")
+                fig.colorbar(shown, ax=ax, shrink=0.75)
+                ax.set_title(f"(b) {maps.layer} map {int(maps.channel[n])}", fontsize=8)
+            elif panel == "projection":
+                ax.imshow(projection_tiles(projections[n:n + 1])[0], interpolation="nearest")
+                ax.set_title(f"(c) projection of map {int(maps.channel[n])}", fontsize=8)
+            elif panel == "prob":
+                shown = ax.imshow(maps.prob[n].cpu().numpy(), cmap="jet", vmin=0.0, vmax=1.0)
+                fig.colorbar(shown, ax=ax, shrink=0.75)
+                ax.set_title(f"(d) p({_class_name(names, target)})", fontsize=8)
+            else:
+                labels = maps.label[n].cpu().numpy()
+                ax.imshow(labels % len(_PALETTE), cmap=palette, vmin=0,
+                          vmax=len(_PALETTE) - 1, interpolation="nearest")
+                present = [int(v) for v in np.unique(labels)]
+                handles = [Rectangle((0, 0), 1, 1, color=np.array(_PALETTE[v % len(_PALETTE)])
+                                     / 255.0) for v in present]
+                ax.legend(handles, [_class_name(names, v) for v in present], fontsize=6,
+                          loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+                ax.set_title("(e) most probable class", fontsize=8)
+    return fig
+
+
+def _class_name(names: list[str] | None, index: int) -> str:
+    return names[index] if names is not None and 0 <= index < len(names) else str(index)
