@@ -276,3 +276,32 @@ def test_topk_refuses_to_replace_a_foreign_folder(capsys, tmp_path):
                        str(mine))
     assert code == 2 and "not a vizcnn top-k output" in err
     assert (mine / "notes.txt").read_text() == "precious"
+
+
+def test_occlusion_command(capsys, tmp_path):
+    out = tmp_path / "occ.png"
+    code, text, _ = run(capsys, "occlusion", "demo", "shapes:2", "--layer", "features.11",
+                        "--stride", "8", "--out", str(out))
+    assert code == 0 and out.stat().st_size > 10_000
+    assert "engine incremental" in text and "lowest p(star)" in text
+    code, text, _ = run(capsys, "occlusion", "demo", "shapes:2", "--target", "star",
+                        "--approx", "--stride", "4", "--out", str(tmp_path / "occ.pdf"))
+    assert code == 0 and "re-checked positions" in text
+    assert (tmp_path / "occ.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--window", "65"], "window 65x65 is larger than the image 64x64"),
+    (["--stride", "0"], "stride must be a positive integer"),
+    (["--layer", "features.11", "--channel", "128"], "channel 128 out of range"),
+    (["--layer", "classifier.1"], "has no spatial output"),
+    (["--layer", "features.111"], "did you mean"),
+    (["--target", "blob"], "unknown class 'blob'"),
+    (["--target", "8"], "target class 8 out of range"),
+    (["--approx", "2"], "approx must be"),
+])
+def test_occlusion_mistakes(argv, expected, capsys, tmp_path):
+    out = tmp_path / "occ.png"
+    code, _, err = run(capsys, "occlusion", "demo", "shapes:2", *argv, "--out", str(out))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

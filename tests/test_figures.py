@@ -96,3 +96,24 @@ def test_fig2_and_projection_figures(tmp_path):
                             box=(0, 0, 27, 27))
     assert len(fig.axes) == 3 and "features.3 channel 4" in fig._suptitle.get_text()
     save_figure(fig, tmp_path / "projection.png")
+
+
+def test_fig7_panels_line_up_with_the_image(tmp_path):
+    from vizcnn.probes.occlusion import occlusion
+    from vizcnn.render.figures import occlusion_figure
+
+    model = vizcnn.load_model("demo")
+    image = vizcnn.data.shapes.held_out_image(2)
+    x = vizcnn.preprocess(model, image)
+    maps = occlusion(model, x, window=16, stride=8, layer="features.11", progress=False)
+    projection = vizcnn.Deconvnet(model).project(x, "features.11", int(maps.channel[0]))
+    fig = occlusion_figure(image[None], maps, projections=projection,
+                           classes=model.vizcnn_classes)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert [t[:3] for t in titles] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
+    prob_axes = next(ax for ax in fig.axes if ax.get_title().startswith("(d)"))
+    # the first cell is centred on the first occluder's centre (8, 8), 8 pixels wide
+    assert prob_axes.images[0].get_extent() == [3.5, 59.5, 59.5, 3.5]
+    for suffix in (".png", ".pdf", ".svg"):
+        save_figure(fig, tmp_path / f"fig7{suffix}")
+        assert (tmp_path / f"fig7{suffix}").stat().st_size > 1000

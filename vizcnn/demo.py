@@ -3,9 +3,9 @@
 Writes into one folder (built in a temporary folder and renamed into place, so an interrupted
 run leaves nothing half-written): the first-layer filters, feature-map grids of every conv layer
 for a few held-out shapes images, Zeiler & Fergus Fig. 2 for every conv layer (the top-9
-held-out images of 16 channels, their deconvnet projections beside the image patches), and a
-text report with the held-out accuracy and the layer
-summary.
+held-out images of 16 channels, their deconvnet projections beside the image patches), Fig. 7
+(occlusion maps of three held-out images), and a text report with the held-out accuracy and
+the layer summary.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
-from vizcnn.deconv import top_patches
+from vizcnn.deconv import Deconvnet, top_patches
 from vizcnn.hooks import capture, preserved_state
 from vizcnn.io import atomic_path, check_replaceable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import DEMO_PREPROCESSING, load_model, preprocess
+from vizcnn.probes.occlusion import occlusion
 from vizcnn.render.figures import (
     feature_maps_figure,
     filters_figure,
+    occlusion_figure,
     save_figure,
     top_patches_figure,
 )
@@ -38,6 +40,8 @@ DEMO_IMAGES = (0, 1, 2, 3)
 HELD_OUT_SAMPLE = 1000
 TOP_K_SCAN = "shapes:2000"  # the held-out images scanned for the Fig. 2 figures
 TOP_K_CHANNELS = 16  # channels shown per layer
+OCCLUSION_IMAGES = (0, 1, 2)  # held-out images of the Fig. 7 figure
+OCCLUSION_LAYER = "features.11"  # conv5 after its ReLU: the paper's "layer 5" feature maps
 
 
 def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
@@ -59,6 +63,18 @@ def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
     return fig
 
 
+def occlusion_for_images(model, images: list[np.ndarray]) -> Figure:
+    """Zeiler & Fergus Fig. 7 for a few images: occluder 16 x 16, stride 2, the strongest
+    feature map of ``OCCLUSION_LAYER`` and its projection."""
+    x = torch.cat([preprocess(model, image) for image in images])
+    maps = occlusion(model, x, window=16, stride=2, layer=OCCLUSION_LAYER, progress=False)
+    net = Deconvnet(model)
+    projections = torch.cat([net.project(x[n:n + 1], OCCLUSION_LAYER, int(maps.channel[n]))
+                             for n in range(len(images))])
+    return occlusion_figure(np.stack(images), maps, projections=projections,
+                            classes=model.vizcnn_classes)
+
+
 def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list[Path]:
     """Write the demo's figures and report into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
@@ -67,7 +83,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     images = [held_out_image(i) for i in DEMO_IMAGES]
-    steps = tqdm(total=2 * len(conv_layers) + 4, desc="vizcnn demo", disable=not progress)
+    steps = tqdm(total=2 * len(conv_layers) + 5, desc="vizcnn demo", disable=not progress)
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         first = conv_layers[0]
@@ -86,6 +102,9 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
                                            std=DEMO_PREPROCESSING.std),
                         staging / f"fig2_layer{number}_{layer}.png")
             steps.update()
+        save_figure(occlusion_for_images(model, [held_out_image(i) for i in OCCLUSION_IMAGES]),
+                    staging / "fig7_occlusion.png")
+        steps.update()
         test_images, test_labels = render_batch(HELD_OUT_SEED, 0, HELD_OUT_SAMPLE)
         predicted = predict(model, test_images)
         overall = (predicted == test_labels).float().mean().item()

@@ -268,31 +268,45 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
     axes = fig.subplots(count, len(panels), squeeze=False)
     names = list(classes) if classes is not None else None
     palette = ListedColormap(np.array(_PALETTE) / 255.0)
+    # each map cell is drawn where its occluder's centre lies, so maps line up with the input
+    centres_y = maps.positions[:, 0, 0].cpu().numpy() + maps.window[0] / 2
+    centres_x = maps.positions[0, :, 1].cpu().numpy() + maps.window[1] / 2
+    step_y, step_x = maps.stride
+    extent = (centres_x[0] - step_x / 2 - 0.5, centres_x[-1] + step_x / 2 - 0.5,
+              centres_y[-1] + step_y / 2 - 0.5, centres_y[0] - step_y / 2 - 0.5)
+    height, width = rgb.shape[1:3]
+
+    def on_image(ax, values, **kwargs):
+        shown = ax.imshow(values, extent=extent, interpolation="nearest", **kwargs)
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        return shown
+
     for n in range(count):
         target = int(maps.target[n])
         for ax, panel in zip(axes[n], panels, strict=True):
             ax.set_axis_off()
             if panel == "input":
                 ax.imshow(rgb[n])
-                height, width = maps.window
-                ax.add_patch(Rectangle((-0.5, -0.5), width, height, fill=True, alpha=0.6,
-                                       color="gray"))
-                ax.set_title(f"(a) input, occluder {height}x{width}", fontsize=8)
+                box_height, box_width = maps.window
+                ax.add_patch(Rectangle((-0.5, -0.5), box_width, box_height, fill=True,
+                                       alpha=0.6, color="gray"))
+                ax.set_title(f"(a) input, occluder {box_height}x{box_width}", fontsize=8)
             elif panel == "activation":
-                shown = ax.imshow(maps.activation[n].cpu().numpy(), cmap="jet")
+                shown = on_image(ax, maps.activation[n].cpu().numpy(), cmap="jet")
                 fig.colorbar(shown, ax=ax, shrink=0.75)
                 ax.set_title(f"(b) {maps.layer} map {int(maps.channel[n])}", fontsize=8)
             elif panel == "projection":
                 ax.imshow(projection_tiles(projections[n:n + 1])[0], interpolation="nearest")
                 ax.set_title(f"(c) projection of map {int(maps.channel[n])}", fontsize=8)
             elif panel == "prob":
-                shown = ax.imshow(maps.prob[n].cpu().numpy(), cmap="jet", vmin=0.0, vmax=1.0)
+                shown = on_image(ax, maps.prob[n].cpu().numpy(), cmap="jet", vmin=0.0, vmax=1.0)
                 fig.colorbar(shown, ax=ax, shrink=0.75)
                 ax.set_title(f"(d) p({_class_name(names, target)})", fontsize=8)
             else:
                 labels = maps.label[n].cpu().numpy()
-                ax.imshow(labels % len(_PALETTE), cmap=palette, vmin=0,
-                          vmax=len(_PALETTE) - 1, interpolation="nearest")
+                on_image(ax, labels % len(_PALETTE), cmap=palette, vmin=0,
+                         vmax=len(_PALETTE) - 1)
                 present = [int(v) for v in np.unique(labels)]
                 handles = [Rectangle((0, 0), 1, 1, color=np.array(_PALETTE[v % len(_PALETTE)])
                                      / 255.0) for v in present]
