@@ -51,7 +51,7 @@ from vizcnn.layers import resolve_layer
 
 DRILL_FACTOR = 2  # approximate mode: the coarse grid takes every 2nd row and column
 DRILL_TOLERANCE = 0.05  # ... and refines cells whose corner probabilities differ more
-_CHECKED = 16  # positions re-checked exactly in approximate mode
+_CHECKED = 8  # approximated positions re-checked exactly per image in approximate mode
 
 
 @dataclass(frozen=True)
@@ -457,10 +457,6 @@ def occlusion(
     positions = torch.tensor([[(t, left) for left in lefts] for t in tops], device=x.device)
     flat = positions.view(-1, 2)
     with preserved_state(model, eval_mode=True), torch.no_grad():
-        clean_logits, clean_maps = _clean_pass(model, x, layer)
-        classes = clean_logits.shape[1]
-        targets = _targets(target, clean_logits, classes)
-        channels = _channels(channel, clean_maps, layer)
         graph_module, note = (None, "engine='naive' was asked for") if engine == "naive" \
             else _trace(model, layer)
         if graph_module is None and engine == "incremental":
@@ -468,13 +464,27 @@ def occlusion(
                               "use engine='naive' or 'auto'")
         if graph_module is None and drill_down:
             raise BadArgument(f"the approximate mode cannot run: {note}")
+        runs = None
+        if graph_module is not None:  # the clean pass of each image, kept whole for reuse
+            runs = [_IncrementalRun(graph_module, x[n:n + 1], layer) for n in range(len(x))]
+            clean_logits = torch.cat([run.logits for run in runs])
+            clean_maps = None if layer is None else torch.cat([run.maps for run in runs])
+            _check_outputs(clean_logits, clean_maps, layer)
+        else:
+            clean_logits, clean_maps = _clean_pass(model, x, layer)
+        classes = clean_logits.shape[1]
+        targets = _targets(target, clean_logits, classes)
+        channels = _channels(channel, clean_maps, layer)
+        if runs is not None and channels is not None:
+            for run, chosen in zip(runs, channels.tolist(), strict=True):
+                run.channel = chosen
         bar = tqdm(total=len(x) * len(flat), desc="occlusion", unit="pos", disable=not progress)
         probs, labels, totals = [], [], []
         computed = 0
         try:
+            exact_masks = []
             for n in range(len(x)):
-                run = (_IncrementalRun(graph_module, x[n:n + 1], layer, channels, n)
-                       if graph_module is not None else None)
+                run = runs[n] if runs is not None else None
 
                 def evaluate(indices: torch.Tensor, n=n, run=run):
                     """Exact (or capped) values at the given flat positions: prob, label,
@@ -499,8 +509,10 @@ def occlusion(
 
                 shape = positions.shape[:2]
                 if drill_down:
-                    prob, label, total, count = _drill_down(evaluate, shape, DRILL_FACTOR,
+                    prob, label, total, exact = _drill_down(evaluate, shape, DRILL_FACTOR,
                                                             DRILL_TOLERANCE, x.device)
+                    count = int(exact.sum())
+                    exact_masks.append(exact if cap is None else torch.zeros_like(exact))
                     bar.update(len(flat) - count)
                 else:
                     prob, label, total = evaluate(torch.arange(len(flat), device=x.device))
@@ -524,21 +536,24 @@ def occlusion(
             engine="incremental" if graph_module is not None else "naive", engine_note=note,
             approx=cap, computed=computed)
         if drill_down:
-            maps = _check_approximation(maps, x, graph_module, fill_values, batch_size)
+            maps = _check_approximation(maps, runs, exact_masks, fill_values, batch_size)
     return maps
 
 
 class _IncrementalRun:
-    """The clean pass of one image through the traced graph, then batches of occluders."""
+    """The clean pass of one image through the traced graph (every node's value kept), then
+    batches of occluders. ``logits`` (1, K) and ``maps`` (1, C, h, w) (or None) are the clean
+    outputs; ``channel`` is set once the feature map is chosen."""
 
-    def __init__(self, graph_module, image, layer, channels, n):
+    def __init__(self, graph_module, image, layer):
         recorder = _Recorder(graph_module)
-        recorder.run(image)
+        self.logits = recorder.run(image)
         self.graph_module = graph_module
         self.clean = recorder.values
         self.image = image
         self.layer_node = _layer_node(graph_module, layer)
-        self.channel = None if channels is None else int(channels[n])
+        self.maps = None if self.layer_node is None else self.clean[self.layer_node]
+        self.channel: int | None = None
 
     def __call__(self, corners, window, fill_values, cap):
         channels = self.image.shape[1]
@@ -553,22 +568,24 @@ class _IncrementalRun:
 
 def _clean_pass(model, x, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, K) of the clean images and the layer's maps (N, C, h, w) if a layer is
-    given."""
+    given, by running the model itself (the naive engine)."""
     if layer is None:
-        logits = run_forward(model, x)
-        maps = None
+        logits, maps = run_forward(model, x), None
     else:
         with capture(model, [layer]) as captured:
             logits = run_forward(model, x)
         maps = captured[layer]
-        if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
-            raise BadArgument(f"layer {layer!r} has no spatial output (its output is "
-                              f"{tuple(getattr(maps, 'shape', ()))})",
-                              "pick a conv or pool layer")
+    _check_outputs(logits, maps, layer)
+    return logits, maps
+
+
+def _check_outputs(logits: Any, maps: Any, layer: str | None) -> None:
+    if layer is not None and (not isinstance(maps, torch.Tensor) or maps.dim() != 4):
+        raise BadArgument(f"layer {layer!r} has no spatial output (its output is "
+                          f"{tuple(getattr(maps, 'shape', ()))})", "pick a conv or pool layer")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise BadArgument("occlusion needs a classifier: the model's output must be (N, "
                           f"classes), not {tuple(getattr(logits, 'shape', ()))}")
-    return logits, maps
 
 
 def _targets(target, logits: torch.Tensor, classes: int) -> torch.Tensor:
@@ -628,7 +645,8 @@ def _drill_down(evaluate, shape: tuple[int, int], factor: int, tolerance: float,
     where the cell's corners disagree (probabilities more than ``tolerance`` apart, or
     different labels); elsewhere interpolate bilinearly (the label: the corners' label).
 
-    Returns prob, label, total (flat, or None) and how many positions were computed."""
+    Returns prob, label, total (flat, or None) and which positions were computed (flat bool).
+    """
     rows = sorted(set(range(0, shape[0], factor)) | {shape[0] - 1})
     cols = sorted(set(range(0, shape[1], factor)) | {shape[1] - 1})
     known = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -677,24 +695,27 @@ def _drill_down(evaluate, shape: tuple[int, int], factor: int, tolerance: float,
                         total[y, x] = sum(w * total[c]
                                           for w, c in zip(weights, corners, strict=True))
                     exact[y, x] = True
-    count = int(known.sum() + refine.sum())
-    return prob.flatten(), label.flatten(), None if total is None else total.flatten(), count
+    return (prob.flatten(), label.flatten(), None if total is None else total.flatten(),
+            (known | refine).flatten())
 
 
-def _check_approximation(maps: OcclusionMaps, x, graph_module, fill_values,
+def _check_approximation(maps: OcclusionMaps, runs, exact_masks, fill_values,
                          batch_size) -> OcclusionMaps:
-    """Re-run a sample of positions exactly (evenly spread, plus each image's lowest
-    probability) and record the largest deviation of the approximate probabilities."""
+    """Re-run exactly a sample of the positions that were approximated (evenly spread, plus
+    each image's lowest probability) and record the largest deviation found."""
     from dataclasses import replace
 
     flat = maps.positions.view(-1, 2)
-    count = len(flat)
     worst = 0.0
     checked = 0
-    for n in range(len(x)):
-        picks = torch.linspace(0, count - 1, min(_CHECKED, count)).round().long()
-        picks = torch.unique(torch.cat([picks, maps.prob[n].flatten().argmin().view(1).cpu()]))
-        run = _IncrementalRun(graph_module, x[n:n + 1], maps.layer, maps.channel, n)
+    for n, run in enumerate(runs):
+        approximated = (~exact_masks[n]).nonzero().flatten().cpu()
+        lowest = maps.prob[n].flatten().argmin().view(1).cpu()
+        if len(approximated) == 0:
+            continue
+        spread = approximated[torch.linspace(0, len(approximated) - 1,
+                                             min(_CHECKED, len(approximated))).round().long()]
+        picks = torch.unique(torch.cat([spread, lowest[~exact_masks[n][lowest].cpu()]]))
         exact = []
         for begin in range(0, len(picks), batch_size):
             logits, _ = run(flat[picks[begin:begin + batch_size]], maps.window, fill_values,
