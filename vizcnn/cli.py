@@ -301,6 +301,106 @@ def _occlusion(args: argparse.Namespace) -> None:
     print(f"wrote {save_figure(fig, args.out)}")
 
 
+def _eps(text: str) -> float:
+    """--eps: a number in 0-1 pixel units, or N/255."""
+    from vizcnn.errors import BadArgument
+
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise BadArgument(f"bad eps {text!r}", "write e.g. 0.03 or 8/255") from None
+
+
+def _normalisation(model):
+    from vizcnn.models import preprocessing_for
+
+    steps = preprocessing_for(model)
+    return (steps.mean, steps.std) if steps else (None, None)
+
+
+def _adversarial(args: argparse.Namespace) -> None:
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess
+    from vizcnn.probes.adversarial import fgsm, layer_displacement, lbfgs_adversarial, pgd
+    from vizcnn.render.figures import adversarial_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    x = preprocess(model, _image(args.image))
+    target = _class_index(model, args.target)
+    eps = _eps(args.eps)
+    if args.method == "fgsm":
+        result = fgsm(model, x, eps, target=target)
+    elif args.method == "pgd":
+        result = pgd(model, x, eps, steps=args.steps, target=target)
+    else:
+        result = lbfgs_adversarial(model, x, target=target)
+    names = getattr(model, "vizcnn_classes", None)
+
+    def name(index: int) -> str:
+        return names[index] if names and index < len(names) else str(index)
+
+    print(f"{args.method}: {name(int(result.clean_label[0]))} "
+          f"({float(result.clean_prob[0]):.3f}) -> {name(int(result.label[0]))} "
+          f"({float(result.prob[0]):.3f}), {'success' if result.success[0] else 'failed'}; "
+          f"RMS {float(result.rms[0]) * 255:.2f}/255, max {float(result.linf[0]) * 255:.2f}/255")
+    displacement = layer_displacement(model, x, result.x)
+    mean, std = _normalisation(model)
+    fig = adversarial_figure(x, result, displacement=displacement, classes=names, mean=mean,
+                             std=std)
+    print(f"wrote {save_figure(fig, args.out)}")
+
+
+def _excite(args: argparse.Namespace) -> None:
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess
+    from vizcnn.probes.adversarial import excite
+    from vizcnn.render.figures import excite_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    x = preprocess(model, _image(args.image))
+    result = excite(model, x, args.layer, args.channel, _eps(args.eps), args.steps)
+    print(f"{args.layer} channel {args.channel}: total activation {float(result.before[0]):.4g}"
+          f" -> {float(result.after[0]):.4g} (eps {result.eps:.4f})")
+    mean, std = _normalisation(model)
+    print(f"wrote {save_figure(excite_figure(x, result, mean=mean, std=std), args.out)}")
+
+
+def _invariance(args: argparse.Namespace) -> None:
+    from vizcnn.io import writable_parent
+    from vizcnn.probes.invariance import TRANSFORMS, invariance
+    from vizcnn.render.figures import invariance_figure, save_figure
+
+    writable_parent(args.out)
+    model = _load(args)
+    low, high = args.layers or _default_layers(model)
+    results = {t: [invariance(model, _image(args.image), t, layers=(low, high),
+                              true_class=_class_index(model, args.true_class))]
+               for t in TRANSFORMS}
+    for transform, (result,) in results.items():
+        print(f"{transform:<9} {high} distance up to {float(result.distance[high].max()):.3f}; "
+              f"P(true class) from {float(result.prob.min()):.3f} to "
+              f"{float(result.prob.max()):.3f}")
+    fig = invariance_figure(results, classes=getattr(model, "vizcnn_classes", None))
+    print(f"wrote {save_figure(fig, args.out)}")
+
+
+def _default_layers(model) -> tuple[str, str]:
+    """Fig. 5's layer 1 and layer 7: the first conv's ReLU (or conv) and the penultimate
+    linear layer's ReLU (or the last linear layer)."""
+    from vizcnn.errors import BadArgument
+    from vizcnn.layers import list_layers
+
+    convs, linears = list_layers(model, "conv"), list_layers(model, "linear")
+    if not convs or not linears:
+        raise BadArgument("cannot choose default layers", "give --layers LOW HIGH")
+    return convs[0], linears[-2] if len(linears) > 1 else linears[-1]
+
+
 def _train_demo(args: argparse.Namespace) -> None:
     from vizcnn.train import train_demo
 
@@ -401,6 +501,42 @@ def build_parser() -> argparse.ArgumentParser:
     occ.add_argument("--engine", default="auto", choices=["auto", "incremental", "naive"])
     occ.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
     occ.set_defaults(run=_occlusion)
+
+    adv = commands.add_parser("adversarial", help="the smallest change that flips the "
+                              "decision: FGSM, PGD or L-BFGS, with the layer displacement")
+    _add_model_options(adv)
+    adv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    adv.add_argument("--method", default="fgsm", choices=["fgsm", "pgd", "lbfgs"])
+    adv.add_argument("--eps", default="8/255", help="L-inf radius in 0-1 pixel units, or N/255 "
+                     "(default 8/255; not used by lbfgs)")
+    adv.add_argument("--steps", type=int, default=10, help="PGD steps (10)")
+    adv.add_argument("--target", metavar="CLASS", help="class to aim at (index or name); "
+                     "default: untargeted (lbfgs: the second most probable class)")
+    adv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    adv.set_defaults(run=_adversarial)
+
+    exc = commands.add_parser("excite", help="the pattern that, added within eps, excites one "
+                              "feature map most")
+    _add_model_options(exc)
+    exc.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    exc.add_argument("--layer", required=True, metavar="L")
+    exc.add_argument("--channel", required=True, type=int, metavar="C")
+    exc.add_argument("--eps", default="8/255", help="L-inf radius, 0-1 units or N/255")
+    exc.add_argument("--steps", type=int, default=20)
+    exc.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    exc.set_defaults(run=_excite)
+
+    inv = commands.add_parser("invariance", help="translate, scale and rotate an image: "
+                              "feature distances and P(true class) (Fig. 5)")
+    _add_model_options(inv)
+    inv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    inv.add_argument("--true-class", metavar="CLASS", help="index or name (default: the "
+                     "clean prediction)")
+    inv.add_argument("--layers", nargs=2, metavar=("LOW", "HIGH"),
+                     help="layers compared (default: the first conv and the last hidden "
+                     "linear layer)")
+    inv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    inv.set_defaults(run=_invariance)
 
     demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")

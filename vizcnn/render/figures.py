@@ -318,3 +318,119 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
 
 def _class_name(names: list[str] | None, index: int) -> str:
     return names[index] if names is not None and 0 <= index < len(names) else str(index)
+
+
+def _pixels(x, mean, std) -> np.ndarray:
+    """Normalised (N, C, H, W) images as uint8 (N, H, W, 3)."""
+    from vizcnn.render.grid import image_tiles
+
+    return image_tiles(x, mean, std)
+
+
+def _magnified(perturbation) -> tuple[np.ndarray, float]:
+    """A perturbation (C, H, W) in pixel units as a uint8 image around mid-gray, magnified so
+    its largest change reaches the full range; returns the image and the factor."""
+    values = perturbation.detach().cpu().float().numpy()
+    largest = float(np.abs(values).max())
+    factor = 0.5 / largest if largest > 0 else 1.0
+    shown = np.clip((0.5 + values * factor) * 255.0, 0, 255).round().astype(np.uint8)
+    shown = shown.transpose(1, 2, 0)
+    return (np.repeat(shown, 3, axis=2) if shown.shape[2] == 1 else shown[..., :3]), factor
+
+
+def adversarial_figure(clean_x, result, *, displacement=None, classes=None, mean=None,
+                       std=None, index: int = 0) -> Figure:
+    """The adversarial panel for one image of an ``AdversarialResult``: clean image (label,
+    probability), the perturbation magnified (factor written on it), the adversarial image
+    (label, probability) and, with ``displacement`` (from ``layer_displacement``), how far
+    each layer moved."""
+    names = list(classes) if classes is not None else None
+    clean = _pixels(clean_x[index:index + 1], mean, std)[0]
+    adversarial = _pixels(result.x[index:index + 1], mean, std)[0]
+    shown, factor = _magnified(result.perturbation[index])
+    panels = 4 if displacement is not None else 3
+    fig = Figure(figsize=(2.6 * panels + (1.2 if displacement is not None else 0), 2.9),
+                 layout="constrained")
+    axes = fig.subplots(1, panels, width_ratios=[1, 1, 1, 1.6][:panels])
+    clean_label = int(result.clean_label[index])
+    axes[0].imshow(clean)
+    axes[0].set_title(f"clean: {_class_name(names, clean_label)} "
+                      f"({float(result.clean_prob[index]):.2f})", fontsize=8)
+    axes[1].imshow(shown)
+    axes[1].set_title(f"perturbation x{factor:.0f} (RMS {float(result.rms[index]) * 255:.2f}"
+                      f"/255)", fontsize=8)
+    axes[1].text(2, shown.shape[0] - 3, f"x{factor:.0f}", color="yellow", fontsize=9,
+                 va="bottom")
+    label = int(result.label[index])
+    axes[2].imshow(adversarial)
+    verdict = "success" if bool(result.success[index]) else "failed"
+    axes[2].set_title(f"{result.method}: {_class_name(names, label)} "
+                      f"({float(result.prob[index]):.2f}), {verdict}", fontsize=8)
+    for ax in axes[:3]:
+        ax.set_axis_off()
+    if displacement is not None:
+        ax = axes[3]
+        layers = list(displacement)
+        ax.plot(range(len(layers)), [float(displacement[name][index]) for name in layers],
+                marker="o")
+        ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6)
+        ax.set_ylabel("relative L2 change", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_title("layer displacement", fontsize=8)
+    return fig
+
+
+def excite_figure(clean_x, result, *, mean=None, std=None, index: int = 0) -> Figure:
+    """The ``excite`` panel: clean image, the added pattern (magnified), the perturbed image,
+    and the feature map's total activation before and after."""
+    clean = _pixels(clean_x[index:index + 1], mean, std)[0]
+    perturbed = _pixels(result.x[index:index + 1], mean, std)[0]
+    shown, factor = _magnified(result.perturbation[index])
+    fig = Figure(figsize=(7.8, 2.9), layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(clean)
+    axes[0].set_title(f"clean: {float(result.before[index]):.1f}", fontsize=8)
+    axes[1].imshow(shown)
+    axes[1].set_title(f"added pattern x{factor:.0f} (eps {result.eps * 255:.0f}/255)",
+                      fontsize=8)
+    axes[2].imshow(perturbed)
+    axes[2].set_title(f"perturbed: {float(result.after[index]):.1f}", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"{result.layer} feature map {result.channel}: total activation",
+                 fontsize=9)
+    return fig
+
+
+def invariance_figure(results, *, classes=None) -> Figure:
+    """Zeiler & Fergus Fig. 5: rows translation, scale, rotation; columns: low-layer
+    distance, high-layer distance, P(true class); one curve per image.
+
+    Args:
+        results: {transform: [InvarianceResult, one per image]}.
+    """
+    names = list(classes) if classes is not None else None
+    rows = [t for t in ("translate", "scale", "rotate") if t in results]
+    fig = Figure(figsize=(8.4, 2.3 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    units = {"translate": "horizontal shift (px)", "scale": "scale factor",
+             "rotate": "rotation (degrees)"}
+    for row, transform in enumerate(rows):
+        for result in results[transform]:
+            low, high = result.layers
+            label = _class_name(names, result.true_class)
+            axes[row, 0].plot(result.values, result.distance[low].numpy(), marker=".",
+                              label=label)
+            axes[row, 1].plot(result.values, result.distance[high].numpy(), marker=".")
+            axes[row, 2].plot(result.values, result.prob.numpy(), marker=".")
+        first = results[transform][0]
+        titles = [f"{first.layers[0]}: distance", f"{first.layers[1]}: distance",
+                  "P(true class)"]
+        for column in range(3):
+            ax = axes[row, column]
+            ax.set_xlabel(units[transform], fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_title(titles[column], fontsize=8)
+        axes[row, 2].set_ylim(-0.02, 1.02)
+    axes[0, 0].legend(fontsize=6, frameon=False)
+    return fig
