@@ -86,6 +86,8 @@ def test_demo_writes_figures_and_report(tmp_path):
         "fig2_layer1_features.0.png", "fig2_layer2_features.3.png", "fig2_layer3_features.6.png",
         "fig2_layer4_features.8.png", "fig2_layer5_features.10.png"]
     assert "fig7_occlusion.png" in names
+    for name in ("adversarial_lbfgs.png", "excite_features.6.png", "fig5_invariance.png"):
+        assert name in names
     report = (tmp_path / "demo" / "report.txt").read_text()
     assert "held-out accuracy" in report and "features.10" in report
     run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output

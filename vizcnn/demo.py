@@ -4,8 +4,9 @@ Writes into one folder (built in a temporary folder and renamed into place, so a
 run leaves nothing half-written): the first-layer filters, feature-map grids of every conv layer
 for a few held-out shapes images, Zeiler & Fergus Fig. 2 for every conv layer (the top-9
 held-out images of 16 channels, their deconvnet projections beside the image patches), Fig. 7
-(occlusion maps of three held-out images), and a text report with the held-out accuracy and
-the layer summary.
+(occlusion maps of three held-out images), an adversarial panel (L-BFGS), an excite panel,
+Fig. 5 (invariance to translation, scale and rotation), and a text report with the held-out
+accuracy and the layer summary.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
 from vizcnn.deconv import Deconvnet, top_patches
+from vizcnn.hooks import activations as vizcnn_activations
 from vizcnn.hooks import capture, preserved_state
 from vizcnn.io import atomic_path, check_replaceable
 from vizcnn.layers import list_layers, resolve_layer
@@ -42,6 +44,9 @@ TOP_K_SCAN = "shapes:2000"  # the held-out images scanned for the Fig. 2 figures
 TOP_K_CHANNELS = 16  # channels shown per layer
 OCCLUSION_IMAGES = (0, 1, 2)  # held-out images of the Fig. 7 figure
 OCCLUSION_LAYER = "features.11"  # conv5 after its ReLU: the paper's "layer 5" feature maps
+PROBE_IMAGE = 1  # the held-out image of the adversarial and excite panels
+INVARIANCE_IMAGES = (0, 1, 2, 3)
+INVARIANCE_LAYERS = ("features.1", "classifier.2")  # layer 1 and the hidden FC layer, after ReLU
 
 
 def maps_for_images(model, layer: str, images: list[np.ndarray]) -> Figure:
@@ -75,6 +80,28 @@ def occlusion_for_images(model, images: list[np.ndarray]) -> Figure:
                             classes=model.vizcnn_classes)
 
 
+def probe_figures(model) -> list[tuple[str, Figure]]:
+    """The adversarial panel (L-BFGS, with the layer displacement), the excite panel (the
+    strongest layer-3 map) and Fig. 5 (invariance of four images)."""
+    from vizcnn.probes.adversarial import excite, layer_displacement, lbfgs_adversarial
+    from vizcnn.probes.invariance import TRANSFORMS, invariance
+    from vizcnn.render.figures import adversarial_figure, excite_figure, invariance_figure
+
+    mean, std = DEMO_PREPROCESSING.mean, DEMO_PREPROCESSING.std
+    x = preprocess(model, held_out_image(PROBE_IMAGE))
+    attack = lbfgs_adversarial(model, x)
+    adversarial = adversarial_figure(x, attack, displacement=layer_displacement(model, x, attack.x),
+                                     classes=model.vizcnn_classes, mean=mean, std=std)
+    channel = int(vizcnn_activations(model, x, ["features.6"])["features.6"][0]
+                  .amax(dim=(1, 2)).argmax())
+    excited = excite_figure(x, excite(model, x, "features.6", channel, eps=8 / 255),
+                            mean=mean, std=std)
+    results = {t: [invariance(model, held_out_image(i), t, layers=INVARIANCE_LAYERS)
+                   for i in INVARIANCE_IMAGES] for t in TRANSFORMS}
+    return [("adversarial_lbfgs.png", adversarial), ("excite_features.6.png", excited),
+            ("fig5_invariance.png", invariance_figure(results, classes=model.vizcnn_classes))]
+
+
 def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list[Path]:
     """Write the demo's figures and report into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
@@ -83,7 +110,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     images = [held_out_image(i) for i in DEMO_IMAGES]
-    steps = tqdm(total=2 * len(conv_layers) + 5, desc="vizcnn demo", disable=not progress)
+    steps = tqdm(total=2 * len(conv_layers) + 8, desc="vizcnn demo", disable=not progress)
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         first = conv_layers[0]
@@ -105,6 +132,9 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
         save_figure(occlusion_for_images(model, [held_out_image(i) for i in OCCLUSION_IMAGES]),
                     staging / "fig7_occlusion.png")
         steps.update()
+        for name, fig in probe_figures(model):
+            save_figure(fig, staging / name)
+            steps.update()
         test_images, test_labels = render_batch(HELD_OUT_SEED, 0, HELD_OUT_SAMPLE)
         predicted = predict(model, test_images)
         overall = (predicted == test_labels).float().mean().item()

@@ -260,7 +260,9 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=No
 
 
 def _lbfgs_chunk(pixel_model, pixels, labels, searches, max_iterations, c_range):
-    """Bisection over log c for a chunk of images, one joint L-BFGS-B run per c."""
+    """Bisection over log c for a chunk of images, one joint L-BFGS-B run per c: the first
+    run uses the smallest c, later ones halve the interval between the largest c known to
+    succeed and the smallest known to fail."""
     from scipy.optimize import minimize
 
     count = len(pixels)
@@ -272,8 +274,9 @@ def _lbfgs_chunk(pixel_model, pixels, labels, searches, max_iterations, c_range)
     shape, device, dtype = pixels.shape, pixels.device, pixels.dtype
     origin = pixels.detach().cpu().double().numpy().ravel()
     bounds = list(zip(-origin, 1.0 - origin, strict=True))
-    for _ in range(searches):
-        log_c = (low + high) / 2
+    for search in range(searches):
+        # first the smallest c (the loss dominates: success if anything succeeds), then bisect
+        log_c = low.clone() if search == 0 else (low + high) / 2
         c = torch.exp(log_c).to(device, dtype).view(-1, 1, 1, 1)
 
         def objective(flat, c=c):
