@@ -12,6 +12,8 @@ Sections:
             a fresh process).
     occlusion  exact incremental, approximate and naive occlusion against Captum's Occlusion
             at its best perturbations_per_eval, AlexNet and VGG16 at 224, window 16.
+    adversarial  FGSM / PGD success at 2, 4, 8 grey levels and L-BFGS success and distortion on
+            200 correctly classified demo images; the demo model's invariance numbers.
 
 Weights are random (seeded): nothing is downloaded, and speed does not depend on the weights.
 The images are crops of scikit-image's and scikit-learn's photographs.
@@ -313,7 +315,59 @@ def _captum_occlusion(occlusion_class, model, x, window: int, target: int, per_e
             baselines=0.0, target=target, perturbations_per_eval=per_eval)
 
 
-SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion}
+# --------------------------------------------------------------------------- adversarial
+
+
+def bench_adversarial(quick: bool) -> None:
+    """Attack strength on correctly classified held-out demo images, and the demo model's
+    invariance numbers (Zeiler & Fergus Fig. 5) over 50 images."""
+    from vizcnn.data.shapes import ShapesDataset
+    from vizcnn.probes.adversarial import fgsm, lbfgs_adversarial, pgd
+    from vizcnn.probes.invariance import invariance
+
+    model = vizcnn.load_model("demo")
+    wanted = 40 if quick else 200
+    dataset = ShapesDataset(2 * wanted, seed=HELD_OUT_SEED)
+    samples = [dataset.render(i) for i in range(2 * wanted)]
+    x = torch.cat([vizcnn.preprocess(model, s.image) for s in samples])
+    labels = torch.tensor([s.label for s in samples])
+    with torch.no_grad():
+        correct = (model(x).argmax(1) == labels).nonzero().flatten()[:wanted]
+    x, labels = x[correct], labels[correct]
+    print(f"adversarial: ZFNetMini on {len(x)} correctly classified held-out shapes, "
+          f"untargeted L-inf (eps in 0-255 grey levels), PGD 10 steps of eps/4")
+    print(f"{'eps':>6} {'FGSM':>7} {'PGD':>7}")
+    for levels in (2, 4, 8):
+        eps = levels / 255
+        one = fgsm(model, x, eps).success.float().mean()
+        many = pgd(model, x, eps, steps=10).success.float().mean()
+        print(f"{levels:>4}/255 {float(one):>6.1%} {float(many):>6.1%}")
+    result, seconds = _timed(lbfgs_adversarial, model, x)
+    rms = result.rms[result.success] * 255
+    success = float(result.success.float().mean())
+    print(f"L-BFGS (target: the runner-up class): success {success:.1%}, RMS distortion mean "
+          f"{float(rms.mean()):.2f}/255, median {float(rms.median()):.2f}/255 ({seconds:.0f} s)")
+    count = 10 if quick else 50
+    layers = ("features.1", "classifier.2")
+    shifts, angles = (-4, -2, 2, 4), (30, 60, 90, 180)
+    low, high, rotated = [], [], []
+    for sample in samples[:count]:
+        moved = invariance(model, sample.image, "translate", shifts, layers=layers,
+                           true_class=sample.label)
+        low.append(moved.distance[layers[0]].mean())
+        high.append(moved.distance[layers[1]].mean())
+        turned = invariance(model, sample.image, "rotate", angles, layers=layers,
+                            true_class=sample.label)
+        rotated.append(turned.prob)
+    rotated = torch.stack(rotated).mean(0)
+    print(f"invariance over {count} images: shifts of {shifts} px move {layers[0]} by "
+          f"{float(torch.stack(low).mean()):.3f} and {layers[1]} by "
+          f"{float(torch.stack(high).mean()):.3f} (relative L2, mean); P(true class) after "
+          + ", ".join(f"{a} deg: {float(p):.3f}" for a, p in zip(angles, rotated, strict=True)))
+
+
+SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
+            "adversarial": bench_adversarial}
 
 
 def main(argv: list[str] | None = None) -> None:
