@@ -1,8 +1,8 @@
 """Write the committed pictures in gallery/ (importable: ``make_gallery(out_dir)``).
 
 - ``gallery/demo/``: what ``vizcnn demo`` writes (first-layer filters, feature maps of every
-  conv layer, Fig. 2 (top-9 projections and patches) of every conv layer, the report) for the
-  bundled demo network;
+  conv layer, Fig. 2 (top-9 projections and patches) of every conv layer, Fig. 7, the
+  adversarial, excite and Fig. 5 panels, the report) for the bundled demo network;
 - ``gallery/receptive_fields.png``: the receptive fields of AlexNet (analytic, a chain) and
   ResNet18 (gradient, a residual graph) on scikit-image's photograph of Chelsea the cat. Fields
   do not depend on the weights, so no weights are downloaded.

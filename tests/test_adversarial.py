@@ -224,3 +224,20 @@ def test_cli_commands_write_figures(capsys, tmp_path):
         assert main([*argv, "--out", str(out)]) == 0
         assert out.stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_every_probe_leaves_the_model_as_it_was(shapes_batch):
+    model = vizcnn.load_model("demo").train()  # training mode, parameters requiring grad
+    for param in model.parameters():
+        param.requires_grad_(True)
+    before = snapshot(model)
+    x = shapes_batch[:2]
+    fgsm(model, x, 0.02)
+    pgd(model, x, 0.02, steps=2)
+    lbfgs_adversarial(model, x[:1], searches=1, max_iterations=3)
+    excite(model, x, "features.3", 1, eps=0.02, steps=2)
+    layer_displacement(model, x, x)
+    invariance(model, ShapesDataset(1, seed=HELD_OUT_SEED).render(0).image, "rotate", [0, 90],
+               layers=("features.1", "classifier.2"))
+    assert_unchanged(model, before)
+    assert model.training and all(p.grad is None for p in model.parameters())
