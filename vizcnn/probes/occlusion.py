@@ -33,7 +33,7 @@ import math
 import operator
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,6 @@ class OcclusionMaps:
     max_deviation: float | None = None
     checked: int = 0
     computed: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``maps.pt`` (every tensor), one PNG per map and image (probability,

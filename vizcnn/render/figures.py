@@ -256,7 +256,7 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
     """
     from matplotlib.colors import ListedColormap
 
-    from vizcnn.render.grid import _PALETTE, image_tiles, projection_tiles
+    from vizcnn.render.grid import LABEL_PALETTE, image_tiles, projection_tiles
 
     rgb = (np.asarray(images) if isinstance(images, np.ndarray) and images.dtype == np.uint8
            else image_tiles(images, mean, std))
@@ -267,7 +267,7 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
     fig = Figure(figsize=(2.3 * len(panels), 2.4 * count + 0.3), layout="constrained")
     axes = fig.subplots(count, len(panels), squeeze=False)
     names = list(classes) if classes is not None else None
-    palette = ListedColormap(np.array(_PALETTE) / 255.0)
+    palette = ListedColormap(np.array(LABEL_PALETTE) / 255.0)
     # each map cell is drawn where its occluder's centre lies, so maps line up with the input
     centres_y = maps.positions[:, 0, 0].cpu().numpy() + maps.window[0] / 2
     centres_x = maps.positions[0, :, 1].cpu().numpy() + maps.window[1] / 2
@@ -305,11 +305,12 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
                 ax.set_title(f"(d) p({_class_name(names, target)})", fontsize=8)
             else:
                 labels = maps.label[n].cpu().numpy()
-                on_image(ax, labels % len(_PALETTE), cmap=palette, vmin=0,
-                         vmax=len(_PALETTE) - 1)
+                on_image(ax, labels % len(LABEL_PALETTE), cmap=palette, vmin=0,
+                         vmax=len(LABEL_PALETTE) - 1)
                 present = [int(v) for v in np.unique(labels)]
-                handles = [Rectangle((0, 0), 1, 1, color=np.array(_PALETTE[v % len(_PALETTE)])
-                                     / 255.0) for v in present]
+                colours = np.array(LABEL_PALETTE) / 255.0
+                handles = [Rectangle((0, 0), 1, 1, color=colours[v % len(colours)])
+                           for v in present]
                 ax.legend(handles, [_class_name(names, v) for v in present], fontsize=6,
                           loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
                 ax.set_title("(e) most probable class", fontsize=8)

@@ -186,7 +186,7 @@ def occlusion_map_png(values, path, *, low: float | None = None, high: float | N
     of distinct colours for class labels (``categorical``)."""
     array = _numpy(values)
     if categorical:
-        palette = (np.array(_PALETTE, np.uint8))
+        palette = (np.array(LABEL_PALETTE, np.uint8))
         rgb = palette[array.astype(np.int64) % len(palette)]
     else:
         rgb = cv2.applyColorMap(stretch(array, low, high), cv2.COLORMAP_JET)[..., ::-1]
@@ -198,7 +198,7 @@ def occlusion_map_png(values, path, *, low: float | None = None, high: float | N
 
 
 # Distinct colours for class labels (matplotlib's tab20, as uint8 RGB).
-_PALETTE = [
+LABEL_PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
     (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
