@@ -33,3 +33,20 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["state"][key], value), key  # bit-identical
     for key in ("training", "inplace", "requires_grad"):
         assert after[key] == before[key], key
+
+
+def distributed_scan_worker(rank: int, world: int, store: str, out: str, data: str,
+                            layers: list[str]) -> None:
+    """One rank of a torch.distributed scan (gloo, file store); rank 0 saves the result."""
+    import torch.distributed as dist
+
+    import vizcnn
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        top = vizcnn.scan_topk(vizcnn.load_model("demo"), data, layers, batch_size=16,
+                               progress=False)
+        if rank == 0:
+            top.save(out)
+    finally:
+        dist.destroy_process_group()

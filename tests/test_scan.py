@@ -232,3 +232,20 @@ def test_killed_scan_resumes(demo, tmp_path):
     assert 160 <= saved.count < 1500
     resumed = scan_topk(demo, "shapes:1500", ["features.10"], state_path=state, progress=False)
     assert_same(resumed, scan_topk(demo, "shapes:1500", ["features.10"], progress=False))
+
+
+def test_a_scan_across_processes_equals_one_process(demo, tmp_path):
+    """Two ranks (torch.distributed, gloo) each scan half of the data; the merged lists equal
+    the single-process scan exactly, ties included."""
+    import torch.multiprocessing as mp
+    from helpers import distributed_scan_worker
+
+    out = tmp_path / "merged"
+    layers = [*LAYERS, "features.11"]  # after a ReLU: channels silent on many images tie at 0
+    mp.spawn(distributed_scan_worker, nprocs=2,
+             args=(2, str(tmp_path / "store"), str(out), "shapes:70", layers))
+    merged = TopK.load(out)
+    single = scan_topk(demo, "shapes:70", layers, progress=False)
+    assert (single.values["features.11"] == 0).any()  # the tie-break is exercised
+    assert merged.count == 70
+    assert_same(merged, single)

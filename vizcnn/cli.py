@@ -198,6 +198,21 @@ def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]
     return channels
 
 
+def _join_torchrun() -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) join the process group (gloo on
+    the CPU, nccl on GPUs) so that scan_topk splits the data; returns this process's rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def _topk(args: argparse.Namespace) -> None:
     import shutil
 
@@ -223,6 +238,7 @@ def _topk(args: argparse.Namespace) -> None:
     state = out.parent / f".{out.name}.scan-state"
     if state.exists():
         print(f"resuming the scan saved in {state}")
+    rank = _join_torchrun()
     try:
         top = scan_topk(model, data, args.layer, k=args.k, batch_size=args.batch_size,
                         state_path=state)
@@ -230,6 +246,8 @@ def _topk(args: argparse.Namespace) -> None:
         print(f"scan state saved in {state}; run the same command again to resume",
               file=sys.stderr)
         raise
+    if rank != 0:  # under torchrun every rank scans its shard; rank 0 writes
+        return
     steps = preprocessing_for(model)
     written = []
     with atomic_path(out) as staging:

@@ -181,35 +181,43 @@ def _as_input(model: nn.Module, image: Any) -> torch.Tensor:
     return preprocess(model, image)[0]
 
 
-def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0
+def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
+                  shard: tuple[int, int] = (0, 1)
                   ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on.
 
     A batch holds items of one size (a size change closes the batch). ``skipped`` names
-    unreadable images that were left out: their indices are never reported.
+    unreadable images that were left out: their indices are never reported. ``shard`` =
+    (rank, world) keeps only the indices i with i % world == rank.
     """
+    rank, world = shard
     data = open_data(data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
             raise BadArgument(f"a tensor data set must be (N, C, H, W), got {tuple(data.shape)}")
-        for first in range(start, len(data), batch_size):
-            yield list(range(first, min(first + batch_size, len(data)))), \
-                data[first:first + batch_size], []
+        mine = [i for i in range(start, len(data)) if i % world == rank]
+        for first in range(0, len(mine), batch_size):
+            chosen = mine[first:first + batch_size]
+            yield chosen, data[chosen], []
         return
     if isinstance(data, DataLoader):
         index = 0
         for batch in data:
             images = _first(batch)
-            if index + len(images) > start:
-                skip = max(start - index, 0)
-                yield list(range(index + skip, index + len(images))), \
-                    _loader_batch(model, images[skip:]), []
+            chosen = [i for i in range(max(index, start), index + len(images))
+                      if i % world == rank]
+            if chosen:
+                rows = [i - index for i in chosen]
+                yield chosen, _loader_batch(model, images[rows] if isinstance(
+                    images, torch.Tensor) else [images[r] for r in rows]), []
             index += len(images)
         return
     pending: list[torch.Tensor] = []
     indices: list[int] = []
     skipped: list[str] = []
     for index, load in _items(data, start):
+        if index % world != rank:
+            continue
         try:
             image = _as_input(model, _first(load()))
         except BadImage as error:  # one unreadable file must not end a long scan
@@ -343,6 +351,11 @@ def scan_topk(
         save_every: seconds between state saves.
         progress: show a tqdm bar.
 
+    Across processes: when ``torch.distributed`` is initialised (e.g. under ``torchrun``) with
+    more than one rank, rank r scans the data-set indices i with i % world == r, keeps its own
+    state (``state_path/rank<r>``), and the ranks' lists are merged exactly (same values,
+    indices and tie-breaking as one process); every rank returns the merged result.
+
     Returns:
         ``TopK`` with (C, k) values, indices and (C, k, 2) positions per layer.
     """
@@ -363,6 +376,9 @@ def scan_topk(
     fingerprint = model_fingerprint(model)
     source = _describe(data)
     data = open_data(data)
+    shard = _shard()
+    if state_path is not None and shard[1] > 1:
+        state_path = Path(state_path) / f"rank{shard[0]}"
     state = _resume(state_path, names, k, fingerprint) if state_path else None
     kept = ({n: (state.values[n].to(run_device), state.indices[n].to(run_device),
                  state.positions[n].to(run_device)) for n in names} if state else {})
@@ -371,7 +387,8 @@ def scan_topk(
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, DataLoader) else (
         len(data.dataset) if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__")
         else None)
-    bar = tqdm(total=total, initial=count, desc="scan", unit="img", disable=not progress)
+    bar = tqdm(total=total, initial=count, desc="scan", unit="img",
+               disable=not progress or shard[0] != 0)
     traced: list[str] | None = None
     input_size = None
     last_save = time.monotonic()
@@ -383,7 +400,8 @@ def scan_topk(
 
     try:
         with preserved_state(model, eval_mode=True), torch.no_grad():
-            for indices, batch, batch_skipped in input_batches(model, data, batch_size, count):
+            for indices, batch, batch_skipped in input_batches(model, data, batch_size, count,
+                                                               shard):
                 skipped += batch_skipped
                 if len(batch):
                     batch = batch.to(run_device)
@@ -398,7 +416,7 @@ def scan_topk(
                             kept[name] = _empty(k, values.shape[1], run_device)
                         kept[name] = _merge(kept[name], values, positions, order, k)
                     count = indices[-1] + 1
-                bar.update(len(batch) + len(batch_skipped))
+                bar.update((len(batch) + len(batch_skipped)) * shard[1])
                 if state_path and time.monotonic() - last_save >= save_every:
                     result().save(state_path)
                     last_save = time.monotonic()
@@ -409,11 +427,47 @@ def scan_topk(
     finally:
         bar.close()
     if not kept:
-        raise BadArgument(f"no image to scan in {source}")
+        raise BadArgument(f"no image to scan in {source}" + (
+            f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
     top = result()
     if state_path:
         top.save(state_path)
-    return top
+    return _merge_ranks(top) if shard[1] > 1 else top
+
+
+def _shard() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _merge_ranks(top: TopK) -> TopK:
+    """Every rank's top-k lists merged into one, exactly as a single process keeps them:
+    by value descending, ties to the smaller data-set index."""
+    import torch.distributed as dist
+
+    gathered: list[TopK | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, top)
+    values, indices, positions = {}, {}, {}
+    for layer in top.layers:
+        all_values = torch.cat([t.values[layer] for t in gathered], dim=1)
+        all_indices = torch.cat([t.indices[layer] for t in gathered], dim=1)
+        all_positions = torch.cat([t.positions[layer] for t in gathered], dim=1)
+        empty = all_indices < 0  # empty slots sort after every image
+        by_index = torch.argsort(torch.where(empty, torch.iinfo(torch.long).max, all_indices),
+                                 dim=1, stable=True)
+        all_values, all_indices = all_values.gather(1, by_index), all_indices.gather(1, by_index)
+        all_positions = all_positions.gather(1, by_index[..., None].expand(-1, -1, 2))
+        order = torch.sort(all_values, dim=1, descending=True, stable=True).indices[:, :top.k]
+        values[layer] = all_values.gather(1, order)
+        indices[layer] = all_indices.gather(1, order)
+        positions[layer] = all_positions.gather(1, order[..., None].expand(-1, -1, 2))
+    skipped = tuple(name for t in gathered for name in t.skipped)
+    return TopK(top.k, values, indices, positions, max(t.count for t in gathered), top.source,
+                top.fingerprint, skipped)
 
 
 def _resume(state_path, names: list[str], k: int, fingerprint: str) -> TopK | None:
