@@ -198,3 +198,37 @@ def test_bad_arguments_and_no_hooks(alexnet):
             occlusion(alexnet, x, progress=False, **kwargs)
         assert "\n" not in str(raised.value)
     assert hooks_left(alexnet) == []
+
+
+def test_concatenation_and_functional_ops_stay_exact():
+    """Branches joined by torch.cat (not incremental: full tensors again) and functional
+    relu / add (incremental) still give the naive loop's numbers."""
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.left = nn.Conv2d(4, 3, 1)
+            self.right = nn.Conv2d(4, 3, 3, padding=1)
+            self.pool = nn.AvgPool2d(2)
+            self.after = nn.Conv2d(6, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            joined = torch.cat([self.left(x), self.right(x)], dim=1)
+            y = self.pool(joined)
+            y = torch.nn.functional.relu(self.after(y)) + y
+            return self.fc(y.mean(dim=(2, 3))) * 3
+
+    torch.manual_seed(3)
+    model = Branches().eval()
+    x = torch.randn(1, 3, 24, 28)
+    maps = occlusion(model, x, window=(6, 5), stride=(4, 3), layer="after", progress=False)
+    assert maps.engine == "incremental"
+    probs, labels, totals = naive_loop(model, x, (6, 5), (4, 3), int(maps.target[0]), "after",
+                                       int(maps.channel[0]))
+    assert probs.std() > 1e-3
+    assert (maps.prob[0] - probs).abs().max() <= 1e-5
+    assert torch.equal(maps.label[0], labels)
+    assert (maps.activation[0] - totals).abs().max() <= 1e-4 * totals.abs().max()
