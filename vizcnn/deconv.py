@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import forward_to, model_device, preserved_state
+from vizcnn.hooks import forward_to, model_device, preserved_state, require_batch
 from vizcnn.layers import resolve_layer
 from vizcnn.receptive import LayerCall, chain_calls, last_call, receptive_fields, trace_calls
 
@@ -420,7 +420,7 @@ class Deconvnet:
         Returns:
             (N, C_in, H, W) projections, on the model's device.
         """
-        x = _batch(x)
+        x = require_batch(x)
         return self.project_many(x, layer, [channel] * len(x), mode=mode, path=path)
 
     def project_many(
@@ -500,7 +500,7 @@ class Deconvnet:
             raise BadArgument(f"path must be 'auto', 'explicit' or 'autograd', not {path!r}")
         model = self.model
         resolve_layer(model, layer)
-        x = _batch(x).to(model_device(model))
+        x = require_batch(x).to(model_device(model))
         device = x.device
         channels = torch.as_tensor(channels, dtype=torch.long, device=device).flatten()
         images = (torch.arange(len(channels), device=device) if images is None
@@ -644,14 +644,6 @@ class _Plan:
     distinct_rows: torch.Tensor | None = None  # (P,) each projection's row in ``distinct``
     share_forward: bool = False  # "max" mode: crop the units from whole forward passes
     whole: _Forward | None = None  # the whole forward passes, computed on first use
-
-
-def _batch(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise BadArgument(f"expected an image batch (N, C, H, W), got "
-                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}",
-                          "use vizcnn.preprocess(model, image) first")
-    return x
 
 
 def _chunks(count: int, size: int) -> Iterator[slice]:

@@ -127,6 +127,15 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
             param.requires_grad_(flag)
 
 
+def require_batch(x: Any) -> torch.Tensor:
+    """``x`` if it is an image batch (N, C, H, W) tensor, else a one-line BadArgument."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise BadArgument(f"expected an image batch (N, C, H, W), got {shape}",
+                          "use vizcnn.preprocess(model, image) first")
+    return x
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in (*model.parameters(), *model.buffers()):

@@ -25,9 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import capture, forward_to, model_device, preserved_state, run_forward
+from vizcnn.hooks import (
+    capture,
+    forward_to,
+    model_device,
+    preserved_state,
+    require_batch,
+    run_forward,
+)
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import preprocessing_for
+from vizcnn.probes import class_labels
 from vizcnn.receptive import trace_calls
 
 
@@ -114,26 +122,6 @@ def check_eps(eps: float, what: str = "eps") -> float:
     return float(eps)
 
 
-def _batch(x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise BadArgument("expected an image batch (N, C, H, W)",
-                          "use vizcnn.preprocess(model, image) first")
-    return x
-
-
-def _labels(value, logits: torch.Tensor, what: str) -> torch.Tensor:
-    classes = logits.shape[1]
-    labels = torch.as_tensor(value, dtype=torch.long, device=logits.device).flatten()
-    labels = labels.expand(len(logits)) if labels.numel() == 1 else labels
-    if len(labels) != len(logits):
-        raise BadArgument(f"{len(labels)} {what} labels for {len(logits)} images")
-    bad = labels[(labels < 0) | (labels >= classes)]
-    if len(bad):
-        raise BadArgument(f"{what} class {int(bad[0])} out of range: the model has {classes} "
-                          f"classes (0-{classes - 1})")
-    return labels
-
-
 def _result(pixel_model, pixels, adversarial, clean_logits, target, targeted, method, eps
             ) -> AdversarialResult:
     with torch.no_grad():
@@ -153,7 +141,7 @@ def _result(pixel_model, pixels, adversarial, clean_logits, target, targeted, me
 
 
 def _setup(model, x, target, mean, std):
-    x = _batch(x).to(model_device(model))
+    x = require_batch(x).to(model_device(model))
     mean_t, std_t = normalisation(model, x, mean, std)
     pixel_model = PixelModel(model, mean_t, std_t)
     pixels = (x * std_t + mean_t).clamp(0.0, 1.0).detach()
@@ -162,7 +150,7 @@ def _setup(model, x, target, mean, std):
     if not isinstance(clean_logits, torch.Tensor) or clean_logits.dim() != 2:
         raise BadArgument("adversarial probes need a classifier with (N, classes) outputs")
     targeted = target is not None
-    labels = _labels(target if targeted else clean_logits.argmax(1), clean_logits, "target")
+    labels = class_labels(target if targeted else clean_logits.argmax(1), clean_logits)
     return pixel_model, pixels, clean_logits, labels, targeted
 
 
@@ -245,7 +233,7 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=No
             or max_iterations < 1:
         raise BadArgument("searches and max_iterations must be positive integers")
     with _attacking(model):
-        x = _batch(x)
+        x = require_batch(x)
         with torch.no_grad():
             logits = run_forward(model, x.to(model_device(model)))
         if target is None:
@@ -345,7 +333,7 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
         raise BadArgument(f"steps must be a positive integer, got {steps!r}")
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     resolve_layer(model, layer)
-    x = _batch(x).to(model_device(model))
+    x = require_batch(x).to(model_device(model))
     with _attacking(model):
         traced = [c.name for c in trace_calls(model, tuple(x.shape[-2:]))]
         mean_t, std_t = normalisation(model, x, mean, std)
@@ -397,8 +385,8 @@ def layer_displacement(model: nn.Module, clean: torch.Tensor, perturbed: torch.T
     device = model_device(model)
     with preserved_state(model, eval_mode=True), torch.no_grad():
         with capture(model, names) as a:
-            run_forward(model, _batch(clean).to(device))
+            run_forward(model, require_batch(clean).to(device))
         with capture(model, names) as b:
-            run_forward(model, _batch(perturbed).to(device))
+            run_forward(model, require_batch(perturbed).to(device))
     return {name: ((b[name] - a[name]).flatten(1).norm(dim=1)
                    / a[name].flatten(1).norm(dim=1).clamp_min(1e-12)) for name in names}

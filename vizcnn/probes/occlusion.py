@@ -45,9 +45,10 @@ from tqdm import tqdm
 
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import capture, model_device, preserved_state, run_forward
+from vizcnn.hooks import capture, model_device, preserved_state, require_batch, run_forward
 from vizcnn.io import atomic_path
 from vizcnn.layers import resolve_layer
+from vizcnn.probes import class_labels
 
 DRILL_FACTOR = 2  # approximate mode: the coarse grid takes every 2nd row and column
 DRILL_TOLERANCE = 0.05  # ... and refines cells whose corner probabilities differ more
@@ -437,9 +438,7 @@ def occlusion(
     Returns:
         ``OcclusionMaps``.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise BadArgument("expected an image batch (N, C, H, W)",
-                          "use vizcnn.preprocess(model, image) first")
+    require_batch(x)
     window, stride = _pair(window, "window"), _pair(stride, "stride")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -471,8 +470,7 @@ def occlusion(
             _check_outputs(clean_logits, clean_maps, layer)
         else:
             clean_logits, clean_maps = _clean_pass(model, x, layer)
-        classes = clean_logits.shape[1]
-        targets = _targets(target, clean_logits, classes)
+        targets = _targets(target, clean_logits)
         channels = _channels(channel, clean_maps, layer)
         if runs is not None and channels is not None:
             for run, chosen in zip(runs, channels.tolist(), strict=True):
@@ -587,18 +585,9 @@ def _check_outputs(logits: Any, maps: Any, layer: str | None) -> None:
                           f"classes), not {tuple(getattr(logits, 'shape', ()))}")
 
 
-def _targets(target, logits: torch.Tensor, classes: int) -> torch.Tensor:
-    if target is None:
-        return logits.argmax(dim=1)
-    values = torch.as_tensor(target, dtype=torch.long, device=logits.device).flatten()
-    values = values.expand(len(logits)) if values.numel() == 1 else values
-    if len(values) != len(logits):
-        raise BadArgument(f"{len(values)} targets for {len(logits)} images")
-    bad = values[(values < 0) | (values >= classes)]
-    if len(bad):
-        raise BadArgument(f"target class {int(bad[0])} out of range: the model has {classes} "
-                          f"classes (0-{classes - 1})")
-    return values
+def _targets(target, logits: torch.Tensor) -> torch.Tensor:
+    """The class mapped per image: given (checked), or the clean prediction."""
+    return logits.argmax(dim=1) if target is None else class_labels(target, logits)
 
 
 def _channels(channel, maps: torch.Tensor | None, layer) -> torch.Tensor | None:
