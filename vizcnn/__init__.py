@@ -5,6 +5,9 @@ from vizcnn.errors import BadArgument, BadCheckpoint, BadImage, LayerNotFound, V
 from vizcnn.hooks import activations, capture
 from vizcnn.layers import list_layers
 from vizcnn.models import Preprocessing, load_model, preprocess
+from vizcnn.probes.adversarial import excite, fgsm, layer_displacement, lbfgs_adversarial, pgd
+from vizcnn.probes.invariance import invariance
+from vizcnn.probes.occlusion import OcclusionMaps, occlusion
 from vizcnn.receptive import ReceptiveField, receptive_field
 from vizcnn.scan import TopK, scan_topk
 
@@ -16,14 +19,22 @@ __all__ = [
     "BadImage",
     "Deconvnet",
     "LayerNotFound",
+    "OcclusionMaps",
     "Preprocessing",
     "ReceptiveField",
     "TopK",
     "VizCNNError",
     "activations",
     "capture",
+    "excite",
+    "fgsm",
+    "invariance",
+    "layer_displacement",
+    "lbfgs_adversarial",
     "list_layers",
     "load_model",
+    "occlusion",
+    "pgd",
     "preprocess",
     "receptive_field",
     "scan_topk",
