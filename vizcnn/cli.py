@@ -58,6 +58,19 @@ def _image(spec: str):
     return spec if index is None else held_out_image(index)
 
 
+def _model_and_input(args: argparse.Namespace):
+    """The set-up most commands share: check that --out can be written (before the slow
+    part), load MODEL, read IMAGE and preprocess it. Returns (model, image, x (1, 3, H, W))."""
+    from vizcnn.io import writable_parent
+    from vizcnn.models import preprocess
+
+    if getattr(args, "out", None):
+        writable_parent(args.out)
+    model = _load(args)
+    image = _image(args.image)
+    return model, image, preprocess(model, image)
+
+
 def _conv_layer(model, name: str | None) -> str:
     """``name`` if it is a conv layer (default: the first one), else a clear error."""
     from torch import nn
@@ -92,14 +105,9 @@ def _filters(args: argparse.Namespace) -> None:
 def _maps(args: argparse.Namespace) -> None:
     from vizcnn.errors import BadArgument
     from vizcnn.hooks import activations
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess
     from vizcnn.render.figures import feature_maps_figure, save_figure
 
-    writable_parent(args.out)
-    model = _load(args)
-    image = _image(args.image)
-    x = preprocess(model, image)
+    model, image, x = _model_and_input(args)
     maps = activations(model, x, [args.layer])[args.layer]
     if not hasattr(maps, "dim") or maps.dim() != 4:
         raise BadArgument(f"layer {args.layer!r} gives no feature maps (output "
@@ -119,13 +127,9 @@ def _activations(args: argparse.Namespace) -> None:
     import torch
 
     from vizcnn.hooks import activations
-    from vizcnn.io import atomic_path, writable_parent
-    from vizcnn.models import preprocess
+    from vizcnn.io import atomic_path
 
-    if args.out:
-        writable_parent(args.out)
-    model = _load(args)
-    x = preprocess(model, _image(args.image))
+    model, _, x = _model_and_input(args)
     captured = activations(model, x, args.layer, to_cpu=True)
     print(f"{args.image} -> input {'x'.join(map(str, x.shape[1:]))}")
     print(f"{'layer':<20} {'shape':<16} {'min':>9} {'mean':>9} {'max':>9} {'active':>7}")
@@ -143,16 +147,12 @@ def _activations(args: argparse.Namespace) -> None:
 def _deconv(args: argparse.Namespace) -> None:
     from vizcnn.deconv import Deconvnet
     from vizcnn.hooks import activations
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess, preprocessing_for
+    from vizcnn.models import preprocessing_for
     from vizcnn.receptive import receptive_field
     from vizcnn.render.figures import projection_figure, save_figure
     from vizcnn.render.grid import image_tiles
 
-    writable_parent(args.out)
-    model = _load(args)
-    image = _image(args.image)
-    x = preprocess(model, image)
+    model, _, x = _model_and_input(args)
     projection = Deconvnet(model).project(x, args.layer, args.channel, mode=args.mode)
     box = None
     maps = activations(model, x, [args.layer])[args.layer]
@@ -283,14 +283,11 @@ def _class_index(model, spec: str | None) -> int | None:
 
 def _occlusion(args: argparse.Namespace) -> None:
     from vizcnn.deconv import Deconvnet
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess, preprocessing_for
+    from vizcnn.models import preprocessing_for
     from vizcnn.probes.occlusion import occlusion
     from vizcnn.render.figures import occlusion_figure, save_figure
 
-    writable_parent(args.out)
-    model = _load(args)
-    x = preprocess(model, _image(args.image))
+    model, _, x = _model_and_input(args)
     maps = occlusion(model, x, window=args.window, stride=args.stride,
                      target=_class_index(model, args.target), layer=args.layer,
                      channel=args.channel, approx=args.approx or False, engine=args.engine)
@@ -340,14 +337,10 @@ def _normalisation(model):
 
 
 def _adversarial(args: argparse.Namespace) -> None:
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess
     from vizcnn.probes.adversarial import fgsm, layer_displacement, lbfgs_adversarial, pgd
     from vizcnn.render.figures import adversarial_figure, save_figure
 
-    writable_parent(args.out)
-    model = _load(args)
-    x = preprocess(model, _image(args.image))
+    model, _, x = _model_and_input(args)
     target = _class_index(model, args.target)
     eps = _eps(args.eps)
     if args.method == "fgsm":
@@ -373,14 +366,10 @@ def _adversarial(args: argparse.Namespace) -> None:
 
 
 def _excite(args: argparse.Namespace) -> None:
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess
     from vizcnn.probes.adversarial import excite
     from vizcnn.render.figures import excite_figure, save_figure
 
-    writable_parent(args.out)
-    model = _load(args)
-    x = preprocess(model, _image(args.image))
+    model, _, x = _model_and_input(args)
     result = excite(model, x, args.layer, args.channel, _eps(args.eps), args.steps)
     print(f"{args.layer} channel {args.channel}: total activation {float(result.before[0]):.4g}"
           f" -> {float(result.after[0]):.4g} (eps {result.eps:.4f})")
@@ -389,14 +378,12 @@ def _excite(args: argparse.Namespace) -> None:
 
 
 def _invariance(args: argparse.Namespace) -> None:
-    from vizcnn.io import writable_parent
     from vizcnn.probes.invariance import TRANSFORMS, invariance
     from vizcnn.render.figures import invariance_figure, save_figure
 
-    writable_parent(args.out)
-    model = _load(args)
+    model, image, _ = _model_and_input(args)
     low, high = args.layers or _default_layers(model)
-    results = {t: [invariance(model, _image(args.image), t, layers=(low, high),
+    results = {t: [invariance(model, image, t, layers=(low, high),
                               true_class=_class_index(model, args.true_class))]
                for t in TRANSFORMS}
     for transform, (result,) in results.items():
