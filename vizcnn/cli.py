@@ -416,6 +416,18 @@ def _train_demo(args: argparse.Namespace) -> None:
           f"(seed never used in training); {result.seconds / 60:.1f} min")
 
 
+def _figure_command(commands, name: str, help: str, run: Callable, *, image: bool = True
+                    ) -> argparse.ArgumentParser:
+    """A subcommand that takes MODEL (and IMAGE) and writes one figure to --out."""
+    parser = commands.add_parser(name, help=help)
+    _add_model_options(parser)
+    if image:
+        parser.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    parser.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vizcnn", description="See what a trained convolutional network has "
                      "learned.")
@@ -441,35 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
     acts.add_argument("--out", help="save {layer: tensor} to this .pt file")
     acts.set_defaults(run=_activations)
 
-    filters = commands.add_parser("filters", help="a conv layer's filters as a grid figure")
-    _add_model_options(filters)
+    filters = _figure_command(commands, "filters", "a conv layer's filters as a grid figure",
+                              _filters, image=False)
     filters.add_argument("--layer", metavar="L", help="conv layer (default: the first)")
     filters.add_argument("--mode", default="auto", choices=["auto", "rgb", "mean", "channels"],
                          help="rgb for 3-channel filters, mean or channels for deeper ones")
-    filters.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    filters.set_defaults(run=_filters)
 
-    maps = commands.add_parser("maps", help="one image's feature maps of a layer as a grid figure")
-    _add_model_options(maps)
-    maps.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    maps = _figure_command(commands, "maps", "one image's feature maps of a layer as a grid "
+                           "figure", _maps)
     maps.add_argument("--layer", required=True, metavar="L", help="conv or pool layer")
     maps.add_argument("--scaling", default="tile", choices=["tile", "shared"],
                       help="each map its own range (tile) or one range for all (shared)")
-    maps.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    maps.set_defaults(run=_maps)
 
-    deconv = commands.add_parser("deconv", help="deconvnet projection of one channel of a "
-                                 "layer back to the pixels of an image")
-    _add_model_options(deconv)
-    deconv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    deconv = _figure_command(commands, "deconv", "deconvnet projection of one channel of a "
+                             "layer back to the pixels of an image", _deconv)
     deconv.add_argument("--layer", required=True, metavar="L", help="layer to project from")
     deconv.add_argument("--channel", required=True, type=int, metavar="C",
                         help="feature map (channel) of the layer")
     deconv.add_argument("--mode", default="max", choices=["max", "map"],
                         help="max: the channel's strongest unit only (default); map: the whole "
                         "channel")
-    deconv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    deconv.set_defaults(run=_deconv)
 
     topk = commands.add_parser("topk", help="scan a data set for the top-k images of every "
                                "channel; Fig. 2 figures (projections beside image patches)")
@@ -488,10 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "fig2_<layer>.<format>")
     topk.set_defaults(run=_topk)
 
-    occ = commands.add_parser("occlusion", help="slide an occluder over an image: class "
-                              "probability, label and feature-map activation maps (Fig. 7)")
-    _add_model_options(occ)
-    occ.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    occ = _figure_command(commands, "occlusion", "slide an occluder over an image: class "
+                          "probability, label and feature-map activation maps (Fig. 7)",
+                          _occlusion)
     occ.add_argument("--window", type=int, default=16, help="occluder side in pixels (16)")
     occ.add_argument("--stride", type=int, default=4, help="step between positions (4)")
     occ.add_argument("--target", metavar="CLASS", help="class index or name (default: the "
@@ -504,44 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "changes); with a FRACTION also cap the recomputed region at that "
                      "fraction of each map's side")
     occ.add_argument("--engine", default="auto", choices=["auto", "incremental", "naive"])
-    occ.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    occ.set_defaults(run=_occlusion)
 
-    adv = commands.add_parser("adversarial", help="the smallest change that flips the "
-                              "decision: FGSM, PGD or L-BFGS, with the layer displacement")
-    _add_model_options(adv)
-    adv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    adv = _figure_command(commands, "adversarial", "the smallest change that flips the "
+                          "decision: FGSM, PGD or L-BFGS, with the layer displacement",
+                          _adversarial)
     adv.add_argument("--method", default="fgsm", choices=["fgsm", "pgd", "lbfgs"])
     adv.add_argument("--eps", default="8/255", help="L-inf radius in 0-1 pixel units, or N/255 "
                      "(default 8/255; not used by lbfgs)")
     adv.add_argument("--steps", type=int, default=10, help="PGD steps (10)")
     adv.add_argument("--target", metavar="CLASS", help="class to aim at (index or name); "
                      "default: untargeted (lbfgs: the second most probable class)")
-    adv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    adv.set_defaults(run=_adversarial)
 
-    exc = commands.add_parser("excite", help="the pattern that, added within eps, excites one "
-                              "feature map most")
-    _add_model_options(exc)
-    exc.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    exc = _figure_command(commands, "excite", "the pattern that, added within eps, excites one "
+                          "feature map most", _excite)
     exc.add_argument("--layer", required=True, metavar="L")
     exc.add_argument("--channel", required=True, type=int, metavar="C")
     exc.add_argument("--eps", default="8/255", help="L-inf radius, 0-1 units or N/255")
     exc.add_argument("--steps", type=int, default=20)
-    exc.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    exc.set_defaults(run=_excite)
 
-    inv = commands.add_parser("invariance", help="translate, scale and rotate an image: "
-                              "feature distances and P(true class) (Fig. 5)")
-    _add_model_options(inv)
-    inv.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    inv = _figure_command(commands, "invariance", "translate, scale and rotate an image: "
+                          "feature distances and P(true class) (Fig. 5)", _invariance)
     inv.add_argument("--true-class", metavar="CLASS", help="index or name (default: the "
                      "clean prediction)")
     inv.add_argument("--layers", nargs=2, metavar=("LOW", "HIGH"),
                      help="layers compared (default: the first conv and the last hidden "
                      "linear layer)")
-    inv.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    inv.set_defaults(run=_invariance)
 
     demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
