@@ -478,9 +478,9 @@ class Deconvnet:
         field, cut from the projection and from the input (see ``Patches``). This is what the
         Fig. 2 figure shows, and it never holds full-size projections in memory."""
         plan = self._plan(x, layer, channels, images, positions, "max", path, batch_size)
-        field_size = plan.field_size
+        field_size, field_starts = self._field(plan)
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
-        boxes = _patch_boxes(plan.field_starts, patch, plan.x.shape[-2:])
+        boxes = _patch_boxes(field_starts, patch, plan.x.shape[-2:])
         projections = plan.x.new_zeros(len(plan.channels), plan.x.shape[1], *patch)
         for chunk in _chunks(len(plan.channels), batch_size):
             projected, starts = self._project_chunk(plan, chunk)
@@ -511,8 +511,7 @@ class Deconvnet:
         if len(images) and (images.min() < 0 or images.max() >= len(x)):
             raise BadArgument(f"image index {int(images.max())} out of range for a batch of "
                               f"{len(x)}", "without images=, give one channel per image")
-        with preserved_state(model, eval_mode=True):
-            calls = trace_calls(model, tuple(x.shape[-2:]))
+        calls = trace_calls(model, tuple(x.shape[-2:]))  # in eval mode, model restored
         output = calls[last_call(calls, layer)].output
         if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
             raise BadArgument(f"layer {layer!r} gives no feature maps (output "
@@ -537,21 +536,13 @@ class Deconvnet:
                                   f"of {layer!r}")
         elif mode == "max":
             positions = self._strongest(x, layer, calls, channels, images)
-        plan = _Plan(x, layer, channels, images, positions, mode, steps,
-                     [c.name for c in calls], map_size, batch_size=batch_size)
+        plan = _Plan(x, layer, channels, images, positions, mode, steps, calls, map_size,
+                     batch_size=batch_size)
         plan.distinct, plan.distinct_rows = torch.unique(images, return_inverse=True)
         if steps is not None and mode == "max":
             # whole forward passes pay off when many projections share an image
             plan.share_forward = (len(plan.distinct) * _cost(steps, map_size)
                                   < len(images) * _cost(steps, (1, 1)))
-        if steps is not None and mode == "max":
-            plan.field_size = _regions(steps, (1, 1))[0]
-            plan.field_starts = _starts(steps, positions)[0]
-        else:
-            plan.field_size = tuple(x.shape[-2:])
-            plan.field_starts = torch.zeros(len(channels), 2, dtype=torch.long, device=device)
-            if steps is None and mode == "max":
-                plan.field_size, plan.field_starts = self._field(plan, calls)
         return plan
 
     def _strongest(self, x, layer, calls, channels, images) -> torch.Tensor:
@@ -561,15 +552,18 @@ class Deconvnet:
         with preserved_state(model, eval_mode=True), torch.no_grad():
             output = forward_to(model, x, [layer], [c.name for c in calls])[layer]
         if output.dim() == 2:
-            return torch.zeros(len(channels), 2, dtype=torch.long, device=x.device)
+            return _zeros(len(channels), x.device)
         maps = output[images, channels]  # (P, h, w)
         flat = maps.flatten(1).argmax(1)
         return torch.stack([flat // maps.shape[-1], flat % maps.shape[-1]], dim=1)
 
-    def _field(self, plan: _Plan, calls) -> tuple[tuple[int, int], torch.Tensor]:
-        """Receptive-field size and unclipped starts of each unit, for the autograd path."""
+    def _field(self, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:
+        """Receptive-field size and unclipped top-left corner (P, 2) of each projected unit:
+        from the explicit chain's geometry, else from ``receptive_fields``."""
+        if plan.steps is not None:
+            return _regions(plan.steps, (1, 1))[0], _starts(plan.steps, plan.positions)[0]
         field = receptive_fields(self.model, [plan.layer], tuple(plan.x.shape[-2:]),
-                                 calls=calls)[plan.layer]
+                                 calls=plan.calls)[plan.layer]
         if field.is_global:
             return tuple(plan.x.shape[-2:]), torch.zeros_like(plan.positions)
         jump = torch.tensor(field.jump, device=plan.x.device)
@@ -635,20 +629,20 @@ class _Plan:
     positions: torch.Tensor | None
     mode: str
     steps: list[_Step] | None
-    traced: list[str]
+    calls: list[LayerCall]  # the trace of one forward pass at this input size
     map_size: tuple[int, int]
-    field_size: tuple[int, int] = (0, 0)
-    field_starts: torch.Tensor | None = None
     batch_size: int = 64
     distinct: torch.Tensor | None = None  # the distinct images, ascending
     distinct_rows: torch.Tensor | None = None  # (P,) each projection's row in ``distinct``
     share_forward: bool = False  # "max" mode: crop the units from whole forward passes
     whole: _Forward | None = None  # the whole forward passes, computed on first use
 
+    @property
+    def traced(self) -> list[str]:
+        return [call.name for call in self.calls]
+
 
 def _chunks(count: int, size: int) -> Iterator[slice]:
-    if size < 1:
-        raise BadArgument(f"batch_size must be positive, got {size}")
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
 

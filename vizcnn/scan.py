@@ -253,19 +253,19 @@ def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tens
     """The model inputs (P, C, H, W) of the given data-set indices, in that order (repeats
     allowed): by indexing where the data can be indexed, else by one pass over it."""
     data = open_data(data)
-    wanted = sorted(set(int(i) for i in indices))
+    wanted = {int(i) for i in indices}
     found: dict[int, torch.Tensor] = {}
-    if isinstance(data, torch.Tensor) or (isinstance(data, Dataset) and hasattr(data, "__len__")
-                                          and not isinstance(data, DataLoader)):
-        for index in wanted:
-            found[index] = _as_input(model, _first(data[index])) if not isinstance(
-                data, torch.Tensor) else data[index]
-    else:
+    if isinstance(data, torch.Tensor):
+        found = {index: data[index] for index in wanted if 0 <= index < len(data)}
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        found = {index: _as_input(model, _first(data[index])) for index in wanted
+                 if 0 <= index < len(data)}
+    else:  # an iterable: one pass, keeping what is wanted
         for batch_indices, batch, _ in input_batches(model, data, 64):
             for index, image in zip(batch_indices, batch, strict=True):
                 if index in wanted:
                     found[index] = image
-    missing = [i for i in wanted if i not in found]
+    missing = sorted(i for i in wanted if i not in found)
     if missing:
         raise BadArgument(f"data-set index {missing[0]} is not in the data",
                           "use the data set the top-k scan ran over")
@@ -384,10 +384,7 @@ def scan_topk(
                  state.positions[n].to(run_device)) for n in names} if state else {})
     count = state.count if state else 0
     skipped = list(state.skipped) if state else []
-    total = len(data) if hasattr(data, "__len__") and not isinstance(data, DataLoader) else (
-        len(data.dataset) if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__")
-        else None)
-    bar = tqdm(total=total, initial=count, desc="scan", unit="img",
+    bar = tqdm(total=_length(data), initial=count, desc="scan", unit="img",
                disable=not progress or shard[0] != 0)
     traced: list[str] | None = None
     input_size = None
@@ -433,6 +430,12 @@ def scan_topk(
     if state_path:
         top.save(state_path)
     return _merge_ranks(top) if shard[1] > 1 else top
+
+
+def _length(data: Any) -> int | None:
+    """How many images ``data`` holds, when it says (for the progress bar)."""
+    source = data.dataset if isinstance(data, DataLoader) else data
+    return len(source) if hasattr(source, "__len__") else None
 
 
 def _shard() -> tuple[int, int]:

@@ -140,11 +140,25 @@ def _result(pixel_model, pixels, adversarial, clean_logits, target, targeted, me
         linf=perturbation.abs().flatten(1).amax(1), method=method, eps=eps)
 
 
-def _setup(model, x, target, mean, std):
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise BadArgument(f"steps must be a positive integer, got {steps!r}")
+
+
+def _to_pixels(model, x, mean, std) -> tuple[torch.Tensor, PixelModel, torch.Tensor]:
+    """x on the model's device, the pixel-space model, and x's pixels in [0, 1]."""
     x = require_batch(x).to(model_device(model))
     mean_t, std_t = normalisation(model, x, mean, std)
-    pixel_model = PixelModel(model, mean_t, std_t)
-    pixels = (x * std_t + mean_t).clamp(0.0, 1.0).detach()
+    return x, PixelModel(model, mean_t, std_t), (x * std_t + mean_t).clamp(0.0, 1.0).detach()
+
+
+def _into_ball(perturbed: torch.Tensor, pixels: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project onto the L-inf ball of radius eps around ``pixels`` and the box [0, 1]."""
+    return torch.minimum(torch.maximum(perturbed, pixels - eps), pixels + eps).clamp(0.0, 1.0)
+
+
+def _setup(model, x, target, mean, std):
+    x, pixel_model, pixels = _to_pixels(model, x, mean, std)
     with torch.no_grad():
         clean_logits = run_forward(model, x)
     if not isinstance(clean_logits, torch.Tensor) or clean_logits.dim() != 2:
@@ -193,8 +207,7 @@ def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
     from captum.robust import PGD
 
     eps = check_eps(eps)
-    if not isinstance(steps, int) or steps < 1:
-        raise BadArgument(f"steps must be a positive integer, got {steps!r}")
+    _check_steps(steps)
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     with _attacking(model):
         pixel_model, pixels, clean_logits, labels, targeted = _setup(model, x, target, mean, std)
@@ -203,8 +216,7 @@ def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
                                      steps, labels, targeted=targeted,
                                      random_start=random_start).detach()
         # the ball and the box, once more: Captum's clipping order can leave rounding outside
-        adversarial = torch.minimum(torch.maximum(adversarial, pixels - eps), pixels + eps)
-        adversarial = adversarial.clamp(0.0, 1.0)
+        adversarial = _into_ball(adversarial, pixels, eps)
         return _result(pixel_model, pixels, adversarial, clean_logits, labels, targeted,
                        "pgd", eps)
 
@@ -233,12 +245,9 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=No
             or max_iterations < 1:
         raise BadArgument("searches and max_iterations must be positive integers")
     with _attacking(model):
-        x = require_batch(x)
-        with torch.no_grad():
-            logits = run_forward(model, x.to(model_device(model)))
-        if target is None:
-            target = logits.topk(2, dim=1).indices[:, 1]
         pixel_model, pixels, clean_logits, labels, _ = _setup(model, x, target, mean, std)
+        if target is None:  # the runner-up class of the clean image
+            labels = clean_logits.topk(2, dim=1).indices[:, 1]
         best = pixels.clone()
         for start in range(0, len(pixels), batch_size):
             chunk = slice(start, start + batch_size)
@@ -329,15 +338,13 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
             the ball and [0, 1]; the best iterate (highest activation) is returned.
     """
     eps = check_eps(eps)
-    if not isinstance(steps, int) or steps < 1:
-        raise BadArgument(f"steps must be a positive integer, got {steps!r}")
+    _check_steps(steps)
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     resolve_layer(model, layer)
-    x = require_batch(x).to(model_device(model))
     with _attacking(model):
+        x, pixel_model, pixels = _to_pixels(model, x, mean, std)
         traced = [c.name for c in trace_calls(model, tuple(x.shape[-2:]))]
-        mean_t, std_t = normalisation(model, x, mean, std)
-        pixels = (x * std_t + mean_t).clamp(0.0, 1.0).detach()
+        mean_t, std_t = pixel_model.mean, pixel_model.std
 
         def total(p: torch.Tensor) -> torch.Tensor:
             output = forward_to(model, (p - mean_t) / std_t, [layer], traced)[layer]
@@ -356,8 +363,7 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
             (grad,) = torch.autograd.grad(value.sum(), current)
             with torch.no_grad():
                 current = current + step_size * grad.sign()
-                current = torch.minimum(torch.maximum(current, pixels - eps), pixels + eps)
-                current = current.clamp(0.0, 1.0)
+                current = _into_ball(current, pixels, eps)
                 value = total(current)
                 improved = value > best_value
                 best[improved] = current[improved]
