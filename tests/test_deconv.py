@@ -17,7 +17,7 @@ from torch import nn
 import vizcnn
 import vizcnn.deconv as deconv_module
 from vizcnn.data.shapes import held_out_image
-from vizcnn.deconv import Deconvnet, FunctionalReLUWarning
+from vizcnn.deconv import Deconvnet, RectificationWarning
 from vizcnn.layers import resolve_layer
 
 TOLERANCE = 1e-5  # of the projection's largest magnitude
@@ -262,7 +262,8 @@ def test_functional_relus_are_rectified_and_warned_about():
     chain = _tiny_chain()
     functional = FunctionalChain(chain).eval()
     x = torch.randn(2, 3, 23, 31)
-    with pytest.warns(FunctionalReLUWarning, match="FunctionalChain applies ReLU as a function"):
+    with pytest.warns(RectificationWarning,
+                      match=r"FunctionalChain: .*rectified its signal at F\.relu x1"):
         result = Deconvnet(functional).project(x, "conv2", 2)
     # the same layers with ReLU modules, through the explicit path: the paper's operations
     assert_close(result, Deconvnet(chain).project(x, "features.3", 2, path="explicit"))
@@ -270,14 +271,14 @@ def test_functional_relus_are_rectified_and_warned_about():
 
 def test_googlenet_warns_by_name():
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False).eval()
-    with pytest.warns(FunctionalReLUWarning, match="GoogLeNet"):
+    with pytest.warns(RectificationWarning, match="GoogLeNet"):
         Deconvnet(model).project(torch.randn(1, 3, 64, 64), "inception3a", 3)
     assert hooks_left(model) == []
 
 
 def test_module_relus_do_not_warn(alexnet):
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FunctionalReLUWarning)
+        warnings.simplefilter("error", RectificationWarning)
         Deconvnet(alexnet).project(torch.randn(1, 3, 64, 64), "features.3", 1, path="autograd")
 
 

@@ -8,29 +8,35 @@ in AlexNet and ZF Net) pick the same input, their signals add.
 
 Two paths behind one interface, with the same numbers:
 
-- **explicit**, for chains of conv / ReLU / max-pool / batch-norm / dropout layers (AlexNet, VGG,
-  ZFNetMini): the three operations written out. In "max" mode a unit depends only on the pixels
+- **explicit**, for chains of conv / activation / max-pool / batch-norm / dropout layers (AlexNet,
+  VGG, ZFNetMini): the three operations written out. In "max" mode a unit depends only on the pixels
   of its receptive field, so the forward pass and the projection run on that crop alone; each
   layer's crop is padded exactly as the layer pads its full map (zeros before a conv, -inf
   before a max pool), so cropping changes no number.
 - **autograd**, for any other network (residual adds, concatenations): the model's own backward
-  pass with every ReLU's backward replaced by a rectifier, ``grad_in = relu(grad_out)``. ReLUs
-  are caught as functions (``torch.relu``, ``F.relu``, ``Tensor.relu``) while the call runs, so
-  ReLU modules, in-place ReLUs and functional ``F.relu`` are all rectified. Other
-  nonlinearities (GELU, SiLU, sigmoid gates) keep their ordinary gradient.
+  pass with every nonlinearity's backward replaced by a rectifier, ``grad_in = relu(grad_out)``.
+  Nonlinearities are caught as functions (``F.relu``, ``torch.relu_``, ``F.prelu``, ``F.gelu``,
+  ``Tensor.sigmoid``, ...; see ``layers.ACTIVATION_FUNCTIONS``) while the call runs, so modules,
+  in-place variants and functional calls are all treated alike.
 
-The result equals Captum's ``NeuronDeconvolution`` at the strongest unit times that unit's
-activation (for a positive activation; a negative start is rectified at the first ReLU on the
-way down, where Captum's gradient would be scaled instead). Captum rectifies through hooks on
-ReLU *modules* only, so for models that call ``F.relu`` (torchvision's GoogLeNet, Inception,
-DenseNet) it leaves those ReLUs unrectified; vizcnn warns about such models so the difference
-is never silent.
+**Rectify** (``rectify=``): ``"all"`` (default) is the paper's rule: the signal passes through a
+ReLU at *every* elementwise nonlinearity on the way down, module or function, whatever the
+forward nonlinearity was (ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, sigmoid, ...).
+``"captum"`` rectifies at ``nn.ReLU`` modules only and lets every other nonlinearity (and a
+functional ReLU) pass its ordinary gradient, as Captum's ``NeuronDeconvolution`` does with its
+hooks on ReLU modules. A ``RectificationWarning`` names, per model, the nonlinearities where the
+two choices differ and how they were treated, so the difference is never silent.
+
+With ``rectify="captum"`` the "max" result equals Captum's ``NeuronDeconvolution`` at the
+strongest unit times that unit's activation, on any model; with ``"all"`` it equals it on
+models whose only nonlinearities are ``nn.ReLU`` modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,16 +49,19 @@ from torch.overrides import TorchFunctionMode
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import forward_to, model_device, preserved_state, require_batch
-from vizcnn.layers import resolve_layer
+from vizcnn.layers import ACTIVATION_FUNCTIONS, is_activation, resolve_layer
 from vizcnn.receptive import LayerCall, chain_calls, last_call, receptive_fields, trace_calls
 
 Mode = Literal["max", "map"]
 Route = Literal["auto", "explicit", "autograd"]  # which implementation projects
+Rectify = Literal["all", "captum"]  # where the signal is rectified on the way down
 _POINTWISE_STEPS = (nn.Dropout, nn.Dropout2d, nn.Identity)
 
 
-class FunctionalReLUWarning(UserWarning):
-    """A model applies ReLU as a function, which hook-based deconvnets cannot rectify."""
+class RectificationWarning(UserWarning):
+    """The model has nonlinearities where the paper's rule (rectify at every one) and Captum's
+    (rectify at ``nn.ReLU`` modules only) give different projections; says how each was
+    treated."""
 
 
 # --------------------------------------------------------------------------- the explicit chain
@@ -62,7 +71,7 @@ class FunctionalReLUWarning(UserWarning):
 class _Step:
     """One leaf layer of a chain: what it does and the (H, W) of its full input map."""
 
-    kind: str  # "conv", "pool", "relu", "norm" or "same"
+    kind: str  # "conv", "pool", "act" (a nonlinearity: rectified), "norm" or "same"
     module: nn.Module
     input_size: tuple[int, int]
     kernel: tuple[int, int] = (1, 1)
@@ -75,7 +84,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _step(call: LayerCall) -> _Step | None:
+def _step(call: LayerCall, rectify: Rectify) -> _Step | None:
     """The step for one traced call, or None if the explicit path cannot do this layer."""
     module = call.module
     size = tuple(call.inputs[0].shape[-2:]) if call.inputs[0].dim() == 4 else None
@@ -90,8 +99,10 @@ def _step(call: LayerCall) -> _Step | None:
         return _Step("pool", module, size, _pair(module.kernel_size),
                      _pair(module.stride or module.kernel_size), _pair(module.padding),
                      _pair(module.dilation))
-    if isinstance(module, nn.ReLU):
-        return _Step("relu", module, size)
+    if is_activation(module):
+        # a nonlinearity that keeps its gradient ("captum" mode) needs autograd
+        rectified = rectify == "all" or isinstance(module, nn.ReLU)
+        return _Step("act", module, size) if rectified else None
     if isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
         return _Step("norm", module, size)
     if isinstance(module, _POINTWISE_STEPS):
@@ -99,13 +110,14 @@ def _step(call: LayerCall) -> _Step | None:
     return None
 
 
-def explicit_steps(calls: list[LayerCall], layer: str) -> list[_Step] | None:
+def explicit_steps(calls: list[LayerCall], layer: str, rectify: Rectify = "all"
+                   ) -> list[_Step] | None:
     """The chain of steps from the input to ``layer``, or None when the explicit path cannot
     take it (a branch, a functional op, or a layer it does not know on the way)."""
     leaves = chain_calls(calls, last_call(calls, layer))
     if not leaves or calls[last_call(calls, layer)].output.dim() != 4:
         return None
-    steps = [_step(call) for call in leaves]
+    steps = [_step(call, rectify) for call in leaves]
     return None if any(step is None for step in steps) else steps  # type: ignore[return-value]
 
 
@@ -175,8 +187,8 @@ def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
         elif step.kind == "pool":
             signal, switch = F.max_pool2d(_outside(signal, mask, float("-inf")), step.kernel,
                                           step.stride, 0, step.dilation, return_indices=True)
-        elif step.kind == "relu":
-            signal = F.relu(signal)
+        elif step.kind == "act":
+            signal = module.forward(signal)  # the model's own nonlinearity, without its hooks
         elif step.kind == "norm":
             signal = signal * _norm_scale(module) + _norm_shift(module)
         switches.append(switch)
@@ -277,8 +289,8 @@ def _chain_backward(steps: list[_Step], forward: _Forward, signal: torch.Tensor,
             # scatter_add, not max_unpool2d: overlapping windows that share a switch must add
             unpooled.scatter_add_(2, switches, signal.flatten(2))
             signal = unpooled.view(*signal.shape[:2], *length)
-        elif step.kind == "relu":
-            signal = signal.clamp_min(0.0)
+        elif step.kind == "act":
+            signal = signal.clamp_min(0.0)  # rectify, whatever the forward nonlinearity
         elif step.kind == "norm":
             signal = signal * _norm_scale(step.module)
     return signal
@@ -311,62 +323,92 @@ def _transposed_conv(signal: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
 
 
 class _Rectify(torch.autograd.Function):
-    """ReLU forward, rectified backward: the deconvnet's treatment of a ReLU."""
+    """A nonlinearity's forward, a rectified backward: the deconvnet's treatment of it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp_min(0.0)
+    def forward(ctx, x: torch.Tensor, function, args: tuple, kwargs: dict) -> torch.Tensor:
+        # on a copy: an in-place variant must not overwrite what the graph needs
+        return function(x.clone(), *args, **kwargs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clamp_min(0.0)
+    def backward(ctx, grad: torch.Tensor):
+        return grad.clamp_min(0.0), None, None, None
 
 
-class _RectifiedReLUs(TorchFunctionMode):
-    """While active, every ReLU call (module or functional, in place or not) is ``_Rectify``;
-    counts the calls so functional ReLUs can be told apart from ReLU modules."""
+class _Rectifier(TorchFunctionMode):
+    """While active, every call of an elementwise nonlinearity (``layers.ACTIVATION_FUNCTIONS``)
+    that is to be rectified goes through ``_Rectify``. ``inside`` holds the activation modules
+    running (kept by hooks), so a call is told apart as a module's or a bare function's; the
+    calls are counted per kind in ``rectified`` and ``passed`` for the warning."""
 
-    _RELUS = {"relu", "relu_"}
-
-    def __init__(self):
+    def __init__(self, rectify: Rectify):
         super().__init__()
-        self.calls = 0
+        self.rectify = rectify
+        self.inside: list[nn.Module] = []
+        self.rectified: Counter[str] = Counter()
+        self.passed: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) in self._RELUS and args and isinstance(
-                args[0], torch.Tensor):
-            self.calls += 1
-            return _Rectify.apply(args[0])  # never in place: the graph needs the input
+        name = getattr(func, "__name__", None)
+        if name in ACTIVATION_FUNCTIONS and args and isinstance(args[0], torch.Tensor):
+            module = self.inside[-1] if self.inside else None
+            kind = type(module).__name__ if module is not None else f"F.{name.strip('_')}"
+            if self.rectify == "all" or isinstance(module, nn.ReLU):
+                self.rectified[kind] += 1
+                return _Rectify.apply(args[0], func, args[1:], kwargs)
+            self.passed[kind] += 1
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def _rectified(model: nn.Module) -> Iterator[_RectifiedReLUs]:
-    """Rectify every ReLU for the block and warn, naming the model, if some are functional."""
-    relu_modules = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    module_calls = [0]
+def _rectified(model: nn.Module, rectify: Rectify) -> Iterator[_Rectifier]:
+    """Rectify the model's nonlinearities for the block (as ``rectify`` says), then warn where
+    the paper's rule and Captum's differ on this model."""
+    mode = _Rectifier(rectify)
 
-    def count(module, inputs):
-        module_calls[0] += 1
+    def enter(module, inputs):
+        mode.inside.append(module)
 
-    handles = [m.register_forward_pre_hook(count) for m in relu_modules]
-    mode = _RectifiedReLUs()
+    def leave(module, inputs, output):
+        mode.inside.pop()
+
+    handles = []
     try:
+        for module in model.modules():
+            if is_activation(module):
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave))
         with mode:
             yield mode
     finally:
         for handle in handles:
             handle.remove()
-    functional = mode.calls - module_calls[0]
-    if functional > 0:
-        warnings.warn(
-            f"{type(model).__name__} applies ReLU as a function (F.relu / torch.relu, "
-            f"{functional} call(s) in this pass), not as nn.ReLU modules: vizcnn rectifies "
-            "those calls too, but hook-based deconvnets (Captum's NeuronDeconvolution, "
-            "GuidedBackprop) cannot and treat them as ordinary gradients, so their results "
-            "for this model differ from vizcnn's",
-            FunctionalReLUWarning, stacklevel=4)
+    warn_rectification(model, mode.rectified, mode.passed, rectify)
+
+
+def warn_rectification(model: nn.Module, rectified: Counter[str], passed: Counter[str],
+                       rectify: Rectify) -> None:
+    """A ``RectificationWarning`` naming the nonlinearities (other than ``nn.ReLU`` modules)
+    on the way down, and how they were treated, when there are any: there the paper's rule
+    and Captum's give different projections."""
+    differing = Counter({kind: count for kind, count in (rectified + passed).items()
+                         if kind != "ReLU"})
+    if not differing:
+        return
+    listing = ", ".join(f"{kind} x{count}" for kind, count in sorted(differing.items()))
+    name = type(model).__name__
+    if rectify == "all":
+        text = (f"{name}: the deconvnet rectified its signal at {listing} as at every "
+                "nonlinearity (the paper's rule). Captum's NeuronDeconvolution rectifies only "
+                "at nn.ReLU modules and passes the ordinary gradient through these, so its "
+                "projections of this model differ; rectify='captum' reproduces them")
+    else:
+        text = (f"{name}: with rectify='captum' the signal passed {listing} with their "
+                "ordinary gradient and was rectified at nn.ReLU modules only, as Captum's "
+                "NeuronDeconvolution does; the paper's rule (rectify='all', the default) "
+                "rectifies at every nonlinearity")
+    warnings.warn(text, RectificationWarning, stacklevel=5)
 
 
 # --------------------------------------------------------------------------- the public class
@@ -405,7 +447,7 @@ class Deconvnet:
         self.model = model
 
     def project(self, x: torch.Tensor, layer: str, channel: int, mode: Mode = "max", *,
-                path: Route = "auto") -> torch.Tensor:
+                path: Route = "auto", rectify: Rectify = "all") -> torch.Tensor:
         """Project one channel of ``layer`` for each image of ``x``.
 
         Args:
@@ -416,12 +458,17 @@ class Deconvnet:
                 projection is that activation times the deconvnet image of the unit); "map"
                 keeps the whole channel as it is.
             path: "auto" (explicit for chains, autograd otherwise), "explicit" or "autograd".
+            rectify: "all" (default, the paper's rule: rectify at every elementwise
+                nonlinearity, module or function) or "captum" (at ``nn.ReLU`` modules only,
+                the others keep their ordinary gradient, as Captum's NeuronDeconvolution).
 
         Returns:
             (N, C_in, H, W) projections, on the model's device.
         """
         x = require_batch(x)
-        return self.project_many(x, layer, [channel] * len(x), mode=mode, path=path)
+        _check_channel(channel)
+        return self.project_many(x, layer, [channel] * len(x), mode=mode, path=path,
+                                 rectify=rectify)
 
     def project_many(
         self,
@@ -433,6 +480,7 @@ class Deconvnet:
         positions: torch.Tensor | None = None,
         mode: Mode = "max",
         path: Route = "auto",
+        rectify: Rectify = "all",
         batch_size: int = 64,
     ) -> torch.Tensor:
         """Project many (image, channel) pairs of one layer in batches.
@@ -450,13 +498,14 @@ class Deconvnet:
                 image p, which needs P == N).
             positions: (P, 2) the (y, x) unit of each projection in "max" mode (default: the
                 strongest unit of the channel in that image, e.g. a top-k scan's positions).
-            mode, path: as in ``project``.
+            mode, path, rectify: as in ``project``.
             batch_size: projections computed at once (bounds the memory).
 
         Returns:
             (P, C_in, H, W) projections.
         """
-        plan = self._plan(x, layer, channels, images, positions, mode, path, batch_size)
+        plan = self._plan(x, layer, channels, images, positions, mode, path, rectify,
+                          batch_size)
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
         for chunk in _chunks(len(plan.channels), batch_size):
             crops, starts = self._project_chunk(plan, chunk)
@@ -472,12 +521,14 @@ class Deconvnet:
         images: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         path: Route = "auto",
+        rectify: Rectify = "all",
         batch_size: int = 64,
     ) -> Patches:
         """Like ``project_many`` in "max" mode, but keeps only each unit's patch: its receptive
         field, cut from the projection and from the input (see ``Patches``). This is what the
         Fig. 2 figure shows, and it never holds full-size projections in memory."""
-        plan = self._plan(x, layer, channels, images, positions, "max", path, batch_size)
+        plan = self._plan(x, layer, channels, images, positions, "max", path, rectify,
+                          batch_size)
         field_size, field_starts = self._field(plan)
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
         boxes = _patch_boxes(field_starts, patch, plan.x.shape[-2:])
@@ -490,7 +541,8 @@ class Deconvnet:
 
     # ------------------------------------------------------------------ internals
 
-    def _plan(self, x, layer, channels, images, positions, mode, path, batch_size) -> _Plan:
+    def _plan(self, x, layer, channels, images, positions, mode, path, rectify,
+              batch_size) -> _Plan:
         """Check the arguments, trace the model, and find each projection's unit."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -498,11 +550,13 @@ class Deconvnet:
             raise BadArgument(f"mode must be 'max' or 'map', not {mode!r}")
         if path not in ("auto", "explicit", "autograd"):
             raise BadArgument(f"path must be 'auto', 'explicit' or 'autograd', not {path!r}")
+        if rectify not in ("all", "captum"):
+            raise BadArgument(f"rectify must be 'all' or 'captum', not {rectify!r}")
         model = self.model
         resolve_layer(model, layer)
         x = require_batch(x).to(model_device(model))
         device = x.device
-        channels = torch.as_tensor(channels, dtype=torch.long, device=device).flatten()
+        channels = _channel_tensor(channels, device)
         images = (torch.arange(len(channels), device=device) if images is None
                   else torch.as_tensor(images, dtype=torch.long, device=device).flatten())
         if len(images) != len(channels):
@@ -521,10 +575,14 @@ class Deconvnet:
             bad = int(channels.max() if channels.max() >= count else channels.min())
             raise BadArgument(f"channel {bad} out of range: {layer!r} has {count} channels "
                               f"(0-{count - 1})")
-        steps = None if path == "autograd" else explicit_steps(calls, layer)
+        steps = None if path == "autograd" else explicit_steps(calls, layer, rectify)
         if path == "explicit" and steps is None:
-            raise BadArgument(f"the explicit deconvnet needs a chain of conv / ReLU / max-pool "
-                              f"layers up to {layer!r}", "use path='autograd' (or 'auto')")
+            raise BadArgument(f"the explicit deconvnet needs a chain of conv / activation / "
+                              f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
+                              "modules only)", "use path='autograd' (or 'auto')")
+        if steps is not None:
+            warn_rectification(model, Counter(type(s.module).__name__ for s in steps
+                                              if s.kind == "act"), Counter(), rectify)
         map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.long, device=device).view(-1, 2)
@@ -537,7 +595,7 @@ class Deconvnet:
         elif mode == "max":
             positions = self._strongest(x, layer, calls, channels, images)
         plan = _Plan(x, layer, channels, images, positions, mode, steps, calls, map_size,
-                     batch_size=batch_size)
+                     rectify, batch_size=batch_size)
         plan.distinct, plan.distinct_rows = torch.unique(images, return_inverse=True)
         if steps is not None and mode == "max":
             # whole forward passes pay off when many projections share an image
@@ -609,7 +667,7 @@ class Deconvnet:
     def _autograd(self, plan, channels, images, positions):
         x = plan.x[images].detach().requires_grad_(True)
         unit = plan.mode == "max"
-        with _rectified(self.model):
+        with _rectified(self.model, plan.rectify):
             output = forward_to(self.model, x, [plan.layer], plan.traced)[plan.layer]
             signal = _select(output.detach(), channels, positions if unit else None, unit=unit)
             (grad,) = torch.autograd.grad(output, x, grad_outputs=signal)
@@ -631,6 +689,7 @@ class _Plan:
     steps: list[_Step] | None
     calls: list[LayerCall]  # the trace of one forward pass at this input size
     map_size: tuple[int, int]
+    rectify: Rectify = "all"
     batch_size: int = 64
     distinct: torch.Tensor | None = None  # the distinct images, ascending
     distinct_rows: torch.Tensor | None = None  # (P,) each projection's row in ``distinct``
@@ -640,6 +699,25 @@ class _Plan:
     @property
     def traced(self) -> list[str]:
         return [call.name for call in self.calls]
+
+
+def _check_channel(channel: Any) -> None:
+    """A channel must be an integer (not a bool, not a float that would be truncated)."""
+    if isinstance(channel, bool) or not isinstance(channel, (int, torch.Tensor)) or (
+            isinstance(channel, torch.Tensor) and (channel.numel() != 1
+                                                   or channel.is_floating_point())):
+        raise BadArgument(f"channel must be an integer, got {channel!r}")
+
+
+def _channel_tensor(channels: Any, device) -> torch.Tensor:
+    """(P,) long channel indices from a sequence or tensor of integers (floats and bools are
+    refused: a silently truncated 1.7 would project the wrong channel)."""
+    values = torch.as_tensor(channels, device=device).flatten()
+    if values.numel() == 0:
+        return values.long()
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+        raise BadArgument(f"channels must be integers, got {channels!r}")
+    return values.long()
 
 
 def _chunks(count: int, size: int) -> Iterator[slice]:
@@ -703,7 +781,7 @@ class TopPatches:
 
 def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
                 channels: Sequence[int] | None = None, *, path: Route = "auto",
-                batch_size: int = 64) -> TopPatches:
+                rectify: Rectify = "all", batch_size: int = 64) -> TopPatches:
     """Project the top-k units of each channel (from ``scan_topk``) and cut their patches.
 
     Args:
@@ -712,7 +790,7 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
         data: the data set that was scanned (indices refer to it).
         layer: the layer to show.
         channels: which channels (default: all).
-        path: deconvnet path, as in ``Deconvnet.project``.
+        path, rectify: as in ``Deconvnet.project``.
     """
     from vizcnn.scan import images_at
 
@@ -738,7 +816,7 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
     positions = top.positions[layer][channels][filled]
     patches = Deconvnet(model).project_patches(x, layer, pair_channels, images=rows,
                                                positions=positions, path=path,
-                                               batch_size=batch_size)
+                                               rectify=rectify, batch_size=batch_size)
     k = indices.shape[1]
     size = patches.projections.shape[1:]
 

@@ -8,11 +8,35 @@ from torch import nn
 
 from vizcnn.errors import BadArgument, LayerNotFound
 
+# The elementwise nonlinearities vizcnn knows, as modules and by the names their functions carry
+# in ``__torch_function__`` (``F.relu`` -> "relu", ``torch.relu_`` -> "relu_", ``nn.ReLU6`` ->
+# "hardtanh", ...). The deconvnet rectifies its signal at every one of them (the paper's rule,
+# whatever the forward nonlinearity was); occlusion and receptive fields treat them as pointwise.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh,
+    nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Threshold,
+)
+ACTIVATION_FUNCTIONS = frozenset({
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_", "elu",
+    "elu_", "selu", "selu_", "celu", "celu_", "gelu", "silu", "mish", "hardswish", "hardtanh",
+    "hardtanh_", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid",
+    "log_sigmoid", "logsigmoid", "softsign", "tanhshrink", "softshrink", "hardshrink",
+    "threshold", "threshold_", "_threshold",
+})
+RELU_FUNCTIONS = frozenset({"relu", "relu_"})
+
+# Layers that act on each position separately (in eval mode): they keep a map's geometry.
+POINTWISE: tuple[type[nn.Module], ...] = (
+    *ACTIVATIONS, nn.BatchNorm2d, nn.LocalResponseNorm, nn.Dropout, nn.Dropout2d, nn.Identity,
+)
+
 # Each kind is a tuple of module classes; `list_layers(model, kind)` filters by isinstance.
 LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "relu": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU,
-             nn.Hardswish),
+    "relu": (nn.ReLU,),
+    "activation": ACTIVATIONS,
     "pool": (
         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
         nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -25,13 +49,20 @@ LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
 }
 
 
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is an elementwise nonlinearity (see ``ACTIVATIONS``)."""
+    return isinstance(module, ACTIVATIONS)
+
+
 def list_layers(model: nn.Module, kind: str | None = None) -> list[str]:
     """Dotted names of the model's modules in registration order (the root is left out).
 
     Args:
         model: any ``nn.Module``.
         kind: None for every module (containers too), ``"leaf"`` for modules without children,
-            or one of ``LAYER_KINDS``: "conv", "relu", "pool", "linear", "norm".
+            or one of ``LAYER_KINDS``: "conv", "relu" (``nn.ReLU`` only), "activation" (every
+            elementwise nonlinearity: ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, ...), "pool",
+            "linear", "norm".
     """
     if kind is not None and kind != "leaf" and kind not in LAYER_KINDS:
         kinds = ", ".join(LAYER_KINDS)

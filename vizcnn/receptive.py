@@ -33,17 +33,11 @@ from torch.overrides import TorchFunctionMode
 
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state, run_forward
-from vizcnn.layers import LAYER_KINDS, resolve_layer
+from vizcnn.layers import POINTWISE, resolve_layer
 
 Method = Literal["auto", "analytic", "gradient"]
 Pair = tuple[int, int]
 
-# Layers that act on each position separately (in eval mode), so they leave the field unchanged.
-_POINTWISE = (
-    *LAYER_KINDS["relu"],
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LocalResponseNorm,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
-)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _LARGEST_SIDE = 4096  # the gradient method enlarges its input up to this side, then gives up
 _SMALLEST_SAFE = 1e-30  # float32 gradients below this may have neighbours that underflowed
@@ -225,7 +219,7 @@ def _analytic(calls: list[LayerCall], end: int, input_size: Pair) -> ReceptiveFi
         if geometry is None:
             identity_pool = (isinstance(call.module, _ADAPTIVE)
                              and call.inputs[0].shape[-2:] == call.output.shape[-2:])
-            if isinstance(call.module, _POINTWISE) or identity_pool:
+            if isinstance(call.module, POINTWISE) or identity_pool:
                 continue
             return None
         kernel, stride, padding, dilation = geometry
