@@ -50,3 +50,47 @@ def distributed_scan_worker(rank: int, world: int, store: str, out: str, data: s
             top.save(out)
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- networks unlike ours
+# Factories by dotted name, for `--arch helpers:...` (the tests folder is on sys.path).
+
+CALLED: list[str] = []  # what a checkpoint's "arch" field made run, if anything
+
+
+def record_call(**kwargs) -> nn.Module:
+    """An architecture factory that notes it was called (code named in a checkpoint)."""
+    CALLED.append("record_call")
+    return one_channel_net()
+
+
+def one_channel_net(**kwargs) -> nn.Module:
+    """A grayscale classifier: 1 input channel, 5 classes, for 32 x 32 inputs or larger."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.PReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 6, 3), nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(24, 5))
+
+
+class TupleNet(nn.Module):
+    """A two-headed network: (class scores (N, 6), box (N, 4)); GELU as a function, PReLU,
+    a ceil-mode pool and a fixed-size head for 32 x 32 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.PReLU(8)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.classes = nn.Linear(8 * 16 * 16, 6)
+        self.box = nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.conv1(x)))
+        x = torch.nn.functional.gelu(self.conv2(x)).flatten(1)
+        return self.classes(x) * 20, self.box(x)
+
+
+def tuple_net(**kwargs) -> nn.Module:
+    torch.manual_seed(4)
+    return TupleNet().eval()

@@ -47,6 +47,11 @@ def shapes_batch(demo):
     return torch.cat([vizcnn.preprocess(demo, dataset.render(i).image) for i in range(60)])
 
 
+def normalised(mean, std) -> vizcnn.Preprocessing:
+    """A model's normalisation record (mean and std of pixels in [0, 1]), size kept."""
+    return vizcnn.Preprocessing(resize=None, crop=None, mean=tuple(mean), std=tuple(std))
+
+
 @pytest.mark.parametrize("targeted", [False, True])
 def test_fgsm_is_the_closed_form_sign_step(targeted):
     model = tiny()
@@ -61,7 +66,8 @@ def test_fgsm_is_the_closed_form_sign_step(targeted):
     (grad,) = torch.autograd.grad(loss, p)
     step = -eps * grad.sign() if targeted else eps * grad.sign()
     expected = (pixels + step).clamp(0, 1)
-    result = fgsm(model, x, eps, target=labels if targeted else None, mean=mean, std=std)
+    result = fgsm(model, x, eps, target=labels if targeted else None,
+                  preprocessing=normalised(mean.tolist(), std.tolist()))
     assert torch.allclose(result.perturbation + pixels, expected, atol=1e-6)
     assert torch.allclose(result.x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1), expected,
                           atol=1e-5)
@@ -75,7 +81,7 @@ def test_fgsm_equals_captum_on_an_unnormalised_model():
     reference = FGSM(model, loss_func=lambda out, t: F.cross_entropy(out, t, reduction="none"),
                      lower_bound=0.0, upper_bound=1.0).perturb(
                          pixels.clone().requires_grad_(True), 0.03, labels)
-    result = fgsm(model, pixels, 0.03, mean=(0.0,) * 3, std=(1.0,) * 3)
+    result = fgsm(model, pixels, 0.03, preprocessing=normalised((0.0,) * 3, (1.0,) * 3))
     assert torch.allclose(result.x, reference, atol=1e-6)
 
 
@@ -92,9 +98,10 @@ def test_results_stay_in_the_ball_and_the_pixel_range(eps, height, width, mean, 
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     x = (pixels - m) / s
     target = 1 if targeted else None
-    for result in (fgsm(model, x, eps, target=target, mean=mean, std=std),
-                   pgd(model, x, eps, steps=3, random_start=True, target=target, mean=mean,
-                       std=std)):
+    steps = normalised(mean, std)
+    for result in (fgsm(model, x, eps, target=target, preprocessing=steps),
+                   pgd(model, x, eps, steps=3, random_start=True, target=target,
+                       preprocessing=steps)):
         adversarial = result.x * s + m
         assert (adversarial >= -1e-5).all() and (adversarial <= 1 + 1e-5).all()
         assert ((adversarial - pixels).abs() <= eps + 1e-5).all()

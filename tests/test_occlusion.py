@@ -61,7 +61,7 @@ def test_engines_equal_a_naive_loop(name, last, size, window, stride, layer, eng
     torch.manual_seed(5)
     x = torch.randn(1, 3, *size)
     before = snapshot(model)
-    maps = occlusion(model, x, window=window, stride=stride, layer=layer, engine=engine,
+    maps = occlusion(model, x, fill=0.0, window=window, stride=stride, layer=layer, engine=engine,
                      progress=False)
     assert_unchanged(model, before)
     assert maps.engine == engine
@@ -102,7 +102,7 @@ def test_the_occluder_that_hurts_most_covers_the_shape():
     samples = [dataset.render(i) for i in range(100)]
     x = torch.cat([vizcnn.preprocess(model, s.image) for s in samples])
     window = 16
-    maps = occlusion(model, x, window=window, stride=6, target=[s.label for s in samples],
+    maps = occlusion(model, x, fill=0.0, window=window, stride=6, target=[s.label for s in samples],
                      batch_size=256, progress=False)
     hits = 0
     for n, sample in enumerate(samples):
@@ -117,14 +117,14 @@ def test_approximate_modes_report_their_deviation(alexnet):
     model = sharpened(alexnet, "classifier.6", 300.0)
     torch.manual_seed(6)
     x = torch.randn(1, 3, 112, 112)
-    exact = occlusion(model, x, window=16, stride=8, progress=False)
-    capped = occlusion(model, x, window=16, stride=8, approx=0.3, progress=False)
+    exact = occlusion(model, x, fill=0.0, window=16, stride=8, progress=False)
+    capped = occlusion(model, x, fill=0.0, window=16, stride=8, approx=0.3, progress=False)
     assert capped.approx == 0.3 and capped.checked >= 8
     deviation = (capped.prob - exact.prob).abs()
     # the reported deviation is the true one on the positions it checked: a lower bound
     assert 0 <= capped.max_deviation <= deviation.max() + 1e-6
     assert deviation.max() > 0  # the cap does drop changes here: approximate, not exact
-    drilled = occlusion(model, x, window=16, stride=8, approx=True, progress=False)
+    drilled = occlusion(model, x, fill=0.0, window=16, stride=8, approx=True, progress=False)
     assert drilled.approx is None and drilled.computed < exact.prob.numel()
     # the positions of the coarse grid are exact
     assert torch.allclose(drilled.prob[0, ::2, ::2], exact.prob[0, ::2, ::2], atol=1e-5)
@@ -137,8 +137,8 @@ def test_drill_down_on_the_demo_finds_the_shape():
     dataset = ShapesDataset(10, seed=HELD_OUT_SEED)
     samples = [dataset.render(i) for i in range(10)]
     x = torch.cat([vizcnn.preprocess(model, s.image) for s in samples])
-    exact = occlusion(model, x, window=16, stride=2, progress=False)
-    approx = occlusion(model, x, window=16, stride=2, approx=True, progress=False)
+    exact = occlusion(model, x, fill=0.0, window=16, stride=2, progress=False)
+    approx = occlusion(model, x, fill=0.0, window=16, stride=2, approx=True, progress=False)
     assert approx.computed < 0.6 * exact.prob.numel()
     assert (approx.prob - exact.prob).abs().mean() < 0.02
 
@@ -146,7 +146,7 @@ def test_drill_down_on_the_demo_finds_the_shape():
 def test_save_writes_arrays_pngs_and_manifest(tmp_path):
     model = vizcnn.load_model("demo")
     x = vizcnn.preprocess(model, ShapesDataset(1, seed=HELD_OUT_SEED).render(0).image)
-    maps = occlusion(model, x, window=16, stride=8, layer="features.10", progress=False)
+    maps = occlusion(model, x, fill=0.0, window=16, stride=8, layer="features.10", progress=False)
     folder = maps.save(tmp_path / "occ")
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["activation_0.png", "label_0.png", "manifest.json", "maps.pt", "prob_0.png"]
@@ -171,12 +171,12 @@ def test_a_model_fx_cannot_trace_falls_back_and_says_so():
     torch.manual_seed(0)
     model = DataDependent().eval()
     x = torch.randn(1, 3, 20, 20)
-    maps = occlusion(model, x, window=5, stride=5, progress=False)
+    maps = occlusion(model, x, fill=0.0, window=5, stride=5, progress=False)
     assert maps.engine == "naive" and "torch.fx cannot trace" in maps.engine_note
     probs, labels, _ = naive_loop(model, x, (5, 5), (5, 5), int(maps.target[0]))
     assert (maps.prob[0] - probs).abs().max() <= 1e-6
     with pytest.raises(vizcnn.BadArgument, match="incremental engine cannot run"):
-        occlusion(model, x, window=5, stride=5, engine="incremental", progress=False)
+        occlusion(model, x, fill=0.0, window=5, stride=5, engine="incremental", progress=False)
 
 
 def test_bad_arguments_and_no_hooks(alexnet):
@@ -195,7 +195,7 @@ def test_bad_arguments_and_no_hooks(alexnet):
     ]
     for kwargs, message in cases:
         with pytest.raises(vizcnn.VizCNNError, match=message) as raised:
-            occlusion(alexnet, x, progress=False, **kwargs)
+            occlusion(alexnet, x, fill=0.0, progress=False, **kwargs)
         assert "\n" not in str(raised.value)
     assert hooks_left(alexnet) == []
 
@@ -224,7 +224,8 @@ def test_concatenation_and_functional_ops_stay_exact():
     torch.manual_seed(3)
     model = Branches().eval()
     x = torch.randn(1, 3, 24, 28)
-    maps = occlusion(model, x, window=(6, 5), stride=(4, 3), layer="after", progress=False)
+    maps = occlusion(model, x, fill=0.0, window=(6, 5), stride=(4, 3), layer="after",
+                     progress=False)
     assert maps.engine == "incremental"
     probs, labels, totals = naive_loop(model, x, (6, 5), (4, 3), int(maps.target[0]), "after",
                                        int(maps.channel[0]))

@@ -33,11 +33,40 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
 
 
-def _load(args: argparse.Namespace):
-    from vizcnn.models import load_model
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    """The model's preprocessing, for commands that read images: where vizcnn does not know
+    it (a model of your own) or knows it wrong."""
+    parser.add_argument("--mean", type=float, nargs="+", metavar="M",
+                        help="the model's input normalisation: mean per channel, of pixels in "
+                        "0-1 (e.g. 0.485 0.456 0.406)")
+    parser.add_argument("--std", type=float, nargs="+", metavar="S",
+                        help="standard deviation per channel, of pixels in 0-1")
+    parser.add_argument("--size", type=int, nargs="+", metavar="N",
+                        help="resize images to exactly H W (one number: square), no crop")
 
-    return load_model(args.model, device=args.device, arch=args.arch,
-                      num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+
+def _add_output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="INDEX|KEY",
+                        help="for a model that returns a tuple or dict: which element holds "
+                        "the (N, classes) class scores")
+
+
+def _load(args: argparse.Namespace):
+    """MODEL, loaded as the options say; --mean, --std and --size (where the command has them)
+    go into its preprocessing record."""
+    from vizcnn.errors import BadArgument
+    from vizcnn.models import load_model, preprocessing_for, with_options, with_preprocessing
+
+    model = load_model(args.model, device=args.device, arch=args.arch,
+                       num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    size = getattr(args, "size", None)
+    if size is not None and len(size) not in (1, 2):
+        raise BadArgument(f"--size takes one or two numbers (H W), got {len(size)}")
+    steps = with_options(preprocessing_for(model), size=tuple(size) if size else None,
+                         mean=getattr(args, "mean", None), std=getattr(args, "std", None))
+    if steps is not None and steps is not preprocessing_for(model):
+        with_preprocessing(model, steps)
+    return model
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -45,8 +74,13 @@ def _summary(args: argparse.Namespace) -> None:
 
     model = _load(args)
     size = args.input_size or [224, 224]
-    rows = summarize(model, tuple(size), layers=args.layer)
     print(f"{args.model} at input {size[0]}x{size[1]}")
+    try:
+        rows = summarize(model, tuple(size), layers=args.layer)
+    except VizCNNError as error:
+        if getattr(error, "rows", None):  # the layers before the one that rejects the size
+            print(format_summary(error.rows))
+        raise
     print(format_summary(rows))
 
 
@@ -58,15 +92,21 @@ def _image(spec: str):
     return spec if index is None else held_out_image(index)
 
 
-def _model_and_input(args: argparse.Namespace):
-    """The set-up most commands share: check that --out can be written (before the slow
-    part), load MODEL, read IMAGE and preprocess it. Returns (model, image, x (1, 3, H, W))."""
-    from vizcnn.io import writable_parent
-    from vizcnn.models import preprocess
+def _model_and_input(args: argparse.Namespace, *, figure: bool = True,
+                     needs_normalisation: str | None = None):
+    """The set-up most commands share: check that --out can be written (a figure file, before
+    the slow part), load MODEL, check that its normalisation is known if the command needs it
+    (``needs_normalisation`` names the probe), read IMAGE and preprocess it. Returns (model,
+    image, x (1, C, H, W))."""
+    from vizcnn.io import file_target
+    from vizcnn.models import normalisation_of, preprocess
+    from vizcnn.render.figures import figure_path
 
     if getattr(args, "out", None):
-        writable_parent(args.out)
+        figure_path(args.out) if figure else file_target(args.out)
     model = _load(args)
+    if needs_normalisation:
+        normalisation_of(model, None, needs_normalisation)
     image = _image(args.image)
     return model, image, preprocess(model, image)
 
@@ -91,11 +131,10 @@ def _conv_layer(model, name: str | None) -> str:
 
 
 def _filters(args: argparse.Namespace) -> None:
-    from vizcnn.io import writable_parent
     from vizcnn.layers import resolve_layer
-    from vizcnn.render.figures import filters_figure, save_figure
+    from vizcnn.render.figures import figure_path, filters_figure, save_figure
 
-    writable_parent(args.out)
+    figure_path(args.out)
     model = _load(args)
     layer = _conv_layer(model, args.layer)
     weight = resolve_layer(model, layer).weight
@@ -129,7 +168,7 @@ def _activations(args: argparse.Namespace) -> None:
     from vizcnn.hooks import activations
     from vizcnn.io import atomic_path
 
-    model, _, x = _model_and_input(args)
+    model, _, x = _model_and_input(args, figure=False)
     captured = activations(model, x, args.layer, to_cpu=True)
     print(f"{args.image} -> input {'x'.join(map(str, x.shape[1:]))}")
     print(f"{'layer':<20} {'shape':<16} {'min':>9} {'mean':>9} {'max':>9} {'active':>7}")
@@ -147,7 +186,6 @@ def _activations(args: argparse.Namespace) -> None:
 def _deconv(args: argparse.Namespace) -> None:
     from vizcnn.deconv import Deconvnet
     from vizcnn.hooks import activations
-    from vizcnn.models import preprocessing_for
     from vizcnn.receptive import receptive_field
     from vizcnn.render.figures import projection_figure, save_figure
     from vizcnn.render.grid import image_tiles
@@ -166,8 +204,7 @@ def _deconv(args: argparse.Namespace) -> None:
         if channel[y, x_] <= 0:
             print("note: the channel does not fire anywhere in this image (its strongest "
                   "activation is not positive); try another channel or image")
-    steps = preprocessing_for(model)
-    shown = image_tiles(x, steps.mean if steps else None, steps.std if steps else None)[0]
+    shown = image_tiles(x, *_normalisation(model))[0]
     fig = projection_figure(shown, projection[0], layer=args.layer,
                             channel=args.channel, box=box,
                             title=f"{args.layer} channel {args.channel} ({args.mode})")
@@ -184,13 +221,17 @@ def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]
     if spec == "all":
         return list(range(count))
     channels: list[int] = []
-    try:
-        for part in spec.split(","):
-            low, _, high = part.partition("-")
-            channels += list(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise BadArgument(f"bad channel list {spec!r}", "write e.g. 0-15 or 3,7,9-11 or all"
-                          ) from None
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise BadArgument(f"bad channel list {spec!r}", "write e.g. 0-15 or 3,7,9-11 or all"
+                              ) from None
+        if last < first:
+            raise BadArgument(f"reversed channel range {part!r} in {spec!r}",
+                              f"write {last}-{first}")
+        channels += list(range(first, last + 1))
     bad = [c for c in channels if not 0 <= c < count]
     if bad or not channels:
         raise BadArgument(f"channel {bad[0] if bad else spec} out of range: the layer has "
@@ -220,7 +261,6 @@ def _topk(args: argparse.Namespace) -> None:
     from vizcnn.errors import BadArgument
     from vizcnn.hooks import activations
     from vizcnn.io import atomic_path, check_replaceable, writable_parent
-    from vizcnn.models import preprocessing_for
     from vizcnn.render.figures import save_figure, top_patches_figure
     from vizcnn.scan import input_batches, scan_topk
 
@@ -248,15 +288,14 @@ def _topk(args: argparse.Namespace) -> None:
         raise
     if rank != 0:  # under torchrun every rank scans its shard; rank 0 writes
         return
-    steps = preprocessing_for(model)
+    mean, std = _normalisation(model)
     written = []
     with atomic_path(out) as staging:
         staging.mkdir()
         top.save(staging / "topk")
         for layer in args.layer:
             patches = top_patches(model, top, data, layer, channels[layer])
-            fig = top_patches_figure(patches, mean=steps.mean if steps else None,
-                                     std=steps.std if steps else None)
+            fig = top_patches_figure(patches, mean=mean, std=std)
             name = f"fig2_{layer}.{args.format}"
             save_figure(fig, staging / name)
             written.append(name)
@@ -283,14 +322,17 @@ def _class_index(model, spec: str | None) -> int | None:
 
 def _occlusion(args: argparse.Namespace) -> None:
     from vizcnn.deconv import Deconvnet
-    from vizcnn.models import preprocessing_for
+    from vizcnn.probes import parse_selector
     from vizcnn.probes.occlusion import occlusion
     from vizcnn.render.figures import occlusion_figure, save_figure
 
-    model, _, x = _model_and_input(args)
+    model, _, x = _model_and_input(
+        args, needs_normalisation="occlusion's fill (the data's mean gray)")
     maps = occlusion(model, x, window=args.window, stride=args.stride,
                      target=_class_index(model, args.target), layer=args.layer,
-                     channel=args.channel, approx=args.approx or False, engine=args.engine)
+                     channel=args.channel, engine=args.engine,
+                     approx=False if args.approx is None else args.approx,
+                     output=parse_selector(args.output))
     names = getattr(model, "vizcnn_classes", None)
     clean, target = int(maps.clean_label[0]), int(maps.target[0])
 
@@ -310,9 +352,8 @@ def _occlusion(args: argparse.Namespace) -> None:
     projections = None
     if maps.layer is not None:
         projections = Deconvnet(model).project(x, maps.layer, int(maps.channel[0]))
-    steps = preprocessing_for(model)
-    fig = occlusion_figure(x, maps, projections=projections, classes=names,
-                           mean=steps.mean if steps else None, std=steps.std if steps else None)
+    mean, std = _normalisation(model)
+    fig = occlusion_figure(x, maps, projections=projections, classes=names, mean=mean, std=std)
     print(f"wrote {save_figure(fig, args.out)}")
 
 
@@ -330,25 +371,28 @@ def _eps(text: str) -> float:
 
 
 def _normalisation(model):
+    """(mean, std) of pixels in [0, 1] for showing the model's input, or (None, None)."""
     from vizcnn.models import preprocessing_for
 
     steps = preprocessing_for(model)
-    return (steps.mean, steps.std) if steps else (None, None)
+    return steps.pixel_normalisation() if steps is not None and steps.known else (None, None)
 
 
 def _adversarial(args: argparse.Namespace) -> None:
+    from vizcnn.probes import parse_selector
     from vizcnn.probes.adversarial import fgsm, layer_displacement, lbfgs_adversarial, pgd
     from vizcnn.render.figures import adversarial_figure, save_figure
 
-    model, _, x = _model_and_input(args)
+    model, _, x = _model_and_input(args, needs_normalisation=args.method)
     target = _class_index(model, args.target)
     eps = _eps(args.eps)
+    output = parse_selector(args.output)
     if args.method == "fgsm":
-        result = fgsm(model, x, eps, target=target)
+        result = fgsm(model, x, eps, target=target, output=output)
     elif args.method == "pgd":
-        result = pgd(model, x, eps, steps=args.steps, target=target)
+        result = pgd(model, x, eps, steps=args.steps, target=target, output=output)
     else:
-        result = lbfgs_adversarial(model, x, target=target)
+        result = lbfgs_adversarial(model, x, target=target, output=output)
     names = getattr(model, "vizcnn_classes", None)
 
     def name(index: int) -> str:
@@ -369,7 +413,7 @@ def _excite(args: argparse.Namespace) -> None:
     from vizcnn.probes.adversarial import excite
     from vizcnn.render.figures import excite_figure, save_figure
 
-    model, _, x = _model_and_input(args)
+    model, _, x = _model_and_input(args, needs_normalisation="excite")
     result = excite(model, x, args.layer, args.channel, _eps(args.eps), args.steps)
     print(f"{args.layer} channel {args.channel}: total activation {float(result.before[0]):.4g}"
           f" -> {float(result.after[0]):.4g} (eps {result.eps:.4f})")
@@ -378,13 +422,15 @@ def _excite(args: argparse.Namespace) -> None:
 
 
 def _invariance(args: argparse.Namespace) -> None:
+    from vizcnn.probes import parse_selector
     from vizcnn.probes.invariance import TRANSFORMS, invariance
     from vizcnn.render.figures import invariance_figure, save_figure
 
-    model, image, _ = _model_and_input(args)
+    model, image, _ = _model_and_input(args, needs_normalisation="invariance")
     low, high = args.layers or _default_layers(model)
     results = {t: [invariance(model, image, t, layers=(low, high),
-                              true_class=_class_index(model, args.true_class))]
+                              true_class=_class_index(model, args.true_class),
+                              output=parse_selector(args.output))]
                for t in TRANSFORMS}
     for transform, (result,) in results.items():
         print(f"{transform:<9} {high} distance up to {float(result.distance[high].max()):.3f}; "
@@ -423,6 +469,7 @@ def _figure_command(commands, name: str, help: str, run: Callable, *, image: boo
     _add_model_options(parser)
     if image:
         parser.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+        _add_input_options(parser)
     parser.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
     parser.set_defaults(run=run)
     return parser
@@ -448,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "statistics, and the tensors with --out")
     _add_model_options(acts)
     acts.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    _add_input_options(acts)
     acts.add_argument("--layer", action="append", required=True, metavar="L",
                       help="layer to capture (repeatable), see `vizcnn summary MODEL`")
     acts.add_argument("--out", help="save {layer: tensor} to this .pt file")
@@ -479,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(topk)
     topk.add_argument("data", metavar="DATA", help="a folder of images (flat or one sub-folder "
                       "per class), or shapes:N for N held-out demo images")
+    _add_input_options(topk)
     topk.add_argument("--layer", action="append", required=True, metavar="L",
                       help="layer to scan (repeatable)")
     topk.add_argument("--k", type=int, default=9, help="images kept per channel (default 9)")
@@ -506,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "changes); with a FRACTION also cap the recomputed region at that "
                      "fraction of each map's side")
     occ.add_argument("--engine", default="auto", choices=["auto", "incremental", "naive"])
+    _add_output_option(occ)
 
     adv = _figure_command(commands, "adversarial", "the smallest change that flips the "
                           "decision: FGSM, PGD or L-BFGS, with the layer displacement",
@@ -516,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--steps", type=int, default=10, help="PGD steps (10)")
     adv.add_argument("--target", metavar="CLASS", help="class to aim at (index or name); "
                      "default: untargeted (lbfgs: the second most probable class)")
+    _add_output_option(adv)
 
     exc = _figure_command(commands, "excite", "the pattern that, added within eps, excites one "
                           "feature map most", _excite)
@@ -531,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--layers", nargs=2, metavar=("LOW", "HIGH"),
                      help="layers compared (default: the first conv and the last hidden "
                      "linear layer)")
+    _add_output_option(inv)
 
     demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -545,18 +597,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each on stderr, like errors (no source line, no file name)."""
+    print(f"vizcnn: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vizcnn`` console script; returns the exit code."""
+    import warnings
+
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         run(args)
     except VizCNNError as error:
         print(f"vizcnn: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except MemoryError:
+        print("vizcnn: error: not enough memory; use a smaller input size, image or batch",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vizcnn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

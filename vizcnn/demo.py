@@ -23,7 +23,7 @@ from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
 from vizcnn.deconv import Deconvnet, top_patches
 from vizcnn.hooks import activations as vizcnn_activations
 from vizcnn.hooks import capture, preserved_state
-from vizcnn.io import atomic_path, check_replaceable
+from vizcnn.io import atomic_path, check_replaceable, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import DEMO_PREPROCESSING, load_model, preprocess
 from vizcnn.probes.occlusion import occlusion
@@ -105,13 +105,14 @@ def probe_figures(model) -> list[tuple[str, Figure]]:
 def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list[Path]:
     """Write the demo's figures and report into ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, "report.txt", "demo")
+    writable_parent(check_replaceable(out_dir, "report.txt", "demo"))
     started = time.perf_counter()
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     images = [held_out_image(i) for i in DEMO_IMAGES]
-    steps = tqdm(total=2 * len(conv_layers) + 8, desc="vizcnn demo", disable=not progress)
-    with atomic_path(out_dir) as staging:
+    # the bar is closed before any error or Ctrl-C message reaches the terminal
+    with (tqdm(total=2 * len(conv_layers) + 8, desc="vizcnn demo", disable=not progress) as steps,
+          atomic_path(out_dir) as staging):
         staging.mkdir()
         first = conv_layers[0]
         save_figure(filters_figure(resolve_layer(model, first).weight, layer=first),
@@ -153,7 +154,6 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
         (staging / "report.txt").write_text("\n".join(lines))
         steps.update()
         written = sorted(p.name for p in staging.iterdir())
-    steps.close()
     if progress:
         print(f"demo written in {time.perf_counter() - started:.1f} s")
     return [out_dir / name for name in written]

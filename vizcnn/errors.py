@@ -36,3 +36,8 @@ class BadCheckpoint(VizCNNError):
 
 class BadArgument(VizCNNError, ValueError):
     """Any other argument that cannot work: unknown architecture, input too small, bad size."""
+
+
+class ModelError(VizCNNError, RuntimeError):
+    """The model's own forward pass failed (wrong number of input channels, an input size its
+    head rejects, not enough memory): the message names the layer where it failed."""

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, ModelError, VizCNNError
 from vizcnn.layers import resolve_layer
 
 Calls = Literal["last", "first", "all"]
@@ -128,11 +128,20 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
 
 
 def require_batch(x: Any) -> torch.Tensor:
-    """``x`` if it is an image batch (N, C, H, W) tensor, else a one-line BadArgument."""
+    """``x`` if it is a non-empty image batch (N, C, H, W) of finite values, else a one-line
+    BadArgument (an image with NaN or inf would get a label, a rank or a map all the same)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise BadArgument(f"expected an image batch (N, C, H, W), got {shape}",
                           "use vizcnn.preprocess(model, image) first")
+    if len(x) == 0:
+        raise BadArgument("the image batch is empty (N = 0)", "give at least one image")
+    if x.is_floating_point():
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0])
+            raise BadArgument(f"image {index} of the batch has NaN or infinite values",
+                              "check how it was decoded and normalised")
     return x
 
 
@@ -151,9 +160,13 @@ _TOO_SMALL = re.compile(
 )
 
 
+_MEMORY = re.compile(r"out of memory|can't allocate|not enough memory|allocat", re.IGNORECASE)
+
+
 def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
-    """``model(x)``, with a failure caused by a too small input turned into a ``BadArgument``
-    that names the layer where the feature map ran out.
+    """``model(x)``, with the model's own failures turned into one-line errors that name the
+    layer where they happened: a too small input (``BadArgument``), anything else the forward
+    pass raises (``ModelError``: wrong channel count, a size the head rejects, memory).
 
     Args:
         x: ``(N, C, H, W)`` on the model's device.
@@ -174,18 +187,34 @@ def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
                 handles.append(module.register_forward_pre_hook(enter))
                 handles.append(module.register_forward_hook(leave))
         return model(x)
-    except RuntimeError as error:
-        if not _TOO_SMALL.search(str(error)):
-            raise
-        where = f" at layer {running[-1]!r}" if running else ""
-        size = "x".join(str(s) for s in x.shape[2:])
-        raise BadArgument(
-            f"input size {size} is too small for this model: the feature map vanishes{where}",
-            "use a larger --input-size or image",
-        ) from None
+    except VizCNNError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise model_error(error, running[-1] if running else None, x) from None
     finally:
         for handle in handles:
             handle.remove()
+
+
+def model_error(error: Exception, layer: str | None, x: torch.Tensor) -> VizCNNError:
+    """The one-line error for a failure inside the model's forward pass at ``layer``."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = f" at layer {layer!r}" if layer else ""
+    size = "x".join(str(s) for s in x.shape[1:])
+    if _TOO_SMALL.search(text):
+        return BadArgument(f"input size {size} is too small for this model: the feature map "
+                           f"vanishes{where}", "use a larger --input-size or image")
+    if _MEMORY.search(text):
+        return ModelError(f"not enough memory for an input of {size}{where}",
+                          "use a smaller --input-size, image or batch")
+    channels = re.search(r"expected input.*? to have (\d+) channels", text)
+    if channels:
+        return ModelError(f"the model takes {channels.group(1)}-channel input, the image has "
+                          f"{x.shape[1]} channels{where}",
+                          "give the model's preprocessing (--mean/--std with one value per "
+                          "channel), or check --arch")
+    return ModelError(f"the model failed{where} on input {size}: {text}",
+                      "check the input size and the model (see `vizcnn summary MODEL`)")
 
 
 def activations(
@@ -198,18 +227,25 @@ def activations(
 ) -> dict[str, Any]:
     """One forward pass without gradients, in eval mode; returns the named layers' outputs.
 
-    The model's modes are restored afterwards. ``x``: ``(N, C, H, W)``; it is moved to the
-    model's device. Returns ``{name: Tensor}`` as ``capture`` does.
+    The model's modes are restored afterwards; the forward pass stops after the last call of
+    the deepest layer asked for, so a conv layer can be captured at input sizes the model's
+    head rejects. ``x``: ``(N, C, H, W)``; it is moved to the model's device. Returns
+    ``{name: Tensor}`` as ``capture`` does.
     """
-    if not isinstance(x, torch.Tensor):
-        raise BadArgument(f"expected a tensor batch (N, C, H, W), got {type(x).__name__}",
-                          "use vizcnn.preprocess(model, image) first")
+    from vizcnn.receptive import traced_names
+
+    x = require_batch(x)
+    names = [layers] if isinstance(layers, str) else list(layers)
+    for name in names:
+        resolve_layer(model, name)
+    require_hookable(model)
+    traced = traced_names(model, tuple(x.shape[-2:]), names)
     with (
         preserved_state(model, eval_mode=True),
-        capture(model, layers, to_cpu=to_cpu, calls=calls) as outputs,
+        capture(model, names, to_cpu=to_cpu, calls=calls) as outputs,
         torch.no_grad(),
     ):
-        run_forward(model, x.to(model_device(model)))
+        forward_to(model, x.to(model_device(model)), names, traced)
     return outputs
 
 

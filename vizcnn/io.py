@@ -1,10 +1,19 @@
-"""Writing outputs safely: a file or folder appears complete or not at all."""
+"""Writing outputs safely: a file or folder appears complete or not at all, also across a kill.
+
+Every output is written under a temporary name beside its target (``.NAME.PID-XXXX.partial``)
+and moved into place when complete. Replacing an earlier folder takes three renames, each
+atomic: the old output moves aside (``.NAME.vizcnn-old``), the new one moves into place, the
+old one is deleted. A kill at any moment leaves the old or the new output whole; the next write
+to the same target (``recover``) finishes or undoes the interrupted replace and removes the
+partial outputs of processes that no longer run.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,27 +36,105 @@ def writable_parent(target: str | os.PathLike) -> Path:
     return parent
 
 
+_KILL_AT = "VIZCNN_TEST_KILL_AT"  # test-only: SIGKILL this process at the named step
+
+
+def _step(name: str) -> None:
+    """A step of a replace; the crash tests kill the process here (``VIZCNN_TEST_KILL_AT``)."""
+    if os.environ.get(_KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.vizcnn-old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover(target: str | os.PathLike) -> None:
+    """Clean up after an interrupted write of ``target``: an old output left aside is put
+    back (the new one never arrived) or deleted (the new one is in place), and partial
+    outputs of processes that no longer run are removed."""
+    target = Path(target)
+    aside = _aside(target)
+    if aside.exists() or aside.is_symlink():
+        if target.exists():
+            _remove(aside)
+        else:
+            os.replace(aside, target)
+    if not target.parent.is_dir():
+        return
+    prefix = f".{target.name}."
+    for partial in target.parent.iterdir():
+        name = partial.name
+        if not (name.startswith(prefix) and name.endswith(".partial")):
+            continue
+        owner = name[len(prefix):].split("-", 1)[0]
+        if not (owner.isdigit() and _running(int(owner))):
+            _remove(partial)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on
-    any error (or Ctrl-C) it is deleted, so ``target`` is never half-written. Works for a file
-    or a folder written at the yielded path."""
+    """Yield a temporary path beside ``target``; on success it is moved onto ``target`` (an
+    earlier output is replaced as the module's text says), on any error (or Ctrl-C) it is
+    deleted, so ``target`` is never half-written, even if the process is killed. Works for a
+    file or a folder written at the yielded path."""
     target = Path(target)
     parent = writable_parent(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=parent)
+    recover(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".partial",
+                                dir=parent)
     os.close(fd)
     os.unlink(name)
     temporary = Path(name)
     try:
         yield temporary
-        if target.is_dir() and temporary.is_dir():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
+        _step("written")
+        _replace(temporary, target)
     finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary.exists():
-            temporary.unlink()
+        _remove(temporary)
+
+
+def file_target(target: str | os.PathLike) -> Path:
+    """``target`` as the path of a file output: refused when it is an existing folder (which
+    writing the file would replace), its folder created and checked writable."""
+    target = Path(target)
+    if target.is_dir():
+        raise BadArgument(f"'{target}' is a folder, not a file name", "give a file name")
+    writable_parent(target)
+    return target
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Move ``new`` onto ``target``: one atomic rename for a file over a file (or nothing),
+    else old aside, new into place, old deleted. A file never replaces a folder."""
+    if new.is_file() and target.is_dir():
+        raise BadArgument(f"'{target}' is a folder, not a file name", "give a file name")
+    if not (target.exists() or target.is_symlink()) or (new.is_file() and target.is_file()):
+        os.replace(new, target)
+        return
+    aside = _aside(target)
+    os.replace(target, aside)
+    _step("aside")
+    os.replace(new, target)
+    _step("placed")
+    _remove(aside)
 
 
 def check_replaceable(folder: str | os.PathLike, marker: str, what: str) -> Path:
@@ -60,6 +147,7 @@ def check_replaceable(folder: str | os.PathLike, marker: str, what: str) -> Path
         what: the kind of output, for the message ("demo", "top-k").
     """
     folder = Path(folder)
+    recover(folder)
     if folder.exists() and (not folder.is_dir() or
                             (any(folder.iterdir()) and not (folder / marker).exists())):
         raise BadArgument(f"'{folder}' exists and is not a vizcnn {what} output",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
 import pickle
+import pickletools
 import urllib.error
 import warnings
 import zipfile
@@ -38,26 +40,70 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class AssumedPreprocessingWarning(UserWarning):
+    """``preprocess`` used a default for a model whose preprocessing vizcnn does not know."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an RGB image becomes the normalised batch a model expects.
+    """What vizcnn knows about a model's input: how an RGB image becomes the normalised batch
+    the model expects. One record per model, read with ``preprocessing_for(model)``, set by
+    ``load_model`` where it is known and by the user for any model (``preprocessing=``).
 
     Attributes:
         resize: shorter side is resized to this (an int), or the image to exactly (H, W);
             None keeps the size.
         crop: centre crop to this size (int or (H, W)); None keeps the resized image whole.
-        mean, std: per-channel normalisation of values in [0, 1].
+        mean, std: per-channel normalisation, applied to pixel values in ``value_range``;
+            None: unknown (probes that need them refuse; ``preprocess`` warns and assumes
+            ImageNet's).
         interpolation: "bilinear", "bicubic" or "nearest".
+        value_range: the pixel values before normalisation: (0, 1) for torchvision models,
+            (0, 255) for models trained on raw 8-bit values.
     """
 
     resize: int | tuple[int, int] | None = 256
     crop: int | tuple[int, int] | None = 224
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
     interpolation: str = "bilinear"
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = tuple(float(v) for v in values)
+            if not values or not all(math.isfinite(v) for v in values):
+                raise BadArgument(f"{name} must be one or more finite numbers, got {values!r}")
+            object.__setattr__(self, name, values)
+        if self.std is not None and min(self.std) <= 0:
+            raise BadArgument(f"std must be > 0, got {self.std}")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise BadArgument(f"mean and std need as many values each, got {len(self.mean)} "
+                              f"and {len(self.std)}")
+        low, high = self.value_range
+        if not high > low:
+            raise BadArgument(f"value_range must be (low, high) with high > low, got "
+                              f"{self.value_range}")
+
+    @property
+    def known(self) -> bool:
+        """Whether the normalisation (mean and std) is known."""
+        return self.mean is not None and self.std is not None
+
+    def pixel_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) in units of pixels in [0, 1]: ``input = (pixel - mean) / std`` whatever
+        the value range. Only for a known normalisation."""
+        low, high = self.value_range
+        span = high - low
+        return (tuple((m - low) / span for m in self.mean),  # type: ignore[union-attr]
+                tuple(s / span for s in self.std))  # type: ignore[union-attr]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """image: uint8 (3, H, W) -> float32 (3, h, w), normalised."""
+        """image: uint8 (C, H, W) -> float32 (C, h, w), normalised (mean and std must be
+        known)."""
         exact = isinstance(self.resize, tuple) and tuple(image.shape[-2:]) == self.resize
         if self.resize is not None and not exact:  # resizing to the same size is not exact
             size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
@@ -67,7 +113,13 @@ class Preprocessing:
             image = TF.center_crop(image, [self.crop] if isinstance(self.crop, int)
                                    else list(self.crop))
         image = TF.convert_image_dtype(image, torch.float32)
-        return TF.normalize(image, list(self.mean), list(self.std))
+        mean, std = self.pixel_normalisation()
+        channels = image.shape[0]
+        if len(mean) not in (1, channels):
+            raise BadArgument(f"the preprocessing has {len(mean)} mean and std values for a "
+                              f"{channels}-channel image", "give one value or one per channel")
+        return TF.normalize(image, list(mean) * (channels // len(mean)),
+                            list(std) * (channels // len(std)))
 
 
 IMAGENET_PREPROCESSING = Preprocessing()
@@ -211,6 +263,23 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def _needs_code(path: Path, message: str) -> bool:
+    """Whether a checkpoint that ``weights_only`` loading refused is a whole pickle that names
+    Python objects (loadable with consent) rather than a damaged file. The raw pickle's
+    opcodes are only parsed, never run."""
+    if "safe_globals" in message or "Unsupported global" in message:
+        return True
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as stream:
+            for _ in pickletools.genops(stream):
+                pass
+    except Exception:  # noqa: BLE001 - any parse failure means a damaged file
+        return False
+    return True
+
+
 def _state_dict_in(obj: Any) -> Mapping[str, torch.Tensor] | None:
     """The state_dict in a loaded checkpoint: the dict itself or one under a usual key."""
     if not isinstance(obj, Mapping):
@@ -261,9 +330,11 @@ def _load_checkpoint(path: Path, arch: str | None, trust: bool,
                 raise BadCheckpoint(f"cannot read TorchScript file '{path}': "
                                     f"{str(error).splitlines()[0]}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
-        if "safe_globals" in str(error) and not trust:
+        if not trust and _needs_code(path, str(error)):
             raise BadCheckpoint(
                 f"'{path}' holds pickled Python objects (a full model?), and loading them runs "
                 "code from the file",
@@ -281,6 +352,12 @@ def _load_checkpoint(path: Path, arch: str | None, trust: bool,
                             "save model.state_dict() or the model itself")
     if arch is None and isinstance(obj.get("arch"), str):  # vizcnn's own checkpoints say
         arch = obj["arch"]
+        if ":" in arch and not trust:  # code named inside the file: never without consent
+            raise BadCheckpoint(
+                f"'{path}' names its architecture as code to import and call ({arch!r}), and "
+                "vizcnn runs nothing named inside a file without your consent",
+                f"if you trust the file, pass trust_checkpoint=True (CLI: --trust-checkpoint), "
+                f"or name the architecture yourself: arch={arch!r} (CLI: --arch {arch})")
     if arch is None:
         raise BadCheckpoint(f"'{path}' holds weights only (a state_dict)",
                             "name the architecture: arch='resnet18' (CLI: --arch resnet18)")
@@ -293,13 +370,33 @@ def _load_checkpoint(path: Path, arch: str | None, trust: bool,
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    """A device a model can run on here: the CPU, or an accelerator that is present."""
     try:
         device = torch.device(device or "cpu")
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise BadArgument(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadArgument("CUDA is not available on this machine", "use device='cpu'")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None) if device.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise BadArgument(f"a model cannot run on device {str(device)!r}",
+                          "use cpu, cuda or cuda:N")
+    if not backend.is_available():
+        raise BadArgument(f"{device.type.upper()} is not available on this machine",
+                          "use device='cpu'")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise BadArgument(f"device {str(device)!r} does not exist: this machine has {count}",
+                          f"use {device.type}:0 to {device.type}:{count - 1}")
     return device
+
+
+def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    try:
+        return model.to(device)
+    except RuntimeError as error:
+        raise BadArgument(f"cannot move the model to {device}: "
+                          f"{str(error).strip().splitlines()[0]}") from None
 
 
 def load_model(
@@ -310,6 +407,7 @@ def load_model(
     arch: str | None = None,
     num_classes: int | None = None,
     trust_checkpoint: bool = False,
+    preprocessing: Preprocessing | None = None,
 ) -> nn.Module:
     """Load a model by spec (see the module docstring), in eval mode on ``device``.
 
@@ -320,10 +418,15 @@ def load_model(
         arch: the architecture of a state_dict checkpoint: a torchvision name, "demo", or
             "package.module:callable".
         num_classes: classifier size when building ``arch`` for a state_dict.
-        trust_checkpoint: allow a checkpoint that holds a pickled module; unpickling runs code.
+        trust_checkpoint: allow a checkpoint that holds a pickled module, or whose ``arch``
+            field names code to import (``package.module:callable``); both run code from the
+            file.
+        preprocessing: the model's ``Preprocessing``, where vizcnn does not know it (a model
+            of your own) or knows it wrong.
 
     Returns:
-        The model, in eval mode, with ``model.vizcnn_preprocessing`` set where it is known.
+        The model, in eval mode, with its preprocessing record (``preprocessing_for``) set
+        where it is known or given.
     """
     device = _device(device)
     spec = str(spec)
@@ -339,7 +442,9 @@ def load_model(
         model = _load_torchvision(parts[1], parts[2] if len(parts) == 3 else weights)
     else:
         model = _load_checkpoint(Path(spec), arch, trust_checkpoint, num_classes)
-    return model.to(device).eval()
+    if preprocessing is not None:
+        with_preprocessing(model, preprocessing)
+    return _to_device(model, device).eval()
 
 
 def preprocessing_for(model_or_spec: nn.Module | str) -> Preprocessing | None:
@@ -358,6 +463,52 @@ def preprocessing_for(model_or_spec: nn.Module | str) -> Preprocessing | None:
     return None
 
 
+UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=None)
+
+
+def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, std=None
+                 ) -> Preprocessing | None:
+    """``preprocessing`` (None: unknown) with the given size ((H, W) or an int: the whole image
+    resized to exactly that, no crop), mean and std put in; unchanged when none is given."""
+    if size is None and mean is None and std is None:
+        return preprocessing
+    steps = preprocessing or UNKNOWN_PREPROCESSING
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise BadArgument(f"size must be positive (H, W), got {size!r}")
+        steps = replace(steps, resize=size, crop=None)
+    if mean is not None:
+        steps = replace(steps, mean=tuple(mean))
+    if std is not None:
+        steps = replace(steps, std=tuple(std))
+    return steps
+
+
+def with_preprocessing(model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
+    """Attach ``preprocessing`` to ``model`` as the record every vizcnn function reads (the
+    attribute ``vizcnn_preprocessing``); returns the model."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise BadArgument(f"preprocessing must be a vizcnn.Preprocessing, got "
+                          f"{type(preprocessing).__name__}")
+    model.vizcnn_preprocessing = preprocessing
+    return model
+
+
+def normalisation_of(model: nn.Module, preprocessing: Preprocessing | None, what: str
+                     ) -> Preprocessing:
+    """The model's preprocessing (``preprocessing`` if given) when its mean and std are known;
+    otherwise a one-line error saying that ``what`` needs them and how to give them."""
+    steps = preprocessing or preprocessing_for(model)
+    if steps is None or not steps.known:
+        raise BadArgument(
+            f"{what} needs the model's input normalisation (mean and std), which vizcnn does "
+            f"not know for {type(model).__name__}",
+            "give preprocessing=vizcnn.Preprocessing(mean=..., std=...) (CLI: --mean and "
+            "--std, one value per channel)")
+    return steps
+
+
 def preprocess(
     model_or_spec: nn.Module | str,
     image: Any,
@@ -365,35 +516,47 @@ def preprocess(
     size: int | tuple[int, int] | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> torch.Tensor:
     """Turn an image into the normalised batch the model expects.
 
     Args:
         model_or_spec: a loaded model or a spec string; its known preprocessing is used
-            (torchvision weights' own transforms; ImageNet resize 256 / crop 224 otherwise). For
-            a model of unknown origin: ImageNet mean and std, size kept.
+            (torchvision weights' own transforms; ImageNet resize 256 / crop 224 otherwise).
+            For a model whose preprocessing is unknown it warns once
+            (``AssumedPreprocessingWarning``) and assumes ImageNet's mean and std on pixels in
+            [0, 1], keeping the image's size.
         image: a path, a uint8 / uint16 / float HxW[xC] array, a PIL image, or a tensor
             (C, H, W) with values in [0, 1] (float) or 0..255 (uint8). Grayscale, RGBA and
-            16-bit images are converted to 8-bit RGB.
+            16-bit images are converted to 8-bit RGB, and to grayscale for a model whose first
+            convolution takes one channel.
         size: resize the whole image to exactly this (H, W) (an int: square), no crop.
         mean, std: override the normalisation.
+        preprocessing: the whole record, instead of the model's.
 
     Returns:
-        (1, 3, H, W) float32 on the model's device (CPU for a spec).
+        (1, C, H, W) float32 on the model's device (CPU for a spec).
     """
-    steps = preprocessing_for(model_or_spec)
-    if steps is None:
-        steps = Preprocessing(resize=None, crop=None)
-    if size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(size) != 2 or min(size) < 1:
-            raise BadArgument(f"size must be positive (H, W), got {size!r}")
-        steps = replace(steps, resize=size, crop=None)
-    if mean is not None:
-        steps = replace(steps, mean=tuple(mean))
-    if std is not None:
-        steps = replace(steps, std=tuple(std))
-    batch = steps(load_image(image)).unsqueeze(0)
+    steps = with_options(preprocessing or preprocessing_for(model_or_spec), size=size,
+                         mean=mean, std=std) or UNKNOWN_PREPROCESSING
+    image = load_image(image)
+    channels = 3
+    if isinstance(model_or_spec, nn.Module):
+        from vizcnn.receptive import input_channels
+
+        channels = input_channels(model_or_spec)
+    if channels == 1:
+        image = TF.rgb_to_grayscale(image)
+    if not steps.known:
+        assumed = (IMAGENET_MEAN, IMAGENET_STD) if channels != 1 else ((0.449,), (0.226,))
+        name = (type(model_or_spec).__name__ if isinstance(model_or_spec, nn.Module)
+                else str(model_or_spec))
+        warnings.warn(f"vizcnn does not know how {name} normalises its input; preprocess "
+                      f"assumed mean {assumed[0]} and std {assumed[1]} on pixels in [0, 1] "
+                      "and kept the image size: give preprocessing=vizcnn.Preprocessing(...) "
+                      "(CLI: --mean, --std, --size)", AssumedPreprocessingWarning, stacklevel=2)
+        steps = replace(steps, mean=steps.mean or assumed[0], std=steps.std or assumed[1])
+    batch = steps(image).unsqueeze(0)
     if isinstance(model_or_spec, nn.Module):
         batch = batch.to(model_device(model_or_spec))
     return batch

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, VizCNNError
 from vizcnn.hooks import model_device, preserved_state, run_forward
 from vizcnn.layers import POINTWISE, resolve_layer
 
@@ -130,12 +130,21 @@ def _version(value: Any) -> int:
     return value._version if isinstance(value, torch.Tensor) else -1
 
 
-def trace_calls(model: nn.Module, input_size: Pair) -> list[LayerCall]:
+class Trace(list):
+    """The ``LayerCall`` list of one traced forward pass. ``error`` is the one-line error that
+    ended the pass early (a head that rejects the input size, a layer the input is too small
+    for), or None: the calls before it are kept, so questions about earlier layers still work."""
+
+    error: VizCNNError | None = None
+
+
+def trace_calls(model: nn.Module, input_size: Pair) -> Trace:
     """Run one eval-mode, no-grad forward pass on a zero image and record every module call
     (containers too) in the order the calls finished; the first entry is the input itself.
-    The model is left as it was."""
+    A failure of the model's forward pass ends the trace early (see ``Trace.error``). The
+    model is left as it was."""
     names = {module: name for name, module in model.named_modules() if name}
-    calls: list[LayerCall] = []
+    calls = Trace()
     entered: list[int] = []
 
     def enter(module: nn.Module, inputs: tuple) -> None:
@@ -145,7 +154,7 @@ def trace_calls(model: nn.Module, input_size: Pair) -> list[LayerCall]:
         calls.append(LayerCall(names[module], module, inputs, output, entered.pop(),
                                _version(output)))
 
-    x = torch.zeros(1, input_channels(model), *input_size, device=model_device(model))
+    x = _zero_image(model, (1, input_channels(model), *input_size))
     calls.append(LayerCall("", model, (), x, output_version=_version(x)))
     handles = []
     with preserved_state(model, eval_mode=True), torch.no_grad():
@@ -154,18 +163,46 @@ def trace_calls(model: nn.Module, input_size: Pair) -> list[LayerCall]:
                 handles.append(module.register_forward_pre_hook(enter))
                 handles.append(module.register_forward_hook(leave))
             run_forward(model, x)
+        except VizCNNError as error:
+            calls.error = error
         finally:
             for handle in handles:
                 handle.remove()
     return calls
 
 
+def _zero_image(model: nn.Module, shape: tuple[int, ...], dtype=torch.float32
+                ) -> torch.Tensor:
+    """A zero input of ``shape`` on the model's device, or a one-line error when it does not
+    fit in memory."""
+    try:
+        return torch.zeros(shape, device=model_device(model), dtype=dtype)
+    except (RuntimeError, MemoryError):
+        size = "x".join(map(str, shape[1:]))
+        raise BadArgument(f"not enough memory for an input of {size}",
+                          "use a smaller --input-size") from None
+
+
 def last_call(calls: list[LayerCall], name: str) -> int:
+    """The index of ``name``'s last call in a trace; an error if it never ran (saying why, if
+    the trace ended early)."""
     for index in range(len(calls) - 1, 0, -1):
         if calls[index].name == name:
             return index
+    error = getattr(calls, "error", None)
+    if error is not None:
+        raise type(error)(f"{error.message}, before layer {name!r} ran", error.hint)
     raise BadArgument(f"layer {name!r} is never called in the model's forward pass",
                       "pick a layer that the forward pass uses")
+
+
+def traced_names(model: nn.Module, input_size: Pair, layers: Sequence[str]) -> list[str]:
+    """The names of one traced forward pass's calls (for ``hooks.forward_to``), after checking
+    that every layer in ``layers`` runs at this input size."""
+    calls = trace_calls(model, tuple(input_size))
+    for name in layers:
+        last_call(calls, name)
+    return [call.name for call in calls]
 
 
 # --------------------------------------------------------------------------- analytic method
@@ -336,10 +373,14 @@ def _gradient(
     channels = input_channels(model)
     recorder = _LinearisedPools(None)
     with torch.no_grad():
-        x = torch.ones(1, channels, *input_size, device=device, dtype=dtype)
+        x = _zero_image(model, (1, channels, *input_size), dtype).fill_(1.0)
         outputs, error = _linearised_forward(model, modules, state, x, recorder)
     if error is not None and len(outputs) < len(modules):
-        raise error
+        missing = next(name for name in modules if name not in outputs)
+        raise BadArgument(f"cannot measure the receptive field of {missing!r} at input size "
+                          f"{input_size[0]}x{input_size[1]}: "
+                          f"{str(error).strip().splitlines()[0] if str(error).strip() else error}",
+                          "use another --input-size")
     results = {n: _global(input_size, "gradient") for n in names
                if not _is_spatial(outputs[n]) or n in recorder.after_adaptive}
     side = 16

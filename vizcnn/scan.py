@@ -31,7 +31,7 @@ from vizcnn.hooks import forward_to, model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
-from vizcnn.receptive import trace_calls
+from vizcnn.receptive import traced_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _FORMAT = 1  # version of the saved layout
@@ -51,6 +51,9 @@ class TopK:
         count: images scanned so far: a resumed scan goes on from data-set index ``count``.
         source: what was scanned (e.g. ``shapes:2000`` or a folder), for the record.
         fingerprint: identifies the model's weights, so a resumed scan cannot mix two models.
+        data: identifies the data (``data_identity``), so a resumed scan cannot mix two data
+            sets.
+        skipped: images left out, each with the reason (unreadable, NaN or inf values).
     """
 
     k: int
@@ -60,7 +63,8 @@ class TopK:
     count: int = 0
     source: str = ""
     fingerprint: str = ""
-    skipped: tuple[str, ...] = field(default=())  # unreadable images left out, by name
+    skipped: tuple[str, ...] = field(default=())
+    data: str = ""
 
     @property
     def layers(self) -> list[str]:
@@ -82,6 +86,7 @@ class TopK:
         writable_parent(folder / "topk.pt")
         manifest = {"format": _FORMAT, "k": self.k, "count": self.count, "source": self.source,
                     "fingerprint": self.fingerprint, "skipped": list(self.skipped),
+                    "data": self.data,
                     "layers": {layer: list(v.shape) for layer, v in self.values.items()}}
         tensors = {name: {layer: t.cpu() for layer, t in getattr(self, name).items()}
                    for name in ("values", "indices", "positions")}
@@ -98,7 +103,7 @@ class TopK:
         try:
             saved = torch.load(folder / "topk.pt", weights_only=True)
             manifest = saved["manifest"]
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001 - torch.load raises many kinds for bad files
             raise BadArgument(f"cannot read a saved top-k from '{folder}': "
                               f"{getattr(error, 'strerror', None) or error}",
                               "give a folder written by TopK.save or `vizcnn topk`") from None
@@ -106,7 +111,7 @@ class TopK:
             raise BadArgument(f"'{folder}' holds a top-k of another format version")
         return cls(manifest["k"], saved["values"], saved["indices"], saved["positions"],
                    manifest["count"], manifest["source"], manifest["fingerprint"],
-                   tuple(manifest.get("skipped", ())))
+                   tuple(manifest.get("skipped", ())), manifest.get("data", ""))
 
 
 # --------------------------------------------------------------------------- data sources
@@ -165,6 +170,58 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__}{length}"
 
 
+def data_identity(data: Any) -> str:
+    """A short digest of what a scan reads, recorded in its state so that a resumed scan
+    cannot mix two data sets: for a folder its absolute path and its sorted file names and
+    sizes; for ``shapes:N`` the spec; for a Dataset (or a DataLoader's) its type, length and its
+    first and last items; for a tensor its shape and values; for any other iterable its type
+    only (it cannot be read twice to check)."""
+    digest = hashlib.sha256()
+    source = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(source, (str, os.PathLike)) and str(source).startswith("shapes:"):
+        digest.update(str(source).encode())
+    elif isinstance(source, (str, os.PathLike, ImageFolder)):
+        folder = source if isinstance(source, ImageFolder) else ImageFolder(source)
+        digest.update(str(folder.root.resolve()).encode())
+        for path in folder.paths:
+            digest.update(f"{path.relative_to(folder.root)}\0{path.stat().st_size}\0".encode())
+    elif isinstance(source, torch.Tensor):
+        digest.update(f"tensor{tuple(source.shape)}".encode())
+        digest.update(_bytes(source))
+    elif isinstance(source, Dataset) and hasattr(source, "__len__"):
+        length = len(source)
+        digest.update(f"{type(source).__qualname__}:{length}".encode())
+        for index in sorted({0, 1, 2, length - 1} & set(range(length))):
+            _digest_item(digest, source[index])
+    else:
+        digest.update(type(source).__qualname__.encode())
+    return digest.hexdigest()[:16]
+
+
+def _digest_item(digest: Any, item: Any) -> None:
+    """Add the tensors, arrays and numbers of a data-set item to ``digest``."""
+    if isinstance(item, (tuple, list)):
+        for part in item:
+            _digest_item(digest, part)
+    elif isinstance(item, torch.Tensor):
+        digest.update(_bytes(item))
+    elif hasattr(item, "tobytes"):
+        digest.update(item.tobytes())
+    else:
+        digest.update(repr(item).encode())
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _finite(batch: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which images of a float batch hold only finite values."""
+    if not batch.is_floating_point():
+        return torch.ones(len(batch), dtype=torch.bool)
+    return torch.isfinite(batch.flatten(1)).all(dim=1).cpu()
+
+
 def _first(item: Any) -> Any:
     """The image of a data-set item: ``(image, label, ...)`` tuples give their first element."""
     return item[0] if isinstance(item, (tuple, list)) else item
@@ -186,9 +243,10 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
                   ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on.
 
-    A batch holds items of one size (a size change closes the batch). ``skipped`` names
-    unreadable images that were left out: their indices are never reported. ``shard`` =
-    (rank, world) keeps only the indices i with i % world == rank.
+    A batch holds items of one size (a size change closes the batch). ``skipped`` names the
+    images that were left out, with the reason (unreadable, NaN or inf values): their indices
+    are never reported. ``shard`` = (rank, world) keeps only the indices i with
+    i % world == rank.
     """
     rank, world = shard
     data = open_data(data)
@@ -198,7 +256,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
         mine = [i for i in range(start, len(data)) if i % world == rank]
         for first in range(0, len(mine), batch_size):
             chosen = mine[first:first + batch_size]
-            yield chosen, data[chosen], []
+            yield _without_non_finite(chosen, data[chosen])
         return
     if isinstance(data, DataLoader):
         index = 0
@@ -208,8 +266,8 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
                       if i % world == rank]
             if chosen:
                 rows = [i - index for i in chosen]
-                yield chosen, _loader_batch(model, images[rows] if isinstance(
-                    images, torch.Tensor) else [images[r] for r in rows]), []
+                yield _without_non_finite(chosen, _loader_batch(model, images[rows] if isinstance(
+                    images, torch.Tensor) else [images[r] for r in rows]))
             index += len(images)
         return
     pending: list[torch.Tensor] = []
@@ -223,6 +281,9 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
         except BadImage as error:  # one unreadable file must not end a long scan
             skipped.append(str(error))
             continue
+        if not bool(_finite(image[None])[0]):
+            skipped.append(f"image {index}: NaN or infinite values")
+            continue
         if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
             yield indices, torch.stack(pending), skipped
             pending, indices, skipped = [], [], []
@@ -230,6 +291,19 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
         indices.append(index)
     if pending or skipped:
         yield indices, torch.stack(pending) if pending else torch.empty(0), skipped
+
+
+def _without_non_finite(indices: list[int], batch: torch.Tensor
+                        ) -> tuple[list[int], torch.Tensor, list[str]]:
+    """The batch without its images that hold NaN or inf (they would rank first in every
+    channel), and their names for ``skipped``."""
+    finite = _finite(batch)
+    if bool(finite.all()):
+        return indices, batch, []
+    skipped = [f"image {i}: NaN or infinite values"
+               for i, ok in zip(indices, finite.tolist(), strict=True) if not ok]
+    kept = [i for i, ok in zip(indices, finite.tolist(), strict=True) if ok]
+    return kept, batch[finite.to(batch.device)], skipped
 
 
 def _items(data: Any, start: int) -> Iterator[tuple[int, Callable[[], Any]]]:
@@ -375,11 +449,12 @@ def scan_topk(
     run_device = model_device(model)
     fingerprint = model_fingerprint(model)
     source = _describe(data)
+    identity = data_identity(data) if state_path is not None else ""
     data = open_data(data)
     shard = _shard()
     if state_path is not None and shard[1] > 1:
         state_path = Path(state_path) / f"rank{shard[0]}"
-    state = _resume(state_path, names, k, fingerprint) if state_path else None
+    state = _resume(state_path, names, k, fingerprint, identity) if state_path else None
     kept = ({n: (state.values[n].to(run_device), state.indices[n].to(run_device),
                  state.positions[n].to(run_device)) for n in names} if state else {})
     count = state.count if state else 0
@@ -393,7 +468,7 @@ def scan_topk(
     def result() -> TopK:
         return TopK(k, {n: kept[n][0].cpu() for n in kept}, {n: kept[n][1].cpu() for n in kept},
                     {n: kept[n][2].cpu() for n in kept}, count, source, fingerprint,
-                    tuple(skipped))
+                    tuple(skipped), identity)
 
     try:
         with preserved_state(model, eval_mode=True), torch.no_grad():
@@ -404,7 +479,7 @@ def scan_topk(
                     batch = batch.to(run_device)
                     if traced is None or batch.shape[-2:] != input_size:
                         input_size = batch.shape[-2:]
-                        traced = [c.name for c in trace_calls(model, tuple(input_size))]
+                        traced = traced_names(model, tuple(input_size), names)
                     found = forward_to(model, batch, names, traced, lambda _, out: _strongest(out))
                     order = torch.tensor(indices, device=run_device)
                     for name in names:
@@ -412,7 +487,7 @@ def scan_topk(
                         if name not in kept:
                             kept[name] = _empty(k, values.shape[1], run_device)
                         kept[name] = _merge(kept[name], values, positions, order, k)
-                    count = indices[-1] + 1
+                    count = indices[-1] + 1  # only once merged: a saved state is never ahead
                 bar.update((len(batch) + len(batch_skipped)) * shard[1])
                 if state_path and time.monotonic() - last_save >= save_every:
                     result().save(state_path)
@@ -470,16 +545,26 @@ def _merge_ranks(top: TopK) -> TopK:
         positions[layer] = all_positions.gather(1, order[..., None].expand(-1, -1, 2))
     skipped = tuple(name for t in gathered for name in t.skipped)
     return TopK(top.k, values, indices, positions, max(t.count for t in gathered), top.source,
-                top.fingerprint, skipped)
+                top.fingerprint, skipped, top.data)
 
 
-def _resume(state_path, names: list[str], k: int, fingerprint: str) -> TopK | None:
+def _resume(state_path, names: list[str], k: int, fingerprint: str, data: str
+            ) -> TopK | None:
     """The saved state at ``state_path`` if there is one, checked against this scan."""
     if not (Path(state_path) / "topk.pt").exists():
         return None
-    state = TopK.load(state_path)
-    if state.k != k or state.layers != names or state.fingerprint != fingerprint:
-        raise BadArgument(f"the scan state in '{state_path}' is for another scan (layers "
-                          f"{', '.join(state.layers)}, k={state.k}, or another model)",
-                          "remove that folder or give another state path")
+    afresh = f"delete '{state_path}' to start the scan afresh"
+    try:
+        state = TopK.load(state_path)
+    except BadArgument:
+        raise BadArgument(f"the scan state in '{state_path}' cannot be read (corrupt, or from "
+                          "another vizcnn version)", afresh) from None
+    differences = [what for what, same in (
+        (f"layers {', '.join(state.layers)}", state.layers == names),
+        (f"k={state.k}", state.k == k),
+        ("another model", state.fingerprint == fingerprint),
+        (f"other data ({state.source})", state.data == data)) if not same]
+    if differences:
+        raise BadArgument(f"the scan state in '{state_path}' is for another scan "
+                          f"({'; '.join(differences)})", afresh)
     return state

@@ -39,7 +39,12 @@ def summarize(
 ) -> list[LayerSummary]:
     """Every named module of ``model`` (containers too) in registration order, as seen by one
     forward pass of a ``(1, C, H, W)`` zero image; only ``layers`` when given (unknown names
-    raise ``LayerNotFound`` before any work). The model is left as it was."""
+    raise ``LayerNotFound`` before any work). The model is left as it was.
+
+    Raises:
+        VizCNNError: when a layer rejects the input size (a fixed-size head, a map that
+            vanishes); its ``rows`` attribute holds the rows computed up to that layer.
+    """
     input_size = as_pair(input_size)
     wanted = set(list_layers(model)) if layers is None else set(layers)
     for name in wanted:
@@ -67,6 +72,9 @@ def summarize(
             params=sum(p.numel() for p in module.parameters()),
             field=fields.get(name),
         ))
+    if calls.error is not None:
+        calls.error.rows = [row for row in rows if row.output_shape is not None]
+        raise calls.error
     return rows
 
 

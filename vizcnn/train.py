@@ -99,8 +99,11 @@ def train_demo(
     Returns:
         TrainResult, with the held-out accuracy also stored in ``final.pt``.
     """
-    if epochs < 1 or per_epoch < batch_size:
-        raise BadArgument("need epochs >= 1 and per_epoch >= batch_size")
+    if epochs < 1:
+        raise BadArgument(f"epochs must be at least 1, got {epochs} (CLI: --epochs)")
+    if per_epoch < batch_size:
+        raise BadArgument(f"{per_epoch} images per epoch is less than one batch of {batch_size}",
+                          f"give at least {batch_size} (CLI: --per-epoch {batch_size})")
     out_dir = Path(out_dir)
     writable_parent(out_dir / "final.pt")
     started = time.perf_counter()

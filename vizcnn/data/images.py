@@ -29,7 +29,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise BadImage(f"'{path}' is not an image file")
     # imdecode reads the bytes ourselves, so the error is ours to word, and any path works.
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image = _decode(data) if data.size else None
     if image is None:
         raise BadImage(f"cannot read image '{path}': corrupt or not an image",
                        f"use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -37,6 +37,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
         image = cv2.cvtColor(image, code)
     return to_rgb_uint8(image, name=str(path))
+
+
+def _decode(data: np.ndarray) -> np.ndarray | None:
+    """``cv2.imdecode`` with OpenCV's own log silenced: a truncated file is our error to word
+    (one line), not OpenCV's "[ WARN:0 ...]" on stderr before it."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:

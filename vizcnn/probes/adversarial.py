@@ -4,18 +4,21 @@ each layer's activations move (``layer_displacement``).
 
 Units: every attack works in **pixel space with values in [0, 1]**, whatever the model's
 normalisation. ``eps`` and distortions are in those units (8/255 is "8 grey levels"); inputs and
-outputs are the model's normalised tensors, converted with the model's mean and std (from its
-preprocessing, or given). Results always stay inside the eps-ball and the pixel range [0, 1].
+outputs are the model's normalised tensors, converted with the model's mean and std from its
+preprocessing record (``preprocessing_for``, or ``preprocessing=``). Where vizcnn does not know
+them, the probes refuse rather than guess: a wrong guess would make eps meaningless and the
+clipping to [0, 1] wrong. Results always stay inside the eps-ball and the pixel range [0, 1].
 
-FGSM and PGD are Captum's ``captum.robust.FGSM`` / ``PGD`` run on a pixel-space wrapper of the
-model with the cross-entropy loss, so vizcnn adds the units and the bookkeeping, not another
-attack implementation.
+FGSM and PGD are the closed-form sign steps, written here: every pixel moves by the step along
+the sign of its loss gradient, however small the gradient (Captum's ``FGSM`` leaves pixels
+whose |gradient| is at most 1e-6 unmoved, which on confident models skips whole images).
+Models whose output is not one (N, classes) tensor take ``output=`` (see
+``probes.class_scores``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -34,9 +37,9 @@ from vizcnn.hooks import (
     run_forward,
 )
 from vizcnn.layers import list_layers, resolve_layer
-from vizcnn.models import preprocessing_for
-from vizcnn.probes import class_labels
-from vizcnn.receptive import trace_calls
+from vizcnn.models import Preprocessing, normalisation_of
+from vizcnn.probes import OutputSelector, class_labels, class_scores
+from vizcnn.receptive import traced_names
 
 
 @dataclass(frozen=True)
@@ -74,39 +77,39 @@ class AdversarialResult:
 # --------------------------------------------------------------------------- pixel space
 
 
-def normalisation(model: nn.Module, x: torch.Tensor, mean=None, std=None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, C, 1, 1) mean and std that map pixels in [0, 1] to the model's input: given, from
-    the model's preprocessing, or 0 and 1 (an un-normalised model)."""
-    steps = preprocessing_for(model)
-    if mean is None:
-        mean = steps.mean if steps is not None else (0.0,) * x.shape[1]
-    if std is None:
-        std = steps.std if steps is not None else (1.0,) * x.shape[1]
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).flatten()
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).flatten()
-    if mean_t.numel() != x.shape[1] or std_t.numel() != x.shape[1] or (std_t <= 0).any():
-        raise BadArgument(f"mean and std need {x.shape[1]} values each, std > 0")
-    return mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
+def normalisation(model: nn.Module, x: torch.Tensor, preprocessing: Preprocessing | None,
+                  what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) mean and std that map pixels in [0, 1] to the model's input, from the
+    model's preprocessing record (or ``preprocessing``); a one-line error naming ``what``
+    when they are unknown."""
+    mean, std = normalisation_of(model, preprocessing, what).pixel_normalisation()
+    channels = x.shape[1]
+    if len(mean) not in (1, channels):
+        raise BadArgument(f"the model's preprocessing has {len(mean)} mean and std values, the "
+                          f"images have {channels} channels", "give one value per channel")
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).expand(channels)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).expand(channels)
+    return mean_t.reshape(1, -1, 1, 1), std_t.reshape(1, -1, 1, 1)
 
 
 class PixelModel(nn.Module):
-    """The model seen from pixel space: ``forward(p) = model((p - mean) / std)``."""
+    """The classifier seen from pixel space: ``forward(p)`` is the class scores (N, classes)
+    of ``model((p - mean) / std)``, selected from its output by ``output``."""
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor,
+                 output: OutputSelector = None):
         super().__init__()
-        self.model, self.mean, self.std = model, mean, std
+        self.model, self.mean, self.std, self.output = model, mean, std, output
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model((pixels - self.mean) / self.std)
+        return class_scores(run_forward(self.model, (pixels - self.mean) / self.std),
+                            self.output)
 
 
 @contextlib.contextmanager
 def _attacking(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, everything restored afterwards. Captum's note that
-    it made the input require gradients (which is what we want) is silenced."""
-    with preserved_state(model, eval_mode=True), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Input Tensor .* did not already require")
+    """Eval mode, no parameter gradients, everything restored afterwards."""
+    with preserved_state(model, eval_mode=True):
         for param in model.parameters():
             param.requires_grad_(False)
         yield
@@ -145,11 +148,13 @@ def _check_steps(steps: int) -> None:
         raise BadArgument(f"steps must be a positive integer, got {steps!r}")
 
 
-def _to_pixels(model, x, mean, std) -> tuple[torch.Tensor, PixelModel, torch.Tensor]:
+def _to_pixels(model, x, preprocessing, what, output=None
+               ) -> tuple[torch.Tensor, PixelModel, torch.Tensor]:
     """x on the model's device, the pixel-space model, and x's pixels in [0, 1]."""
     x = require_batch(x).to(model_device(model))
-    mean_t, std_t = normalisation(model, x, mean, std)
-    return x, PixelModel(model, mean_t, std_t), (x * std_t + mean_t).clamp(0.0, 1.0).detach()
+    mean_t, std_t = normalisation(model, x, preprocessing, what)
+    return (x, PixelModel(model, mean_t, std_t, output),
+            (x * std_t + mean_t).clamp(0.0, 1.0).detach())
 
 
 def _into_ball(perturbed: torch.Tensor, pixels: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,75 +162,83 @@ def _into_ball(perturbed: torch.Tensor, pixels: torch.Tensor, eps: float) -> tor
     return torch.minimum(torch.maximum(perturbed, pixels - eps), pixels + eps).clamp(0.0, 1.0)
 
 
-def _setup(model, x, target, mean, std):
-    x, pixel_model, pixels = _to_pixels(model, x, mean, std)
+def _setup(model, x, target, preprocessing, output, what):
+    x, pixel_model, pixels = _to_pixels(model, x, preprocessing, what, output)
     with torch.no_grad():
-        clean_logits = run_forward(model, x)
-    if not isinstance(clean_logits, torch.Tensor) or clean_logits.dim() != 2:
-        raise BadArgument("adversarial probes need a classifier with (N, classes) outputs")
+        clean_logits = class_scores(run_forward(model, x), output)
     targeted = target is not None
     labels = class_labels(target if targeted else clean_logits.argmax(1), clean_logits)
     return pixel_model, pixels, clean_logits, labels, targeted
 
 
-def _loss(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, target, reduction="none")
+def _ascent_sign(pixel_model: PixelModel, pixels: torch.Tensor, labels: torch.Tensor,
+                 targeted: bool) -> torch.Tensor:
+    """(N, C, H, W) sign of the cross-entropy's gradient at ``pixels``: up the loss of the
+    clean class (untargeted), down the loss of the target (targeted). Every pixel whose
+    gradient is not exactly zero gets +-1, however small the gradient."""
+    current = pixels.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(pixel_model(current), labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, current)
+    return -grad.sign() if targeted else grad.sign()
 
 
 # --------------------------------------------------------------------------- FGSM, PGD
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target=None, mean=None,
-         std=None) -> AdversarialResult:
+def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target=None,
+         preprocessing: Preprocessing | None = None, output: OutputSelector = None
+         ) -> AdversarialResult:
     """The fast gradient sign method: one step of ``eps`` (pixel units) along the sign of the
-    loss gradient, then clipped to [0, 1]. Untargeted (away from the clean prediction) unless
-    ``target`` gives the class(es) to aim at.
+    loss gradient, on every pixel, then clipped to [0, 1]. Untargeted (away from the clean
+    prediction) unless ``target`` gives the class(es) to aim at.
 
     Args:
         x: (N, C, H, W) normalised images. eps: in [0, 1] pixel units.
         target: class index for all images or one per image; None: untargeted.
-        mean, std: the normalisation (default: the model's preprocessing, else none).
+        preprocessing: the model's normalisation, where the model does not carry it.
+        output: selects the class scores from a model that returns a tuple or dict.
     """
-    from captum.robust import FGSM
-
     eps = check_eps(eps)
     with _attacking(model):
-        pixel_model, pixels, clean_logits, labels, targeted = _setup(model, x, target, mean, std)
-        attack = FGSM(pixel_model, loss_func=_loss, lower_bound=0.0, upper_bound=1.0)
-        adversarial = attack.perturb(pixels.clone().requires_grad_(True), eps, labels,
-                                     targeted=targeted).detach()
+        pixel_model, pixels, clean_logits, labels, targeted = _setup(
+            model, x, target, preprocessing, output, "fgsm")
+        sign = _ascent_sign(pixel_model, pixels, labels, targeted)
+        adversarial = (pixels + eps * sign).clamp(0.0, 1.0)
         return _result(pixel_model, pixels, adversarial, clean_logits, labels, targeted,
                        "fgsm", eps)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
-        step_size: float | None = None, random_start: bool = False, target=None, mean=None,
-        std=None) -> AdversarialResult:
+        step_size: float | None = None, random_start: bool = False, target=None,
+        preprocessing: Preprocessing | None = None, output: OutputSelector = None
+        ) -> AdversarialResult:
     """Projected gradient descent in the L-inf ball of radius ``eps`` (pixel units): ``steps``
-    sign steps of ``step_size`` (default eps / 4), each projected back into the ball and [0, 1].
-    Arguments as for ``fgsm``."""
-    from captum.robust import PGD
-
+    sign steps of ``step_size`` (default eps / 4), each projected back into the ball and [0, 1];
+    ``random_start`` begins at a uniform point of the ball. Arguments as for ``fgsm``."""
     eps = check_eps(eps)
     _check_steps(steps)
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     with _attacking(model):
-        pixel_model, pixels, clean_logits, labels, targeted = _setup(model, x, target, mean, std)
-        attack = PGD(pixel_model, loss_func=_loss, lower_bound=0.0, upper_bound=1.0)
-        adversarial = attack.perturb(pixels.clone().requires_grad_(True), eps, step_size,
-                                     steps, labels, targeted=targeted,
-                                     random_start=random_start).detach()
-        # the ball and the box, once more: Captum's clipping order can leave rounding outside
-        adversarial = _into_ball(adversarial, pixels, eps)
-        return _result(pixel_model, pixels, adversarial, clean_logits, labels, targeted,
+        pixel_model, pixels, clean_logits, labels, targeted = _setup(
+            model, x, target, preprocessing, output, "pgd")
+        current = pixels
+        if random_start:
+            current = _into_ball(pixels + torch.empty_like(pixels).uniform_(-eps, eps),
+                                 pixels, eps)
+        for _ in range(steps):
+            sign = _ascent_sign(pixel_model, current, labels, targeted)
+            current = _into_ball(current + step_size * sign, pixels, eps)
+        return _result(pixel_model, pixels, current, clean_logits, labels, targeted,
                        "pgd", eps)
 
 
 # --------------------------------------------------------------------------- L-BFGS
 
 
-def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=None, std=None,
-                      searches: int = 5, max_iterations: int = 20, c_range=(1e-3, 1e2),
+def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None,
+                      preprocessing: Preprocessing | None = None,
+                      output: OutputSelector = None, searches: int = 5,
+                      max_iterations: int = 20, c_range=(1e-3, 1e2),
                       batch_size: int = 50) -> AdversarialResult:
     """Szegedy et al.'s search for the smallest perturbation that makes the model say
     ``target``: minimise ``c * |r|^2 + CE(model(x + r), target)`` subject to ``x + r`` in the
@@ -234,6 +247,7 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=No
 
     Args:
         target: class(es) to aim at; default: each image's second most probable class.
+        preprocessing, output: as for ``fgsm``.
         searches: bisection steps over c. max_iterations: L-BFGS-B iterations per c.
         batch_size: images optimised together (their objectives are independent sums).
 
@@ -245,7 +259,8 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None, mean=No
             or max_iterations < 1:
         raise BadArgument("searches and max_iterations must be positive integers")
     with _attacking(model):
-        pixel_model, pixels, clean_logits, labels, _ = _setup(model, x, target, mean, std)
+        pixel_model, pixels, clean_logits, labels, _ = _setup(
+            model, x, target, preprocessing, output, "lbfgs_adversarial")
         if target is None:  # the runner-up class of the clean image
             labels = clean_logits.topk(2, dim=1).indices[:, 1]
         best = pixels.clone()
@@ -327,8 +342,8 @@ class ExciteResult:
 
 
 def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: float = 8 / 255,
-           steps: int = 20, *, step_size: float | None = None, mean=None, std=None
-           ) -> ExciteResult:
+           steps: int = 20, *, step_size: float | None = None,
+           preprocessing: Preprocessing | None = None) -> ExciteResult:
     """Gradient ascent in the L-inf eps-ball (pixel units) on the total activation of one
     feature map: what pattern, added to this image, excites the map most.
 
@@ -336,21 +351,27 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
         layer, channel: the feature map. eps: ball radius in [0, 1] pixel units.
         steps: sign-gradient steps of ``step_size`` (default eps / 4), each projected back into
             the ball and [0, 1]; the best iterate (highest activation) is returned.
+        preprocessing: the model's normalisation, where the model does not carry it.
     """
     eps = check_eps(eps)
     _check_steps(steps)
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     resolve_layer(model, layer)
     with _attacking(model):
-        x, pixel_model, pixels = _to_pixels(model, x, mean, std)
-        traced = [c.name for c in trace_calls(model, tuple(x.shape[-2:]))]
+        x, pixel_model, pixels = _to_pixels(model, x, preprocessing, "excite")
+        traced = traced_names(model, tuple(x.shape[-2:]), [layer])
         mean_t, std_t = pixel_model.mean, pixel_model.std
 
         def total(p: torch.Tensor) -> torch.Tensor:
             output = forward_to(model, (p - mean_t) / std_t, [layer], traced)[layer]
-            if output.dim() != 4 or not 0 <= channel < output.shape[1]:
-                raise BadArgument(f"channel {channel} out of range or {layer!r} has no "
-                                  f"feature maps ({tuple(output.shape)})")
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                raise BadArgument(f"layer {layer!r} has no feature maps (its output is "
+                                  f"{tuple(getattr(output, 'shape', ()))})",
+                                  "pick a conv or pool layer")
+            if isinstance(channel, bool) or not isinstance(channel, int) or \
+                    not 0 <= channel < output.shape[1]:
+                raise BadArgument(f"channel {channel} out of range: {layer!r} has "
+                                  f"{output.shape[1]} channels (0-{output.shape[1] - 1})")
             return output[:, channel].sum(dim=(1, 2))
 
         with torch.no_grad():

@@ -20,7 +20,8 @@ from torch import nn
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, model_device, preserved_state, run_forward
 from vizcnn.layers import resolve_layer
-from vizcnn.models import preprocess
+from vizcnn.models import Preprocessing, normalisation_of, preprocess
+from vizcnn.probes import OutputSelector, class_scores
 
 TRANSFORMS = ("translate", "scale", "rotate")
 DEFAULT_VALUES = {
@@ -77,7 +78,8 @@ def transform_image(image: np.ndarray, transform: str, value: float) -> np.ndarr
 
 def invariance(model: nn.Module, image, transform: str = "translate",
                values: Sequence[float] | None = None, *, layers: tuple[str, str],
-               true_class: int | None = None) -> InvarianceResult:
+               true_class: int | None = None, preprocessing: Preprocessing | None = None,
+               output: OutputSelector = None) -> InvarianceResult:
     """Fig. 5 for one image and one transform.
 
     Args:
@@ -87,6 +89,9 @@ def invariance(model: nn.Module, image, transform: str = "translate",
         values: parameters (default ``DEFAULT_VALUES[transform]``).
         layers: (low, high) layers whose feature vectors are compared, e.g. layer 1 and 7.
         true_class: default: the model's prediction for the untransformed image.
+        preprocessing: how the image becomes model input (default: the model's record; the
+            normalisation must be known: a guessed one would change what is compared).
+        output: selects the class scores from a model that returns a tuple or dict.
     """
     from vizcnn.data.images import load_image
 
@@ -99,12 +104,14 @@ def invariance(model: nn.Module, image, transform: str = "translate",
         raise BadArgument(f"layers must be (low, high), got {layers!r}")
     for layer in layers:
         resolve_layer(model, layer)
+    steps = normalisation_of(model, preprocessing, "invariance")
     rgb = np.ascontiguousarray(load_image(image).permute(1, 2, 0).numpy())
-    batch = torch.cat([preprocess(model, rgb)] + [
-        preprocess(model, transform_image(rgb, transform, v)) for v in values])
+    batch = torch.cat([preprocess(model, rgb, preprocessing=steps)] + [
+        preprocess(model, transform_image(rgb, transform, v), preprocessing=steps)
+        for v in values])
     with preserved_state(model, eval_mode=True), capture(model, list(layers)) as outputs, \
             torch.no_grad():
-        logits = run_forward(model, batch.to(model_device(model)))
+        logits = class_scores(run_forward(model, batch.to(model_device(model))), output)
     probabilities = torch.softmax(logits, dim=1)
     classes = probabilities.shape[1]
     true_class = int(probabilities[0].argmax()) if true_class is None else int(true_class)

@@ -12,7 +12,8 @@ Two engines give the same numbers:
   ``torch.fx``; the clean image runs once, and for each occluder only the region that the
   occluder can change is recomputed, layer by layer (a conv of kernel K and stride S changes
   the outputs whose windows touch the changed inputs), from the clean values around it. Convs,
-  max and average pools, pointwise layers (ReLU, batch norm, dropout, LRN) and residual adds
+  max and average pools, pointwise layers (every elementwise nonlinearity, module or function:
+  ReLU, PReLU, LeakyReLU, ELU, GELU, SiLU, ...; batch norm, dropout, LRN) and residual adds
   stay incremental; anything else (flatten, linear, concatenation) gets full tensors again:
   the clean value with the changed region pasted in. Many occluders run as one batch.
 - **naive**: occluded copies of the image through the whole model, in batches. Used where the
@@ -47,8 +48,9 @@ from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, model_device, preserved_state, require_batch, run_forward
 from vizcnn.io import atomic_path
-from vizcnn.layers import resolve_layer
-from vizcnn.probes import class_labels
+from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
+from vizcnn.models import Preprocessing, normalisation_of
+from vizcnn.probes import OutputSelector, class_labels, class_scores
 
 DRILL_FACTOR = 2  # approximate mode: the coarse grid takes every 2nd row and column
 DRILL_TOLERANCE = 0.05  # ... and refines cells whose corner probabilities differ more
@@ -186,11 +188,7 @@ class _Patched:
         return out
 
 
-_POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
-              nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d,
-              nn.Identity, nn.LocalResponseNorm)
 _ADD = {operator.add, operator.iadd, torch.add}
-_RELU = {F.relu, torch.relu, torch.relu_}
 
 
 def _geometry(module: nn.Module) -> tuple[str, tuple, tuple, tuple, tuple] | None:
@@ -261,7 +259,7 @@ class _Incremental(torch.fx.Interpreter):
             geometry = _geometry(module)
             if geometry is not None:
                 return self._spatial(module, geometry, source)
-            if isinstance(module, _POINTWISE):
+            if isinstance(module, POINTWISE):
                 return self._pointwise(source, module)
             if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and \
                     self.clean[self.node].shape == source.clean.shape:
@@ -272,8 +270,8 @@ class _Incremental(torch.fx.Interpreter):
         if any(isinstance(a, _Patched) for a in args):
             if target in _ADD and len(args) == 2 and not kwargs:
                 return self._add(*args)
-            if target in _RELU and len(args) == 1:
-                return self._pointwise(args[0], F.relu)
+            if _is_activation_call(target, args, kwargs):
+                return self._pointwise(args[0], lambda v: target(v, *args[1:], **kwargs))
         return super().call_function(target, _materialised(args), _materialised(kwargs))
 
     def call_method(self, target, args, kwargs):
@@ -281,17 +279,16 @@ class _Incremental(torch.fx.Interpreter):
             if target in ("add", "add_", "__add__", "__iadd__") and len(args) == 2 \
                     and not kwargs:
                 return self._add(*args)
-            if target in ("relu", "relu_") and len(args) == 1:
-                return self._pointwise(args[0], F.relu)
+            if _is_activation_call(target, args, kwargs):
+                method = getattr(torch.Tensor, target)
+                return self._pointwise(args[0], lambda v: method(v, *args[1:], **kwargs))
         return super().call_method(target, _materialised(args), _materialised(kwargs))
 
     # ------------------------------------------------------------------ rules
 
     def _pointwise(self, source: _Patched, function) -> _Patched:
-        values = source.values
-        if getattr(function, "inplace", False):
-            values = values.clone()  # never write into a value another node may read
-        return _Patched(self.clean[self.node], function(values), source.start)
+        # on a copy: an in-place nonlinearity must not write into a value another node reads
+        return _Patched(self.clean[self.node], function(source.values.clone()), source.start)
 
     def _spatial(self, module, geometry, source: _Patched) -> _Patched:
         """A conv or pool: the outputs whose windows touch the changed box, from the input
@@ -345,6 +342,13 @@ class _Incremental(torch.fx.Interpreter):
                              for axis in range(2)], dim=1)
         values = a.crop(start, length, 0.0) + b.crop(start, length, 0.0)
         return _Patched(self.clean[self.node], values, start)
+
+
+def _is_activation_call(target: Any, args: tuple, kwargs: dict) -> bool:
+    """An elementwise nonlinearity applied to a patched map (its first argument) alone."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    return (name in ACTIVATION_FUNCTIONS and isinstance(args[0], _Patched)
+            and not any(isinstance(a, _Patched) for a in (*args[1:], *kwargs.values())))
 
 
 def _materialised(value: Any) -> Any:
@@ -414,6 +418,8 @@ def occlusion(
     approx: bool | float = False,
     engine: str = "auto",
     progress: bool = True,
+    output: OutputSelector = None,
+    preprocessing: Preprocessing | None = None,
 ) -> OcclusionMaps:
     """Slide an occluder over each image and record what changes (Zeiler & Fergus Fig. 7).
 
@@ -423,7 +429,8 @@ def occlusion(
         window: occluder side, or (h, w).
         stride: step between positions, or (y, x).
         fill: the occluder's value in the normalised input, one number or one per channel;
-            default 0, the data set's mean (gray).
+            default 0, the data set's mean (gray), which needs the model's normalisation to
+            be known (its preprocessing record, or ``preprocessing``).
         target: the class whose probability is mapped, per image or one for all; default: the
             class predicted for the clean image.
         layer: a layer with feature maps, for the activation map (panel b).
@@ -434,11 +441,16 @@ def occlusion(
             and the region cap at that fraction of each map's side); see the module's text.
         engine: "auto" (incremental where the model can be traced), "incremental" or "naive".
         progress: show a tqdm bar over the positions.
+        output: selects the class scores from a model that returns a tuple or dict (an
+            index, a key or a callable; see ``probes.class_scores``).
+        preprocessing: the model's preprocessing, where the model does not carry it.
 
     Returns:
         ``OcclusionMaps``.
     """
     require_batch(x)
+    if fill is None:  # the data's mean gray is zero only after the model's own normalisation
+        normalisation_of(model, preprocessing, "occlusion's default fill (the data's mean gray)")
     window, stride = _pair(window, "window"), _pair(stride, "stride")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -464,12 +476,13 @@ def occlusion(
             raise BadArgument(f"the approximate mode cannot run: {note}")
         runs = None
         if graph_module is not None:  # the clean pass of each image, kept whole for reuse
-            runs = [_IncrementalRun(graph_module, x[n:n + 1], layer) for n in range(len(x))]
+            runs = [_IncrementalRun(graph_module, x[n:n + 1], layer, output)
+                    for n in range(len(x))]
             clean_logits = torch.cat([run.logits for run in runs])
             clean_maps = None if layer is None else torch.cat([run.maps for run in runs])
             _check_outputs(clean_logits, clean_maps, layer)
         else:
-            clean_logits, clean_maps = _clean_pass(model, x, layer)
+            clean_logits, clean_maps = _clean_pass(model, x, layer, output)
         targets = _targets(target, clean_logits)
         channels = _channels(channel, clean_maps, layer)
         if runs is not None and channels is not None:
@@ -494,7 +507,7 @@ def occlusion(
                         else:
                             logits, total = _naive(model, x[n], corners, window, fill_values,
                                                    layer, None if channels is None
-                                                   else int(channels[n]))
+                                                   else int(channels[n]), output)
                         p = torch.softmax(logits.float(), dim=1)
                         out_probs.append(p[:, targets[n]])
                         out_labels.append(p.argmax(dim=1))
@@ -542,9 +555,10 @@ class _IncrementalRun:
     batches of occluders. ``logits`` (1, K) and ``maps`` (1, C, h, w) (or None) are the clean
     outputs; ``channel`` is set once the feature map is chosen."""
 
-    def __init__(self, graph_module, image, layer):
+    def __init__(self, graph_module, image, layer, output: OutputSelector):
         recorder = _Recorder(graph_module)
-        self.logits = recorder.run(image)
+        self.output = output
+        self.logits = class_scores(recorder.run(image), output)
         self.graph_module = graph_module
         self.clean = recorder.values
         self.image = image
@@ -559,18 +573,17 @@ class _IncrementalRun:
         interpreter = _Incremental(self.graph_module, self.clean, cap, self.layer_node,
                                    self.channel)
         output = interpreter.run(source)
-        logits = _materialised(output)
-        return logits, interpreter.activation
+        return class_scores(_materialised(output), self.output), interpreter.activation
 
 
-def _clean_pass(model, x, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _clean_pass(model, x, layer, output) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, K) of the clean images and the layer's maps (N, C, h, w) if a layer is
     given, by running the model itself (the naive engine)."""
     if layer is None:
-        logits, maps = run_forward(model, x), None
+        logits, maps = class_scores(run_forward(model, x), output), None
     else:
         with capture(model, [layer]) as captured:
-            logits = run_forward(model, x)
+            logits = class_scores(run_forward(model, x), output)
         maps = captured[layer]
     _check_outputs(logits, maps, layer)
     return logits, maps
@@ -580,9 +593,6 @@ def _check_outputs(logits: Any, maps: Any, layer: str | None) -> None:
     if layer is not None and (not isinstance(maps, torch.Tensor) or maps.dim() != 4):
         raise BadArgument(f"layer {layer!r} has no spatial output (its output is "
                           f"{tuple(getattr(maps, 'shape', ()))})", "pick a conv or pool layer")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise BadArgument("occlusion needs a classifier: the model's output must be (N, "
-                          f"classes), not {tuple(getattr(logits, 'shape', ()))}")
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
@@ -604,15 +614,15 @@ def _channels(channel, maps: torch.Tensor | None, layer) -> torch.Tensor | None:
     return torch.full((len(maps),), channel, dtype=torch.long, device=maps.device)
 
 
-def _naive(model, image, corners, window, fill_values, layer, channel):
+def _naive(model, image, corners, window, fill_values, layer, channel, output):
     """Occluded copies of one image through the whole model: logits (B, K), totals (B,)."""
     batch = image.expand(len(corners), *image.shape).clone()
     for b, (top, left) in enumerate(corners.tolist()):
         batch[b, :, top:top + window[0], left:left + window[1]] = fill_values
     if layer is None:
-        return run_forward(model, batch), None
+        return class_scores(run_forward(model, batch), output), None
     with capture(model, [layer]) as captured:
-        logits = run_forward(model, batch)
+        logits = class_scores(run_forward(model, batch), output)
     return logits, captured[layer][:, channel].double().sum((1, 2))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import cv2
 import matplotlib
@@ -19,7 +20,7 @@ from matplotlib.patches import Rectangle
 
 from vizcnn.data.images import load_image
 from vizcnn.errors import BadArgument
-from vizcnn.io import atomic_path
+from vizcnn.io import atomic_path, file_target
 from vizcnn.receptive import ReceptiveField
 from vizcnn.render.grid import feature_map_grid, filter_grid
 
@@ -138,12 +139,22 @@ def _unit_at(field: ReceptiveField, unit: tuple[float, float]) -> tuple[int, int
     return position[0], position[1]
 
 
+def figure_path(path: str | os.PathLike) -> str:
+    """``path`` if a figure can be saved there (a .png, .pdf or .svg name that is not a
+    folder, in a writable folder), else a one-line error: check it before long work."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if Path(path).is_dir():
+        raise BadArgument(f"cannot save a figure as '{path}': it is a folder",
+                          "give a file name ending in .png, .pdf or .svg")
+    if suffix not in FORMATS:
+        raise BadArgument(f"cannot save a figure as {suffix or 'a file without suffix'!r} "
+                          f"('{path}')", "use .png, .pdf or .svg")
+    return str(file_target(path))
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
     """Save as PNG, PDF or SVG (by suffix), atomically. Returns the path."""
-    suffix = os.path.splitext(str(path))[1].lower()
-    if suffix not in FORMATS:
-        raise BadArgument(f"cannot save a figure as {suffix or 'a file without suffix'!r}",
-                          "use .png, .pdf or .svg")
+    suffix = os.path.splitext(figure_path(path))[1].lower()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format=suffix[1:], dpi=dpi, bbox_inches="tight")
     return str(path)
