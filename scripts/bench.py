@@ -238,11 +238,11 @@ def bench_occlusion(quick: bool) -> None:
             model.classifier[6].weight.mul_(50.0)
         x = photo_batch(1, seed=3)
         exact, exact_seconds = _timed(occlusion, model, x, window=window, stride=stride,
-                                      progress=False)
+                                      fill=0.0, progress=False)
         approx, approx_seconds = _timed(occlusion, model, x, window=window, stride=stride,
-                                        approx=True, progress=False)
+                                        fill=0.0, approx=True, progress=False)
         naive, naive_seconds = _timed(occlusion, model, x, window=window, stride=stride,
-                                      engine="naive", progress=False)
+                                      fill=0.0, engine="naive", progress=False)
         target = int(exact.target[0])
         best = None
         for per_eval in (1, 16, 64) if not quick else (16,):
@@ -266,7 +266,29 @@ def bench_occlusion(quick: bool) -> None:
         print(f"  {arch}: naive vs exact max |dp| {naive_error:.1e}; approximate computed "
               f"{approx.computed} of {approx.prob.numel()} positions, reported deviation "
               f"{approx.max_deviation:.1e} on {approx.checked} re-checked")
+    bench_occlusion_prelu()
     bench_occlusion_demo(quick)
+
+
+def bench_occlusion_prelu() -> None:
+    """AlexNet with every ReLU replaced by a PReLU (a network unlike ours): the incremental
+    engine treats PReLU as pointwise, so it keeps its lead over re-running the model."""
+    from vizcnn.probes.occlusion import occlusion
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet().eval()
+    for parent in (model.features, model.classifier):
+        for index, module in enumerate(parent):
+            if isinstance(module, torch.nn.ReLU):
+                parent[index] = torch.nn.PReLU()
+    x = photo_batch(1, seed=3)
+    exact, exact_seconds = _timed(occlusion, model, x, window=16, stride=16, fill=0.0,
+                                  progress=False)
+    naive, naive_seconds = _timed(occlusion, model, x, window=16, stride=16, fill=0.0,
+                                  engine="naive", progress=False)
+    print(f"  alexnet with PReLU: exact {exact_seconds:.2f} s, naive {naive_seconds:.2f} s "
+          f"({naive_seconds / exact_seconds:.1f}x), max |dp| "
+          f"{float((exact.prob - naive.prob).abs().max()):.1e}")
 
 
 def bench_occlusion_demo(quick: bool) -> None:

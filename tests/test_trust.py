@@ -23,6 +23,7 @@ import vizcnn
 from vizcnn.cli import main
 from vizcnn.deconv import Deconvnet, RectificationWarning
 from vizcnn.hooks import run_forward
+from vizcnn.io import atomic_path, recover
 from vizcnn.models import AssumedPreprocessingWarning, Preprocessing
 from vizcnn.probes.adversarial import excite, fgsm, lbfgs_adversarial, pgd
 from vizcnn.probes.invariance import invariance
@@ -281,24 +282,22 @@ def test_pickles_say_they_need_consent_without_noise(tmp_path, capfd):
 
 # --------------------------------------------------------------------------- crash-safe outputs
 
-WRITER = """
-import sys
-from pathlib import Path
-from vizcnn.io import atomic_path
-target, tag = Path(sys.argv[1]), sys.argv[2]
-with atomic_path(target) as staging:
-    staging.mkdir()
-    for i in range(16):
-        (staging / f"part{i:02d}.txt").write_text(tag)
-"""
+def write_folder(target: Path, tag: str) -> None:
+    """An output folder of 16 files, each holding ``tag``, written as vizcnn writes outputs."""
+    with atomic_path(target) as staging:
+        staging.mkdir()
+        for i in range(16):
+            (staging / f"part{i:02d}.txt").write_text(tag)
 
 
-def write_folder(target: Path, tag: str, kill_at: str | None = None) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("VIZCNN_TEST_KILL_AT", None)
-    if kill_at:
-        env["VIZCNN_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-c", WRITER, str(target), tag], env=env).returncode
+def killed_writing(target: Path, tag: str, kill_at: str) -> int:
+    """``write_folder`` in a child process that is SIGKILLed at the step ``kill_at``."""
+    code = ("import sys; sys.path[:0] = [sys.argv[3], sys.argv[4]]\n"
+            "from test_trust import write_folder; from pathlib import Path\n"
+            "write_folder(Path(sys.argv[1]), sys.argv[2])\n")
+    env = {**os.environ, "VIZCNN_TEST_KILL_AT": kill_at}
+    return subprocess.run([sys.executable, "-c", code, str(target), tag, str(ROOT),
+                           str(ROOT / "tests")], env=env).returncode
 
 
 def whole(target: Path) -> str:
@@ -313,12 +312,19 @@ def whole(target: Path) -> str:
 @pytest.mark.parametrize("step", ["written", "aside", "placed"])
 def test_a_kill_at_any_step_of_a_replace_leaves_one_whole_output(step, tmp_path):
     target = tmp_path / "out"
-    assert write_folder(target, "old") == 0
-    assert write_folder(target, "new", kill_at=step) == -signal.SIGKILL
-    assert whole(target) == {"written": "old", "aside": "old", "placed": "new"}[step] \
-        if target.exists() else step == "aside"
-    assert write_folder(target, "newer") == 0  # the next run recovers and works
-    assert whole(target) == "newer"
+    write_folder(target, "old")
+    assert killed_writing(target, "new", step) == -signal.SIGKILL
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+    if step == "aside":  # between the renames: the old output whole, aside; the new, partial
+        assert not target.exists() and len(leftovers) == 2
+        assert whole(tmp_path / ".out.vizcnn-old") == "old"
+    else:
+        assert whole(target) == {"written": "old", "placed": "new"}[step]
+        assert len(leftovers) == 1  # the killed run's partial folder, or the old one aside
+    recover(target)  # what the next write does first
+    assert whole(target) == {"written": "old", "aside": "old", "placed": "new"}[step]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    write_folder(target, "newer")  # and the next write works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left behind
 
 
@@ -472,21 +478,11 @@ def test_cli_mistakes_are_one_line(case, capsys, tmp_path):
 
 
 def test_errors_are_not_printed_onto_the_progress_bar(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        result = subprocess.run([sys.executable, "-m", "vizcnn.cli", "demo", "--out",
-                                 str(locked / "sub" / "demo")], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    finally:
-        locked.chmod(0o700)
-    if os.geteuid() == 0:  # root may write anywhere: use a path under a file instead
-        blocker = tmp_path / "file"
-        blocker.write_text("x")
-        result = subprocess.run([sys.executable, "-m", "vizcnn.cli", "demo", "--out",
-                                 str(blocker / "demo")], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    blocker = tmp_path / "file"  # an output folder under a file cannot be created, even by root
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "-m", "vizcnn.cli", "demo", "--out",
+                             str(blocker / "demo")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     assert result.stderr.startswith("vizcnn: error:") and result.stderr.count("\n") == 1, \
         result.stderr

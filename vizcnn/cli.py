@@ -62,7 +62,9 @@ def _load(args: argparse.Namespace):
     size = getattr(args, "size", None)
     if size is not None and len(size) not in (1, 2):
         raise BadArgument(f"--size takes one or two numbers (H W), got {len(size)}")
-    steps = with_options(preprocessing_for(model), size=tuple(size) if size else None,
+    if size is not None:
+        size = size[0] if len(size) == 1 else tuple(size)
+    steps = with_options(preprocessing_for(model), size=size,
                          mean=getattr(args, "mean", None), std=getattr(args, "std", None))
     if steps is not None and steps is not preprocessing_for(model):
         with_preprocessing(model, steps)

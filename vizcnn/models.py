@@ -472,17 +472,17 @@ def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, s
     resized to exactly that, no crop), mean and std put in; unchanged when none is given."""
     if size is None and mean is None and std is None:
         return preprocessing
-    steps = preprocessing or UNKNOWN_PREPROCESSING
+    changes: dict[str, Any] = {}
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise BadArgument(f"size must be positive (H, W), got {size!r}")
-        steps = replace(steps, resize=size, crop=None)
+        changes.update(resize=size, crop=None)
     if mean is not None:
-        steps = replace(steps, mean=tuple(mean))
+        changes["mean"] = tuple(mean)
     if std is not None:
-        steps = replace(steps, std=tuple(std))
-    return steps
+        changes["std"] = tuple(std)
+    return replace(preprocessing or UNKNOWN_PREPROCESSING, **changes)  # checked as a whole
 
 
 def with_preprocessing(model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
