@@ -445,7 +445,7 @@ def test_one_channel_models_from_the_cli(capsys, tmp_path):
     "approx 0", "reversed channels", "excite channel", "figure suffix before work",
     "train per epoch", "truncated png",
 ])
-def test_cli_mistakes_are_one_line(case, capsys, tmp_path):
+def test_cli_mistakes_are_one_line(case, capfd, tmp_path):
     folder = tmp_path / "d.png"
     folder.mkdir()
     truncated = tmp_path / "cut.png"
@@ -473,7 +473,7 @@ def test_cli_mistakes_are_one_line(case, capsys, tmp_path):
         "truncated png": (["activations", "demo", str(truncated), "--layer", "features.0"],
                           "corrupt"),
     }[case]
-    err = one_line_error(capsys, *argv, expected=expected)
+    err = one_line_error(capfd, *argv, expected=expected)
     assert "WARN" not in err
 
 
