@@ -486,3 +486,14 @@ def test_errors_are_not_printed_onto_the_progress_bar(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("vizcnn: error:") and result.stderr.count("\n") == 1, \
         result.stderr
+
+
+def test_cli_deconv_says_how_it_rectified(capsys, tmp_path):
+    weights = state_dict_file(tmp_path, one_channel_net())
+    code = main(["deconv", weights, small_image(tmp_path), "--arch", "helpers:one_channel_net",
+                 "--mean", "0.5", "--std", "0.2", "--layer", "3", "--channel", "2",
+                 "--out", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert code == 0 and (tmp_path / "d.png").is_file()
+    assert err.count("\n") == 1 and err.startswith("vizcnn: warning: Sequential: the deconvnet "
+                                                   "rectified its signal at PReLU x1")

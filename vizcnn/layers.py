@@ -25,7 +25,6 @@ ACTIVATION_FUNCTIONS = frozenset({
     "log_sigmoid", "logsigmoid", "softsign", "tanhshrink", "softshrink", "hardshrink",
     "threshold", "threshold_", "_threshold",
 })
-RELU_FUNCTIONS = frozenset({"relu", "relu_"})
 
 # Layers that act on each position separately (in eval mode): they keep a map's geometry.
 POINTWISE: tuple[type[nn.Module], ...] = (
