@@ -104,8 +104,10 @@ def _model_and_input(args: argparse.Namespace, *, figure: bool = True,
     from vizcnn.models import normalisation_of, preprocess
     from vizcnn.render.figures import figure_path
 
-    if getattr(args, "out", None):
-        figure_path(args.out) if figure else file_target(args.out)
+    if getattr(args, "out", None) and figure:
+        figure_path(args.out)
+    elif getattr(args, "out", None):
+        file_target(args.out)
     model = _load(args)
     if needs_normalisation:
         normalisation_of(model, None, needs_normalisation)

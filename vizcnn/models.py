@@ -112,6 +112,10 @@ class Preprocessing:
         if self.crop is not None:
             image = TF.center_crop(image, [self.crop] if isinstance(self.crop, int)
                                    else list(self.crop))
+        if not self.known:
+            raise BadArgument("this preprocessing does not know the model's mean and std",
+                              "give mean= and std=, or use vizcnn.preprocess, which says what "
+                              "it assumes")
         image = TF.convert_image_dtype(image, torch.float32)
         mean, std = self.pixel_normalisation()
         channels = image.shape[0]
