@@ -1,6 +1,6 @@
 """Writing outputs safely: a file or folder appears complete or not at all, also across a kill.
 
-Every output is written under a temporary name beside its target (``.NAME.PID-XXXX.partial``)
+Every output is written under a temporary name beside its target (``.NAME.PID-RANDOM.partial``)
 and moved into place when complete. Replacing an earlier folder takes three renames, each
 atomic: the old output moves aside (``.NAME.vizcnn-old``), the new one moves into place, the
 old one is deleted. A kill at any moment leaves the old or the new output whole; the next write
