@@ -54,19 +54,15 @@ def _add_output_option(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     """MODEL, loaded as the options say; --mean, --std and --size (where the command has them)
     go into its preprocessing record."""
-    from vizcnn.errors import BadArgument
     from vizcnn.models import load_model, preprocessing_for, with_options, with_preprocessing
 
     model = load_model(args.model, device=args.device, arch=args.arch,
                        num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    known = preprocessing_for(model)
     size = getattr(args, "size", None)
-    if size is not None and len(size) not in (1, 2):
-        raise BadArgument(f"--size takes one or two numbers (H W), got {len(size)}")
-    if size is not None:
-        size = size[0] if len(size) == 1 else tuple(size)
-    steps = with_options(preprocessing_for(model), size=size,
+    steps = with_options(known, size=tuple(size) if size else None,
                          mean=getattr(args, "mean", None), std=getattr(args, "std", None))
-    if steps is not None and steps is not preprocessing_for(model):
+    if steps is not known:  # an option was given
         with_preprocessing(model, steps)
     return model
 

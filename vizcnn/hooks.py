@@ -136,13 +136,19 @@ def require_batch(x: Any) -> torch.Tensor:
                           "use vizcnn.preprocess(model, image) first")
     if len(x) == 0:
         raise BadArgument("the image batch is empty (N = 0)", "give at least one image")
-    if x.is_floating_point():
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            index = int((~finite).nonzero()[0])
-            raise BadArgument(f"image {index} of the batch has NaN or infinite values",
-                              "check how it was decoded and normalised")
+    finite = finite_images(x)
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        raise BadArgument(f"image {index} of the batch has NaN or infinite values",
+                          "check how it was decoded and normalised")
     return x
+
+
+def finite_images(batch: torch.Tensor) -> torch.Tensor:
+    """(B,) bool on the CPU: which images of a batch hold only finite values."""
+    if not batch.is_floating_point():
+        return torch.ones(len(batch), dtype=torch.bool)
+    return torch.isfinite(batch.flatten(1)).all(dim=1).cpu()
 
 
 def model_device(model: nn.Module) -> torch.device:

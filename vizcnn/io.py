@@ -124,8 +124,8 @@ def file_target(target: str | os.PathLike) -> Path:
 def _replace(new: Path, target: Path) -> None:
     """Move ``new`` onto ``target``: one atomic rename for a file over a file (or nothing),
     else old aside, new into place, old deleted. A file never replaces a folder."""
-    if new.is_file() and target.is_dir():
-        raise BadArgument(f"'{target}' is a folder, not a file name", "give a file name")
+    if new.is_file():
+        file_target(target)  # never over a folder
     if not (target.exists() or target.is_symlink()) or (new.is_file() and target.is_file()):
         os.replace(new, target)
         return

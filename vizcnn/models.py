@@ -93,13 +93,22 @@ class Preprocessing:
         """Whether the normalisation (mean and std) is known."""
         return self.mean is not None and self.std is not None
 
-    def pixel_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def pixel_normalisation(self, channels: int | None = None
+                            ) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) in units of pixels in [0, 1]: ``input = (pixel - mean) / std`` whatever
-        the value range. Only for a known normalisation."""
+        the value range. Only for a known normalisation. With ``channels``, one value per
+        channel (a single value is repeated; any other count is a one-line error)."""
         low, high = self.value_range
         span = high - low
-        return (tuple((m - low) / span for m in self.mean),  # type: ignore[union-attr]
-                tuple(s / span for s in self.std))  # type: ignore[union-attr]
+        mean = tuple((m - low) / span for m in self.mean)  # type: ignore[union-attr]
+        std = tuple(s / span for s in self.std)  # type: ignore[union-attr]
+        if channels is None:
+            return mean, std
+        if len(mean) not in (1, channels):
+            raise BadArgument(f"the preprocessing has {len(mean)} mean and std values for "
+                              f"{channels}-channel images", "give one value or one per channel")
+        repeat = channels // len(mean)
+        return mean * repeat, std * repeat
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """image: uint8 (C, H, W) -> float32 (C, h, w), normalised (mean and std must be
@@ -117,13 +126,8 @@ class Preprocessing:
                               "give mean= and std=, or use vizcnn.preprocess, which says what "
                               "it assumes")
         image = TF.convert_image_dtype(image, torch.float32)
-        mean, std = self.pixel_normalisation()
-        channels = image.shape[0]
-        if len(mean) not in (1, channels):
-            raise BadArgument(f"the preprocessing has {len(mean)} mean and std values for a "
-                              f"{channels}-channel image", "give one value or one per channel")
-        return TF.normalize(image, list(mean) * (channels // len(mean)),
-                            list(std) * (channels // len(std)))
+        mean, std = self.pixel_normalisation(image.shape[0])
+        return TF.normalize(image, list(mean), list(std))
 
 
 IMAGENET_PREPROCESSING = Preprocessing()
@@ -472,13 +476,15 @@ UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=Non
 
 def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, std=None
                  ) -> Preprocessing | None:
-    """``preprocessing`` (None: unknown) with the given size ((H, W) or an int: the whole image
-    resized to exactly that, no crop), mean and std put in; unchanged when none is given."""
+    """``preprocessing`` (None: unknown) with the given size ((H, W), or an int or (S,): square;
+    the whole image resized to exactly that, no crop), mean and std put in; unchanged when none
+    is given."""
     if size is None and mean is None and std is None:
         return preprocessing
     changes: dict[str, Any] = {}
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
+        size = size * 2 if len(size) == 1 else size
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise BadArgument(f"size must be positive (H, W), got {size!r}")
         changes.update(resize=size, crop=None)

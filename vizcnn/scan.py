@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vizcnn.errors import BadArgument, BadImage
-from vizcnn.hooks import forward_to, model_device, preserved_state
+from vizcnn.hooks import finite_images, forward_to, model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
@@ -215,13 +215,6 @@ def _bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _finite(batch: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: which images of a float batch hold only finite values."""
-    if not batch.is_floating_point():
-        return torch.ones(len(batch), dtype=torch.bool)
-    return torch.isfinite(batch.flatten(1)).all(dim=1).cpu()
-
-
 def _first(item: Any) -> Any:
     """The image of a data-set item: ``(image, label, ...)`` tuples give their first element."""
     return item[0] if isinstance(item, (tuple, list)) else item
@@ -281,7 +274,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
         except BadImage as error:  # one unreadable file must not end a long scan
             skipped.append(str(error))
             continue
-        if not bool(_finite(image[None])[0]):
+        if not bool(finite_images(image[None])[0]):
             skipped.append(f"image {index}: NaN or infinite values")
             continue
         if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
@@ -297,7 +290,7 @@ def _without_non_finite(indices: list[int], batch: torch.Tensor
                         ) -> tuple[list[int], torch.Tensor, list[str]]:
     """The batch without its images that hold NaN or inf (they would rank first in every
     channel), and their names for ``skipped``."""
-    finite = _finite(batch)
+    finite = finite_images(batch)
     if bool(finite.all()):
         return indices, batch, []
     skipped = [f"image {i}: NaN or infinite values"

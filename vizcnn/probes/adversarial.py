@@ -82,14 +82,10 @@ def normalisation(model: nn.Module, x: torch.Tensor, preprocessing: Preprocessin
     """(1, C, 1, 1) mean and std that map pixels in [0, 1] to the model's input, from the
     model's preprocessing record (or ``preprocessing``); a one-line error naming ``what``
     when they are unknown."""
-    mean, std = normalisation_of(model, preprocessing, what).pixel_normalisation()
-    channels = x.shape[1]
-    if len(mean) not in (1, channels):
-        raise BadArgument(f"the model's preprocessing has {len(mean)} mean and std values, the "
-                          f"images have {channels} channels", "give one value per channel")
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).expand(channels)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).expand(channels)
-    return mean_t.reshape(1, -1, 1, 1), std_t.reshape(1, -1, 1, 1)
+    steps = normalisation_of(model, preprocessing, what)
+    mean, std = steps.pixel_normalisation(x.shape[1])
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
 
 
 class PixelModel(nn.Module):
