@@ -48,14 +48,14 @@ from torch.overrides import TorchFunctionMode
 
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import forward_to, model_device, preserved_state, require_batch
-from vizcnn.layers import ACTIVATION_FUNCTIONS, is_activation, resolve_layer
-from vizcnn.receptive import LayerCall, chain_calls, last_call, receptive_fields, trace_calls
+from vizcnn.geometry import Geometry, LayerCall, chain_calls, geometry_of, last_call, trace_calls
+from vizcnn.hooks import forward_to, model_device, preserved_state, require_batch, scoped_hooks
+from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, is_activation, resolve_layer
+from vizcnn.receptive import receptive_fields
 
 Mode = Literal["max", "map"]
 Route = Literal["auto", "explicit", "autograd"]  # which implementation projects
 Rectify = Literal["all", "captum"]  # where the signal is rectified on the way down
-_POINTWISE_STEPS = (nn.Dropout, nn.Dropout2d, nn.Identity)
 
 
 class RectificationWarning(UserWarning):
@@ -69,19 +69,13 @@ class RectificationWarning(UserWarning):
 
 @dataclass(frozen=True)
 class _Step:
-    """One leaf layer of a chain: what it does and the (H, W) of its full input map."""
+    """One leaf layer of a chain: what it does, the (H, W) of its full input map, and, for a
+    conv or max pool, its geometry."""
 
     kind: str  # "conv", "pool", "act" (a nonlinearity: rectified), "norm" or "same"
     module: nn.Module
     input_size: tuple[int, int]
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    geometry: Geometry | None = None
 
 
 def _step(call: LayerCall, rectify: Rectify) -> _Step | None:
@@ -90,23 +84,19 @@ def _step(call: LayerCall, rectify: Rectify) -> _Step | None:
     size = tuple(call.inputs[0].shape[-2:]) if call.inputs[0].dim() == 4 else None
     if size is None:
         return None
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
-        return _Step("conv", module, size, module.kernel_size, module.stride, module.padding,
-                     module.dilation)
-    if isinstance(module, nn.MaxPool2d):
-        return _Step("pool", module, size, _pair(module.kernel_size),
-                     _pair(module.stride or module.kernel_size), _pair(module.padding),
-                     _pair(module.dilation))
+    geometry = geometry_of(module)
+    if geometry is not None:
+        croppable = geometry.exact_on_crops and geometry.kind in ("conv", "max")
+        kind = "conv" if geometry.kind == "conv" else "pool"
+        return _Step(kind, module, size, geometry) if croppable else None
     if is_activation(module):
         # a nonlinearity that keeps its gradient ("captum" mode) needs autograd
         rectified = rectify == "all" or isinstance(module, nn.ReLU)
         return _Step("act", module, size) if rectified else None
-    if isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
-        return _Step("norm", module, size)
-    if isinstance(module, _POINTWISE_STEPS):
-        return _Step("same", module, size)
+    if isinstance(module, nn.BatchNorm2d):
+        return _Step("norm", module, size) if module.track_running_stats else None
+    if isinstance(module, POINTWISE) and not isinstance(module, nn.LocalResponseNorm):
+        return _Step("same", module, size)  # dropout (eval mode) and identity
     return None
 
 
@@ -127,11 +117,8 @@ def _regions(steps: list[_Step], out_len: tuple[int, int]) -> list[tuple[int, in
     inputs for n outputs. Index i holds step i's input length; the last entry is the top."""
     lengths = [out_len]
     for step in reversed(steps):
-        n = lengths[0]
-        if step.kind in ("conv", "pool"):
-            n = tuple((n[a] - 1) * step.stride[a] + step.dilation[a] * (step.kernel[a] - 1) + 1
-                      for a in range(2))
-        lengths.insert(0, n)
+        lengths.insert(0, lengths[0] if step.geometry is None
+                       else step.geometry.input_length(lengths[0]))
     return lengths
 
 
@@ -140,12 +127,8 @@ def _starts(steps: list[_Step], top_start: torch.Tensor) -> list[torch.Tensor]:
     coordinates (negative: in the padding). Index i holds step i's input start."""
     starts = [top_start]
     for step in reversed(steps):
-        start = starts[0]
-        if step.kind in ("conv", "pool"):
-            stride = torch.tensor(step.stride, device=start.device)
-            padding = torch.tensor(step.padding, device=start.device)
-            start = start * stride - padding
-        starts.insert(0, start)
+        starts.insert(0, starts[0] if step.geometry is None
+                      else step.geometry.input_start(starts[0]))
     return starts
 
 
@@ -181,12 +164,14 @@ def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
         masks.append(mask)
         switch = None
         module = step.module
+        geometry = step.geometry
         if step.kind == "conv":
             signal = F.conv2d(_outside(signal, mask, 0.0), module.weight, module.bias,
-                              module.stride, 0, module.dilation, module.groups)
+                              geometry.stride, 0, geometry.dilation, module.groups)
         elif step.kind == "pool":
-            signal, switch = F.max_pool2d(_outside(signal, mask, float("-inf")), step.kernel,
-                                          step.stride, 0, step.dilation, return_indices=True)
+            signal, switch = F.max_pool2d(_outside(signal, mask, geometry.pad_value),
+                                          geometry.kernel, geometry.stride, 0, geometry.dilation,
+                                          return_indices=True)
         elif step.kind == "act":
             signal = module.forward(signal)  # the model's own nonlinearity, without its hooks
         elif step.kind == "norm":
@@ -373,17 +358,10 @@ def _rectified(model: nn.Module, rectify: Rectify) -> Iterator[_Rectifier]:
     def leave(module, inputs, output):
         mode.inside.pop()
 
-    handles = []
-    try:
-        for module in model.modules():
-            if is_activation(module):
-                handles.append(module.register_forward_pre_hook(enter))
-                handles.append(module.register_forward_hook(leave))
-        with mode:
-            yield mode
-    finally:
-        for handle in handles:
-            handle.remove()
+    activations = [module for module in model.modules() if is_activation(module)]
+    with (scoped_hooks(before=[(m, enter) for m in activations],
+                       after=[(m, leave) for m in activations]), mode):
+        yield mode
     warn_rectification(model, mode.rectified, mode.passed, rectify)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -68,7 +68,6 @@ def capture(
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: resolve_layer(model, name) for name in names}  # fail before any hook
     outputs: dict[str, Any] = {}
-    handles = []
 
     def store(name: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -82,10 +81,22 @@ def capture(
 
         return hook
 
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(store(name)))
+    with scoped_hooks(after=[(module, store(name)) for name, module in modules.items()]):
         yield outputs
+
+
+@contextlib.contextmanager
+def scoped_hooks(*, before: Iterable[tuple[nn.Module, Callable]] = (),
+                 after: Iterable[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
+    """Forward hooks for the block: ``before`` as pre-forward hooks, ``after`` as forward
+    hooks, each a (module, hook) pair; all removed when the block ends, however it ends."""
+    handles = []
+    try:
+        for module, hook in before:
+            handles.append(module.register_forward_pre_hook(hook))
+        for module, hook in after:
+            handles.append(module.register_forward_hook(hook))
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -178,48 +189,97 @@ def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
         x: ``(N, C, H, W)`` on the model's device.
     """
     running: list[str] = []
-    names = {module: name for name, module in model.named_modules()}
+    names = {module: name for name, module in model.named_modules() if module is not model}
+    convs_run = []
 
     def enter(module: nn.Module, inputs: Any) -> None:
-        running.append(names.get(module, type(module).__name__))
+        running.append(names[module])
+        if isinstance(module, nn.Conv2d) and not convs_run:
+            convs_run.append(module)
+            if _shape(inputs, -3) not in (None, module.in_channels):
+                raise _wrong_channels(module.in_channels, x, _where(running))
+        _check_fits(module, inputs, names[module], x)
 
     def leave(module: nn.Module, inputs: Any, output: Any) -> None:
         running.pop()
 
-    handles = []
     try:
-        for module in model.modules():
-            if module is not model:
-                handles.append(module.register_forward_pre_hook(enter))
-                handles.append(module.register_forward_hook(leave))
-        return model(x)
+        with scoped_hooks(before=[(m, enter) for m in names], after=[(m, leave) for m in names]):
+            return model(x)
     except VizCNNError:
         raise
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(x, _where(running)) from None
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise model_error(error, running[-1] if running else None, x) from None
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _shape(inputs: Any, axis: int) -> int | None:
+    """The size of the first input along ``axis``, if it is a tensor with that axis."""
+    first = inputs[0] if inputs else None
+    if isinstance(first, torch.Tensor) and first.dim() >= -axis:
+        return first.shape[axis]
+    return None
+
+
+def _where(running: list[str]) -> str:
+    return f" at layer {running[-1]!r}" if running else ""
+
+
+def _check_fits(module: nn.Module, inputs: Any, name: str, x: torch.Tensor) -> None:
+    """Before a conv or pool runs: refuse a map smaller than one (padded) window, the case
+    PyTorch reports with messages that change between versions."""
+    from vizcnn.geometry import geometry_of
+
+    geometry = geometry_of(module)
+    if geometry is None or not inputs or not isinstance(inputs[0], torch.Tensor) \
+            or inputs[0].dim() < 3:
+        return
+    size = inputs[0].shape[-2:]
+    for axis in range(2):
+        padded = size[axis] + 2 * geometry.padding[axis]
+        if geometry.kind == "conv" and module.padding == "same":
+            padded = size[axis] + geometry.reach[axis]
+        if padded < geometry.reach[axis] + 1:
+            raise _too_small(x, f" at layer {name!r}")
+
+
+def _too_small(x: torch.Tensor, where: str) -> BadArgument:
+    return BadArgument(f"input size {_size(x)} is too small for this model: the feature map "
+                       f"vanishes{where}", "use a larger --input-size or image")
+
+
+def _out_of_memory(x: torch.Tensor, where: str) -> ModelError:
+    return ModelError(f"not enough memory for an input of {_size(x)}{where}",
+                      "use a smaller --input-size, image or batch")
+
+
+def _wrong_channels(expected: int, x: torch.Tensor, where: str) -> ModelError:
+    return ModelError(f"the model takes {expected}-channel input, the image has "
+                      f"{x.shape[1]} channels{where}",
+                      "give the model's preprocessing (--mean/--std with one value per "
+                      "channel), or check --arch")
+
+
+def _size(x: torch.Tensor) -> str:
+    return "x".join(str(s) for s in x.shape[1:])
 
 
 def model_error(error: Exception, layer: str | None, x: torch.Tensor) -> VizCNNError:
-    """The one-line error for a failure inside the model's forward pass at ``layer``."""
+    """The one-line error for a failure inside the model's forward pass at ``layer``.
+
+    ``run_forward`` checks the common cases structurally before they happen; the patterns
+    here catch what only the model's own code knows (a functional pool, an allocator)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = f" at layer {layer!r}" if layer else ""
-    size = "x".join(str(s) for s in x.shape[1:])
     if _TOO_SMALL.search(text):
-        return BadArgument(f"input size {size} is too small for this model: the feature map "
-                           f"vanishes{where}", "use a larger --input-size or image")
+        return _too_small(x, where)
     if _MEMORY.search(text):
-        return ModelError(f"not enough memory for an input of {size}{where}",
-                          "use a smaller --input-size, image or batch")
+        return _out_of_memory(x, where)
     channels = re.search(r"expected input.*? to have (\d+) channels", text)
     if channels:
-        return ModelError(f"the model takes {channels.group(1)}-channel input, the image has "
-                          f"{x.shape[1]} channels{where}",
-                          "give the model's preprocessing (--mean/--std with one value per "
-                          "channel), or check --arch")
-    return ModelError(f"the model failed{where} on input {size}: {text}",
+        return _wrong_channels(int(channels.group(1)), x, where)
+    return ModelError(f"the model failed{where} on input {_size(x)}: {text}",
                       "check the input size and the model (see `vizcnn summary MODEL`)")
 
 
@@ -238,7 +298,7 @@ def activations(
     head rejects. ``x``: ``(N, C, H, W)``; it is moved to the model's device. Returns
     ``{name: Tensor}`` as ``capture`` does.
     """
-    from vizcnn.receptive import traced_names
+    from vizcnn.geometry import traced_names
 
     x = require_batch(x)
     names = [layers] if isinstance(layers, str) else list(layers)
@@ -278,7 +338,7 @@ def forward_to(
         x: ``(N, C, H, W)`` on the model's device.
         layers: dotted names.
         traced: the names of the calls of one forward pass in finishing order (from
-            ``receptive.trace_calls``), which tell how often each layer runs and which is last.
+            ``geometry.trace_calls``), which tell how often each layer runs and which is last.
         on_output: called as ``on_output(name, output)`` at the layer's last call, right away,
             before any later in-place op can change the output; its result is stored. Default:
             the output itself (not cloned, still in the autograd graph).
@@ -307,14 +367,9 @@ def forward_to(
 
         return hook
 
-    handles = []
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook_for(name)))
-        run_forward(model, x)
+        with scoped_hooks(after=[(module, hook_for(name)) for name, module in modules.items()]):
+            run_forward(model, x)
     except _Stop:
         pass
-    finally:
-        for handle in handles:
-            handle.remove()
     return results

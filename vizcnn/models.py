@@ -552,7 +552,7 @@ def preprocess(
     image = load_image(image)
     channels = 3
     if isinstance(model_or_spec, nn.Module):
-        from vizcnn.receptive import input_channels
+        from vizcnn.geometry import input_channels
 
         channels = input_channels(model_or_spec)
     if channels == 1:

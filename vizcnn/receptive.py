@@ -31,12 +31,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vizcnn.errors import BadArgument, VizCNNError
-from vizcnn.hooks import model_device, preserved_state, run_forward
+from vizcnn.errors import BadArgument
+from vizcnn.geometry import (
+    LayerCall,
+    Pair,
+    as_pair,
+    chain_calls,
+    geometry_of,
+    input_channels,
+    last_call,
+    trace_calls,
+    zero_image,
+)
+from vizcnn.hooks import model_device, preserved_state, scoped_hooks
 from vizcnn.layers import POINTWISE, resolve_layer
 
+__all__ = ["ReceptiveField", "receptive_field", "receptive_fields"]
+
 Method = Literal["auto", "analytic", "gradient"]
-Pair = tuple[int, int]
 
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _LARGEST_SIDE = 4096  # the gradient method enlarges its input up to this side, then gives up
@@ -91,156 +103,7 @@ def _pair_text(pair: Pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
-def as_pair(value: int | Sequence[int], what: str = "input size") -> Pair:
-    """``224`` or ``(224, 224)`` as a positive (H, W) pair; anything else is a BadArgument."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise BadArgument(f"{what} must be one positive integer or two (H W), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- the forward trace
-
-
-@dataclass
-class LayerCall:
-    """One module call seen while tracing: what it took and what it returned.
-
-    ``input_version`` and ``output_version`` are the tensors' in-place version counters at call
-    and return time, so an in-place op between two layers (ResNet's ``out += identity``) shows.
-    """
-
-    name: str
-    module: nn.Module
-    inputs: tuple[Any, ...]
-    output: Any
-    input_version: int = -1
-    output_version: int = -1
-
-
-def input_channels(model: nn.Module) -> int:
-    """Channels the model's first convolution expects (3 when it has none)."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return module.in_channels
-    return 3
-
-
-def _version(value: Any) -> int:
-    return value._version if isinstance(value, torch.Tensor) else -1
-
-
-class Trace(list):
-    """The ``LayerCall`` list of one traced forward pass. ``error`` is the one-line error that
-    ended the pass early (a head that rejects the input size, a layer the input is too small
-    for), or None: the calls before it are kept, so questions about earlier layers still work."""
-
-    error: VizCNNError | None = None
-
-
-def trace_calls(model: nn.Module, input_size: Pair) -> Trace:
-    """Run one eval-mode, no-grad forward pass on a zero image and record every module call
-    (containers too) in the order the calls finished; the first entry is the input itself.
-    A failure of the model's forward pass ends the trace early (see ``Trace.error``). The
-    model is left as it was."""
-    names = {module: name for name, module in model.named_modules() if name}
-    calls = Trace()
-    entered: list[int] = []
-
-    def enter(module: nn.Module, inputs: tuple) -> None:
-        entered.append(_version(inputs[0]) if inputs else -1)
-
-    def leave(module: nn.Module, inputs: tuple, output: Any) -> None:
-        calls.append(LayerCall(names[module], module, inputs, output, entered.pop(),
-                               _version(output)))
-
-    x = _zero_image(model, (1, input_channels(model), *input_size))
-    calls.append(LayerCall("", model, (), x, output_version=_version(x)))
-    handles = []
-    with preserved_state(model, eval_mode=True), torch.no_grad():
-        try:
-            for module in names:
-                handles.append(module.register_forward_pre_hook(enter))
-                handles.append(module.register_forward_hook(leave))
-            run_forward(model, x)
-        except VizCNNError as error:
-            calls.error = error
-        finally:
-            for handle in handles:
-                handle.remove()
-    return calls
-
-
-def _zero_image(model: nn.Module, shape: tuple[int, ...], dtype=torch.float32
-                ) -> torch.Tensor:
-    """A zero input of ``shape`` on the model's device, or a one-line error when it does not
-    fit in memory."""
-    try:
-        return torch.zeros(shape, device=model_device(model), dtype=dtype)
-    except (RuntimeError, MemoryError):
-        size = "x".join(map(str, shape[1:]))
-        raise BadArgument(f"not enough memory for an input of {size}",
-                          "use a smaller --input-size") from None
-
-
-def last_call(calls: list[LayerCall], name: str) -> int:
-    """The index of ``name``'s last call in a trace; an error if it never ran (saying why, if
-    the trace ended early)."""
-    for index in range(len(calls) - 1, 0, -1):
-        if calls[index].name == name:
-            return index
-    error = getattr(calls, "error", None)
-    if error is not None:
-        raise type(error)(f"{error.message}, before layer {name!r} ran", error.hint)
-    raise BadArgument(f"layer {name!r} is never called in the model's forward pass",
-                      "pick a layer that the forward pass uses")
-
-
-def traced_names(model: nn.Module, input_size: Pair, layers: Sequence[str]) -> list[str]:
-    """The names of one traced forward pass's calls (for ``hooks.forward_to``), after checking
-    that every layer in ``layers`` runs at this input size."""
-    calls = trace_calls(model, tuple(input_size))
-    for name in layers:
-        last_call(calls, name)
-    return [call.name for call in calls]
-
-
 # --------------------------------------------------------------------------- analytic method
-
-
-def _conv_geometry(module: nn.Module) -> tuple[Pair, Pair, Pair, Pair] | None:
-    """(kernel, stride, padding, dilation) of a 2-D conv or pool, None for other modules."""
-    if isinstance(module, nn.Conv2d):
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        padding = module.padding
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-        return kernel, stride, tuple(padding), dilation  # type: ignore[return-value]
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        kernel = as_pair(module.kernel_size, "kernel")
-        stride = as_pair(module.stride or module.kernel_size, "stride")
-        padding = (module.padding,) * 2 if isinstance(module.padding, int) else module.padding
-        dilation = getattr(module, "dilation", 1)
-        dilation = (dilation,) * 2 if isinstance(dilation, int) else dilation
-        return kernel, stride, tuple(padding), tuple(dilation)  # type: ignore[return-value]
-    return None
-
-
-def chain_calls(calls: list[LayerCall], end: int) -> list[LayerCall] | None:
-    """The leaf calls from the input to ``calls[end]`` if they form a simple chain, else None."""
-    leaves = [c for c in calls[1:end + 1] if next(c.module.children(), None) is None]
-    previous = calls[0]
-    for call in leaves:
-        tensors = [i for i in call.inputs if isinstance(i, torch.Tensor)]
-        if (len(tensors) != 1 or tensors[0] is not previous.output
-                or call.input_version != previous.output_version):
-            return None
-        previous = call
-    target = calls[end]
-    same_tensor = previous.output is target.output
-    return leaves if same_tensor and previous.output_version == target.output_version else None
 
 
 def _analytic(calls: list[LayerCall], end: int, input_size: Pair) -> ReceptiveField | None:
@@ -252,18 +115,17 @@ def _analytic(calls: list[LayerCall], end: int, input_size: Pair) -> ReceptiveFi
         return _global(input_size, "analytic")
     size, jump, offset = [1, 1], [1, 1], [0, 0]
     for call in leaves:
-        geometry = _conv_geometry(call.module)
+        geometry = geometry_of(call.module)
         if geometry is None:
             identity_pool = (isinstance(call.module, _ADAPTIVE)
                              and call.inputs[0].shape[-2:] == call.output.shape[-2:])
             if isinstance(call.module, POINTWISE) or identity_pool:
                 continue
             return None
-        kernel, stride, padding, dilation = geometry
         for axis in range(2):
-            offset[axis] -= padding[axis] * jump[axis]
-            size[axis] += dilation[axis] * (kernel[axis] - 1) * jump[axis]
-            jump[axis] *= stride[axis]
+            offset[axis] -= geometry.padding[axis] * jump[axis]
+            size[axis] += geometry.reach[axis] * jump[axis]
+            jump[axis] *= geometry.stride[axis]
     return ReceptiveField(tuple(size), tuple(jump), tuple(offset), input_size, "analytic")
 
 
@@ -373,7 +235,7 @@ def _gradient(
     channels = input_channels(model)
     recorder = _LinearisedPools(None)
     with torch.no_grad():
-        x = _zero_image(model, (1, channels, *input_size), dtype).fill_(1.0)
+        x = zero_image(model, (1, channels, *input_size), dtype).fill_(1.0)
         outputs, error = _linearised_forward(model, modules, state, x, recorder)
     if error is not None and len(outputs) < len(modules):
         missing = next(name for name in modules if name not in outputs)
@@ -411,7 +273,6 @@ def _linearised_forward(model, modules, state, x, pools) -> tuple[dict[str, Any]
     classifier that expects another input size) does not matter here; one before them (an input
     too small for the early pools) leaves them out of the outputs."""
     outputs: dict[str, Any] = {}
-    handles = []
     error = None
 
     def store(name):
@@ -423,15 +284,11 @@ def _linearised_forward(model, modules, state, x, pools) -> tuple[dict[str, Any]
 
     with preserved_state(model, eval_mode=True):
         try:
-            for name, module in modules.items():
-                handles.append(module.register_forward_hook(store(name)))
-            with pools:
+            with scoped_hooks(after=[(module, store(name)) for name, module in modules.items()]), \
+                    pools:
                 torch.func.functional_call(model, state, (x,), strict=False)
         except (RuntimeError, ValueError) as caught:
             error = caught
-        finally:
-            for handle in handles:
-                handle.remove()
     return outputs, error
 
 

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vizcnn.errors import BadArgument, BadImage
+from vizcnn.geometry import traced_names
 from vizcnn.hooks import finite_images, forward_to, model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
-from vizcnn.receptive import traced_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _FORMAT = 1  # version of the saved layout

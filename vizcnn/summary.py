@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vizcnn.geometry import as_pair, trace_calls
 from vizcnn.layers import list_layers, resolve_layer
-from vizcnn.receptive import ReceptiveField, as_pair, receptive_fields, trace_calls
+from vizcnn.receptive import ReceptiveField, receptive_fields
 
 
 @dataclass(frozen=True)

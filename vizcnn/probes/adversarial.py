@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizcnn.errors import BadArgument
+from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
     capture,
     forward_to,
@@ -39,7 +40,6 @@ from vizcnn.hooks import (
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
 from vizcnn.probes import OutputSelector, class_labels, class_scores
-from vizcnn.receptive import traced_names
 
 
 @dataclass(frozen=True)

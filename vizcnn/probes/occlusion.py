@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
+from vizcnn.geometry import Geometry, as_pair, geometry_of
 from vizcnn.hooks import capture, model_device, preserved_state, require_batch, run_forward
 from vizcnn.io import atomic_path
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
@@ -133,13 +134,6 @@ class OcclusionMaps:
 # --------------------------------------------------------------------------- arguments
 
 
-def _pair(value: Any, what: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair) or min(pair) < 1:
-        raise BadArgument(f"{what} must be a positive integer or two (H W), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
 def grid_positions(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
                    ) -> tuple[list[int], list[int]]:
     """The occluder's top-left corners per axis: ``range(0, H - window + 1, stride)``."""
@@ -191,27 +185,6 @@ class _Patched:
 _ADD = {operator.add, operator.iadd, torch.add}
 
 
-def _geometry(module: nn.Module) -> tuple[str, tuple, tuple, tuple, tuple] | None:
-    """(kind, kernel, stride, padding, dilation) of a conv or pool the engine can crop."""
-    def pair(v):
-        return (v, v) if isinstance(v, int) else tuple(v)
-
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
-        return "conv", module.kernel_size, module.stride, module.padding, module.dilation
-    if isinstance(module, nn.MaxPool2d):
-        return ("max", pair(module.kernel_size), pair(module.stride or module.kernel_size),
-                pair(module.padding), pair(module.dilation))
-    if isinstance(module, nn.AvgPool2d):
-        if (not module.count_include_pad and pair(module.padding) != (0, 0)) or \
-                module.divisor_override is not None:
-            return None
-        return ("avg", pair(module.kernel_size), pair(module.stride or module.kernel_size),
-                pair(module.padding), (1, 1))
-    return None
-
-
 class _Recorder(torch.fx.Interpreter):
     """Runs the traced model on the clean image and keeps a clone of every node's value
     (clones: a later in-place op must not change what we keep)."""
@@ -256,8 +229,8 @@ class _Incremental(torch.fx.Interpreter):
         patched = [a for a in args if isinstance(a, _Patched)]
         if patched and len(args) == 1 and not kwargs:
             source = args[0]
-            geometry = _geometry(module)
-            if geometry is not None:
+            geometry = geometry_of(module)
+            if geometry is not None and geometry.exact_on_crops:
                 return self._spatial(module, geometry, source)
             if isinstance(module, POINTWISE):
                 return self._pointwise(source, module)
@@ -290,41 +263,34 @@ class _Incremental(torch.fx.Interpreter):
         # on a copy: an in-place nonlinearity must not write into a value another node reads
         return _Patched(self.clean[self.node], function(source.values.clone()), source.start)
 
-    def _spatial(self, module, geometry, source: _Patched) -> _Patched:
+    def _spatial(self, module: nn.Module, geometry: Geometry, source: _Patched) -> _Patched:
         """A conv or pool: the outputs whose windows touch the changed box, from the input
         around them (padded as the layer pads), without padding."""
-        kind, kernel, stride, padding, dilation = geometry
         clean_out = self.clean[self.node]
         out_size = clean_out.shape[-2:]
-        length, in_length, starts = [], [], []
+        box = torch.tensor(source.values.shape[-2:], device=source.start.device)
+        low, high = geometry.outputs_touched(source.start, source.start + box - 1)
+        length, starts = [], []
         for axis in range(2):
-            first = source.start[:, axis]
-            last = first + source.values.shape[2 + axis] - 1
-            reach = dilation[axis] * (kernel[axis] - 1)
-            low = torch.div(first + padding[axis] - reach + stride[axis] - 1, stride[axis],
-                            rounding_mode="floor").clamp(0, out_size[axis] - 1)
-            high = torch.div(last + padding[axis], stride[axis],
-                             rounding_mode="floor").clamp(0, out_size[axis] - 1)
-            size = max(1, min(int((high - low).max()) + 1, out_size[axis]))
+            low_a = low[:, axis].clamp(0, out_size[axis] - 1)
+            high_a = high[:, axis].clamp(0, out_size[axis] - 1)
+            size = max(1, min(int((high_a - low_a).max()) + 1, out_size[axis]))
             if self.cap is not None:
                 size = min(size, max(1, math.ceil(self.cap * out_size[axis])))
-                low = torch.div(low + high + 1 - size, 2, rounding_mode="floor")
-            start = low.clamp(0, out_size[axis] - size)
+                low_a = torch.div(low_a + high_a + 1 - size, 2, rounding_mode="floor")
+            starts.append(low_a.clamp(0, out_size[axis] - size))
             length.append(size)
-            starts.append(start)
-            in_length.append((size - 1) * stride[axis] + reach + 1)
         start = torch.stack(starts, dim=1)
-        in_start = start * torch.tensor(stride, device=start.device) - torch.tensor(
-            padding, device=start.device)
-        fill = float("-inf") if kind == "max" else 0.0
-        crops = source.crop(in_start, tuple(in_length), fill)
-        if kind == "conv":
-            values = F.conv2d(crops, module.weight, module.bias, module.stride, 0,
-                              module.dilation, module.groups)
-        elif kind == "max":
-            values = F.max_pool2d(crops, kernel, stride, 0, dilation)
+        crops = source.crop(geometry.input_start(start), geometry.input_length(tuple(length)),
+                            geometry.pad_value)
+        if geometry.kind == "conv":
+            values = F.conv2d(crops, module.weight, module.bias, geometry.stride, 0,
+                              geometry.dilation, module.groups)
+        elif geometry.kind == "max":
+            values = F.max_pool2d(crops, geometry.kernel, geometry.stride, 0, geometry.dilation)
         else:
-            values = F.avg_pool2d(crops, kernel, stride, 0, count_include_pad=True)
+            values = F.avg_pool2d(crops, geometry.kernel, geometry.stride, 0,
+                                  count_include_pad=True)
         return _Patched(clean_out, values, start)
 
     def _add(self, a: Any, b: Any) -> Any:
@@ -451,7 +417,7 @@ def occlusion(
     require_batch(x)
     if fill is None:  # the data's mean gray is zero only after the model's own normalisation
         normalisation_of(model, preprocessing, "occlusion's default fill (the data's mean gray)")
-    window, stride = _pair(window, "window"), _pair(stride, "stride")
+    window, stride = as_pair(window, "window"), as_pair(stride, "stride")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
     drill_down, cap = _approx_settings(approx)
