@@ -101,7 +101,7 @@ def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
     pair_channels = torch.arange(channels).repeat_interleave(9)
     net = Deconvnet(model)
     _, patch_seconds = _timed(net.project_patches, images, layer, pair_channels,
-                              images=indices.flatten(), positions=positions.view(-1, 2))
+                              image_indices=indices.flatten(), positions=positions.view(-1, 2))
     captum = _captum(model, layer)
     vizcnn_seconds = captum_seconds = 0.0
     worst = 0.0
@@ -109,7 +109,7 @@ def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
         chunk = slice(start, min(start + 16, channels))
         ours, seconds = _timed(net.project_many, images, layer, pair_channels[chunk.start * 9:
                                                                              chunk.stop * 9],
-                               images=indices[chunk].flatten(),
+                               image_indices=indices[chunk].flatten(),
                                positions=positions[chunk].reshape(-1, 2))
         vizcnn_seconds += seconds
         for row, channel in enumerate(range(chunk.start, chunk.stop)):

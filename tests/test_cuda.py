@@ -39,10 +39,10 @@ def test_deconv_and_scan_on_cuda():
     cpu_model = vizcnn.load_model("demo")
     gpu_model = vizcnn.load_model("demo", device="cuda")
     x = torch.cat([vizcnn.preprocess(cpu_model, held_out_image(i)) for i in range(3)])
-    for path in ("explicit", "autograd"):
-        on_gpu = vizcnn.Deconvnet(gpu_model).project(x.cuda(), "features.6", 1, path=path)
+    for route in ("explicit", "autograd"):
+        on_gpu = vizcnn.Deconvnet(gpu_model).project(x.cuda(), "features.6", 1, route=route)
         assert on_gpu.is_cuda
-        on_cpu = vizcnn.Deconvnet(cpu_model).project(x, "features.6", 1, path=path)
+        on_cpu = vizcnn.Deconvnet(cpu_model).project(x, "features.6", 1, route=route)
         assert (on_gpu.cpu() - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max()
     top_gpu = vizcnn.scan_topk(gpu_model, "shapes:300", ["features.3", "features.10"],
                                progress=False)

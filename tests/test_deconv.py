@@ -76,17 +76,17 @@ class TwoPools(nn.Module):
 HAND_INPUT = torch.tensor([0, 1, 3, 1, 0, 5, 0, 2, 4, 2, 1], dtype=torch.float32)
 
 
-@pytest.mark.parametrize("path", ["explicit", "autograd"])
+@pytest.mark.parametrize("route", ["explicit", "autograd"])
 @pytest.mark.parametrize(("layer", "mode", "expected"), [
     ("features.2", "map", {2: 24.0, 5: 20.0, 8: 32.0}),
     ("features.3", "map", {5: 40.0}),
     ("features.3", "max", {5: 20.0}),
     ("features.2", "max", {5: 20.0}),
 ])
-def test_hand_worked_overlapping_pools(layer, mode, expected, path):
+def test_hand_worked_overlapping_pools(layer, mode, expected, route):
     model = TwoPools().eval()
     x = HAND_INPUT.view(1, 1, 1, 11)
-    result = Deconvnet(model).project(x, layer, 0, mode=mode, path=path).flatten()
+    result = Deconvnet(model).project(x, layer, 0, mode=mode, route=route).flatten()
     wanted = torch.zeros(11)
     for column, value in expected.items():
         wanted[column] = value
@@ -103,9 +103,9 @@ def test_rectification_is_on_the_signal_not_the_forward_mask():
     x = torch.tensor([[[[-2.0, 3.0]]]])
     # layer 2 output: [-0, -3] -> strongest unit: column 0 (value 0 -> projection 0); map mode:
     # signal [0, -3] -> transposed conv (-1): [0, 3] -> rectify: [0, 3] -> transposed conv: [0, 3]
-    result = Deconvnet(model).project(x, "2", 0, mode="map", path="explicit")
+    result = Deconvnet(model).project(x, "2", 0, mode="map", route="explicit")
     assert torch.equal(result.flatten(), torch.tensor([0.0, 3.0]))
-    assert torch.equal(Deconvnet(model).project(x, "2", 0, mode="map", path="autograd"), result)
+    assert torch.equal(Deconvnet(model).project(x, "2", 0, mode="map", route="autograd"), result)
 
 
 # --------------------------------------------------------------------------- against Captum
@@ -154,8 +154,8 @@ def test_equals_captum_on_chains(name, layers, size, request):
         maps = vizcnn.activations(model, x, [layer])[layer]
         channel = int(maps.amax(dim=(0, 2, 3)).argmax())
         reference = captum_projection(model, x, layer, channel)
-        explicit = net.project(x, layer, channel, path="explicit")
-        autograd = net.project(x, layer, channel, path="autograd")
+        explicit = net.project(x, layer, channel, route="explicit")
+        autograd = net.project(x, layer, channel, route="autograd")
         assert reference.abs().max() > 0
         assert_close(explicit, reference)
         assert_close(autograd, reference)
@@ -170,7 +170,7 @@ def test_autograd_path_equals_captum_on_resnet18(resnet18):
     net = Deconvnet(resnet18)
     for layer, channel in [("layer1", 3), ("layer2.1.conv1", 7), ("layer3", 11)]:
         with pytest.raises(vizcnn.BadArgument, match="chain"):
-            net.project(x, layer, channel, path="explicit")
+            net.project(x, layer, channel, route="explicit")
         assert_close(net.project(x, layer, channel), captum_projection(resnet18, x, layer,
                                                                         channel))
     assert hooks_left(resnet18) == []
@@ -181,8 +181,8 @@ def test_map_mode_paths_agree(alexnet):
     x = torch.randn(2, 3, 96, 128)
     net = Deconvnet(alexnet)
     for layer in ["features.3", "features.8"]:
-        explicit = net.project(x, layer, 4, mode="map", path="explicit")
-        assert_close(explicit, net.project(x, layer, 4, mode="map", path="autograd"))
+        explicit = net.project(x, layer, 4, mode="map", route="explicit")
+        assert_close(explicit, net.project(x, layer, 4, mode="map", route="autograd"))
         # the whole map reaches further than its strongest unit alone
         strongest = net.project(x, layer, 4, mode="max")
         assert (explicit != 0).sum() > (strongest != 0).sum()
@@ -203,13 +203,13 @@ def test_batched_projections_equal_single_ones(alexnet, monkeypatch, whole_forwa
     images = [0, 0, 1, 2, 2, 1]
     positions = torch.tensor([[0, 0], [5, 7], [5, 6], [0, 7], [5, 0], [3, 3]])
     net = Deconvnet(alexnet)
-    batched = net.project_many(x, layer, channels, images=images, positions=positions,
+    batched = net.project_many(x, layer, channels, image_indices=images, positions=positions,
                                batch_size=4)
     for p in range(len(channels)):
         single = net.project_many(x[images[p]:images[p] + 1], layer, [channels[p]],
-                                  positions=positions[p:p + 1], path="autograd")
+                                  positions=positions[p:p + 1], route="autograd")
         assert_close(batched[p:p + 1], single)
-    patches = net.project_patches(x, layer, channels, images=images, positions=positions)
+    patches = net.project_patches(x, layer, channels, image_indices=images, positions=positions)
     field = vizcnn.receptive_field(alexnet, layer, (112, 144))
     assert patches.projections.shape == (6, 3, *field.size)
     for p in range(len(channels)):
@@ -237,7 +237,7 @@ def test_demo_projections_concentrate_in_the_receptive_field():
         x = images_at(model, "shapes:100", [u[1] for u in units])
         positions = torch.tensor([[u[2], u[3]] for u in units])
         projections = Deconvnet(model).project_many(x, layer, [channel] * len(units),
-                                                    positions=positions, path="autograd")
+                                                    positions=positions, route="autograd")
         for projection, (_, _, y, x_) in zip(projections, units, strict=True):
             top_, left, bottom, right = field.box(y, x_)
             mass = projection.abs()
@@ -266,7 +266,7 @@ def test_functional_relus_are_rectified_and_warned_about():
                       match=r"FunctionalChain: .*rectified its signal at F\.relu x1"):
         result = Deconvnet(functional).project(x, "conv2", 2)
     # the same layers with ReLU modules, through the explicit path: the paper's operations
-    assert_close(result, Deconvnet(chain).project(x, "features.3", 2, path="explicit"))
+    assert_close(result, Deconvnet(chain).project(x, "features.3", 2, route="explicit"))
 
 
 def test_googlenet_warns_by_name():
@@ -279,7 +279,7 @@ def test_googlenet_warns_by_name():
 def test_module_relus_do_not_warn(alexnet):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RectificationWarning)
-        Deconvnet(alexnet).project(torch.randn(1, 3, 64, 64), "features.3", 1, path="autograd")
+        Deconvnet(alexnet).project(torch.randn(1, 3, 64, 64), "features.3", 1, route="autograd")
 
 
 # --------------------------------------------------------------------------- safety and errors
@@ -296,20 +296,20 @@ class Bomb(nn.Identity):
         return x
 
 
-@pytest.mark.parametrize("path", ["explicit", "autograd"])
-def test_no_hook_left_and_model_unchanged_after_errors(path):
+@pytest.mark.parametrize("route", ["explicit", "autograd"])
+def test_no_hook_left_and_model_unchanged_after_errors(route):
     model = copy.deepcopy(_tiny_chain()).train()
     model.features.insert(1, Bomb())
     before = snapshot(model)
     net = Deconvnet(model)
     x = torch.randn(1, 3, 23, 31)
-    net.project(x, "features.4", 0, path=path)
+    net.project(x, "features.4", 0, route=route)
     assert model.training and all(m.training for m in model.modules())
     assert_unchanged(model, before)
     Bomb.armed = True
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            net.project(x, "features.4", 0, path=path)
+            net.project(x, "features.4", 0, route=route)
     finally:
         Bomb.armed = False
     assert_unchanged(model, before)

@@ -69,8 +69,8 @@ def test_explicit_deconvnet_takes_same_padding_and_equals_autograd():
     net = Deconvnet(model)
     for mode in ("max", "map"):
         for channel in (0, 5):
-            explicit = net.project(x, "act2", channel, mode=mode, path="explicit")
-            autograd = net.project(x, "act2", channel, mode=mode, path="autograd")
+            explicit = net.project(x, "act2", channel, mode=mode, route="explicit")
+            autograd = net.project(x, "act2", channel, mode=mode, route="autograd")
             torch.testing.assert_close(explicit, autograd, rtol=1e-5, atol=1e-6)
 
 

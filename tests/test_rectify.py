@@ -97,13 +97,13 @@ def assert_close(result: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("layer", [1, 4, 7])
-@pytest.mark.parametrize("path", ["explicit", "autograd"])
-def test_every_activation_is_rectified_on_both_paths(trained_mixed, layer, path):
+@pytest.mark.parametrize("route", ["explicit", "autograd"])
+def test_every_activation_is_rectified_on_both_paths(trained_mixed, layer, route):
     x, _ = render_batch(1, 0, 4)
     name = str(layer)
     channel = 3
     with pytest.warns(RectificationWarning, match="rectified its signal at"):
-        result = Deconvnet(trained_mixed).project(x, name, channel, path=path)
+        result = Deconvnet(trained_mixed).project(x, name, channel, route=route)
     assert_close(result, reference_projection(trained_mixed, x, layer, channel))
 
 

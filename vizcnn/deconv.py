@@ -46,10 +46,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from vizcnn.checks import (
+    channel_index,
+    channel_indices,
+    check_channels,
+    feature_maps,
+    positive_int,
+)
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import Geometry, LayerCall, chain_calls, geometry_of, last_call, trace_calls
-from vizcnn.hooks import forward_to, model_device, preserved_state, require_batch, scoped_hooks
+from vizcnn.hooks import (
+    forward_to,
+    model_device,
+    preserved_state,
+    require_batch,
+    scoped_hooks,
+    strongest_units,
+)
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, is_activation, resolve_layer
 from vizcnn.receptive import receptive_fields
 
@@ -425,7 +439,7 @@ class Deconvnet:
         self.model = model
 
     def project(self, x: torch.Tensor, layer: str, channel: int, mode: Mode = "max", *,
-                path: Route = "auto", rectify: Rectify = "all") -> torch.Tensor:
+                route: Route = "auto", rectify: Rectify = "all") -> torch.Tensor:
         """Project one channel of ``layer`` for each image of ``x``.
 
         Args:
@@ -435,7 +449,8 @@ class Deconvnet:
             mode: "max" keeps only the channel's strongest activation in each image (the
                 projection is that activation times the deconvnet image of the unit); "map"
                 keeps the whole channel as it is.
-            path: "auto" (explicit for chains, autograd otherwise), "explicit" or "autograd".
+            route: which implementation projects: "auto" (explicit for chains, autograd
+                otherwise), "explicit" or "autograd".
             rectify: "all" (default, the paper's rule: rectify at every elementwise
                 nonlinearity, module or function) or "captum" (at ``nn.ReLU`` modules only,
                 the others keep their ordinary gradient, as Captum's NeuronDeconvolution).
@@ -444,8 +459,8 @@ class Deconvnet:
             (N, C_in, H, W) projections, on the model's device.
         """
         x = require_batch(x)
-        _check_channel(channel)
-        return self.project_many(x, layer, [channel] * len(x), mode=mode, path=path,
+        channel_index(channel)
+        return self.project_many(x, layer, [channel] * len(x), mode=mode, route=route,
                                  rectify=rectify)
 
     def project_many(
@@ -454,17 +469,17 @@ class Deconvnet:
         layer: str,
         channels: Sequence[int] | torch.Tensor,
         *,
-        images: Sequence[int] | torch.Tensor | None = None,
+        image_indices: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mode: Mode = "max",
-        path: Route = "auto",
+        route: Route = "auto",
         rectify: Rectify = "all",
         batch_size: int = 64,
     ) -> torch.Tensor:
         """Project many (image, channel) pairs of one layer in batches.
 
         No forward pass goes past ``layer``. Without ``positions``, one pass per image finds
-        the strongest units. On the explicit path in "max" mode each projection then runs on
+        the strongest units. On the explicit route in "max" mode each projection then runs on
         its unit's receptive-field crop, taken either from one whole forward pass per distinct
         image (when many projections share an image) or from a forward pass over the crop
         alone, whichever needs fewer multiply-adds; the numbers are the same.
@@ -472,21 +487,20 @@ class Deconvnet:
         Args:
             x: (N, C_in, H, W) images.
             channels: (P,) the channel of each projection.
-            images: (P,) which image of ``x`` each projection uses (default: projection p uses
-                image p, which needs P == N).
+            image_indices: (P,) which image of ``x`` each projection uses (default:
+                projection p uses image p, which needs P == N).
             positions: (P, 2) the (y, x) unit of each projection in "max" mode (default: the
                 strongest unit of the channel in that image, e.g. a top-k scan's positions).
-            mode, path, rectify: as in ``project``.
+            mode, route, rectify: as in ``project``.
             batch_size: projections computed at once (bounds the memory).
 
         Returns:
             (P, C_in, H, W) projections.
         """
-        plan = self._plan(x, layer, channels, images, positions, mode, path, rectify,
-                          batch_size)
+        plan = _make_plan(self.model, x, layer, channels, image_indices, positions, mode,
+                          route, rectify, batch_size)
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
-        for chunk in _chunks(len(plan.channels), batch_size):
-            crops, starts = self._project_chunk(plan, chunk)
+        for chunk, (crops, starts) in self._projected_chunks(plan):
             paste_batch(crops, starts, (0, 0), result[chunk])
         return result
 
@@ -496,206 +510,202 @@ class Deconvnet:
         layer: str,
         channels: Sequence[int] | torch.Tensor,
         *,
-        images: Sequence[int] | torch.Tensor | None = None,
+        image_indices: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        path: Route = "auto",
+        route: Route = "auto",
         rectify: Rectify = "all",
         batch_size: int = 64,
     ) -> Patches:
         """Like ``project_many`` in "max" mode, but keeps only each unit's patch: its receptive
         field, cut from the projection and from the input (see ``Patches``). This is what the
         Fig. 2 figure shows, and it never holds full-size projections in memory."""
-        plan = self._plan(x, layer, channels, images, positions, "max", path, rectify,
-                          batch_size)
-        field_size, field_starts = self._field(plan)
+        plan = _make_plan(self.model, x, layer, channels, image_indices, positions, "max",
+                          route, rectify, batch_size)
+        field_size, field_starts = _field(self.model, plan)
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
         boxes = _patch_boxes(field_starts, patch, plan.x.shape[-2:])
         projections = plan.x.new_zeros(len(plan.channels), plan.x.shape[1], *patch)
-        for chunk in _chunks(len(plan.channels), batch_size):
-            projected, starts = self._project_chunk(plan, chunk)
+        for chunk, (projected, starts) in self._projected_chunks(plan):
             paste_batch(projected, starts, boxes[chunk, :2], projections[chunk])
-        images = crop_batch(plan.x, plan.images, boxes[:, :2], patch)
+        images = crop_batch(plan.x, plan.image_indices, boxes[:, :2], patch)
         return Patches(projections, images, boxes)
 
-    # ------------------------------------------------------------------ internals
-
-    def _plan(self, x, layer, channels, images, positions, mode, path, rectify,
-              batch_size) -> _Plan:
-        """Check the arguments, trace the model, and find each projection's unit."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
-        if mode not in ("max", "map"):
-            raise BadArgument(f"mode must be 'max' or 'map', not {mode!r}")
-        if path not in ("auto", "explicit", "autograd"):
-            raise BadArgument(f"path must be 'auto', 'explicit' or 'autograd', not {path!r}")
-        if rectify not in ("all", "captum"):
-            raise BadArgument(f"rectify must be 'all' or 'captum', not {rectify!r}")
+    def _projected_chunks(self, plan: _Plan
+                          ) -> Iterator[tuple[slice, tuple[torch.Tensor, torch.Tensor]]]:
+        """Each chunk of ``plan``'s projections with its (crops (p, C_in, h, w), starts (p, 2))
+        in input coordinates; the whole-map forward passes, where the plan shares them, run
+        once before the first chunk."""
         model = self.model
-        resolve_layer(model, layer)
-        x = require_batch(x).to(model_device(model))
-        device = x.device
-        channels = _channel_tensor(channels, device)
-        images = (torch.arange(len(channels), device=device) if images is None
-                  else torch.as_tensor(images, dtype=torch.long, device=device).flatten())
-        if len(images) != len(channels):
-            raise BadArgument(f"{len(channels)} channels but {len(images)} image indices",
-                              "give one image index per channel")
-        if len(images) and (images.min() < 0 or images.max() >= len(x)):
-            raise BadArgument(f"image index {int(images.max())} out of range for a batch of "
-                              f"{len(x)}", "without images=, give one channel per image")
-        calls = trace_calls(model, tuple(x.shape[-2:]))  # in eval mode, model restored
-        output = calls[last_call(calls, layer)].output
-        if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
-            raise BadArgument(f"layer {layer!r} gives no feature maps (output "
-                              f"{type(output).__name__})", "pick a conv, pool or linear layer")
-        count = output.shape[1]
-        if len(channels) and (channels.min() < 0 or channels.max() >= count):
-            bad = int(channels.max() if channels.max() >= count else channels.min())
-            raise BadArgument(f"channel {bad} out of range: {layer!r} has {count} channels "
-                              f"(0-{count - 1})")
-        steps = None if path == "autograd" else explicit_steps(calls, layer, rectify)
-        if path == "explicit" and steps is None:
-            raise BadArgument(f"the explicit deconvnet needs a chain of conv / activation / "
-                              f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
-                              "modules only)", "use path='autograd' (or 'auto')")
-        if steps is not None:
-            warn_rectification(model, Counter(type(s.module).__name__ for s in steps
-                                              if s.kind == "act"), Counter(), rectify)
-        map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
-        if positions is not None:
-            positions = torch.as_tensor(positions, dtype=torch.long, device=device).view(-1, 2)
-            if len(positions) != len(channels):
-                raise BadArgument(f"{len(positions)} positions for {len(channels)} channels")
-            if len(positions) and ((positions < 0).any() or (positions[:, 0] >= map_size[0]).any()
-                                   or (positions[:, 1] >= map_size[1]).any()):
-                raise BadArgument(f"a position lies outside the {map_size[0]}x{map_size[1]} map "
-                                  f"of {layer!r}")
-        elif mode == "max":
-            positions = self._strongest(x, layer, calls, channels, images)
-        plan = _Plan(x, layer, channels, images, positions, mode, steps, calls, map_size,
-                     rectify, batch_size=batch_size)
-        plan.distinct, plan.distinct_rows = torch.unique(images, return_inverse=True)
-        if steps is not None and mode == "max":
-            # whole forward passes pay off when many projections share an image
-            plan.share_forward = (len(plan.distinct) * _cost(steps, map_size)
-                                  < len(images) * _cost(steps, (1, 1)))
-        return plan
-
-    def _strongest(self, x, layer, calls, channels, images) -> torch.Tensor:
-        """(P, 2): the strongest unit of each projection's channel in its image, from one
-        forward pass per image up to the layer."""
-        model = self.model
-        with preserved_state(model, eval_mode=True), torch.no_grad():
-            output = forward_to(model, x, [layer], [c.name for c in calls])[layer]
-        if output.dim() == 2:
-            return _zeros(len(channels), x.device)
-        maps = output[images, channels]  # (P, h, w)
-        flat = maps.flatten(1).argmax(1)
-        return torch.stack([flat // maps.shape[-1], flat % maps.shape[-1]], dim=1)
-
-    def _field(self, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:
-        """Receptive-field size and unclipped top-left corner (P, 2) of each projected unit:
-        from the explicit chain's geometry, else from ``receptive_fields``."""
-        if plan.steps is not None:
-            return _regions(plan.steps, (1, 1))[0], _starts(plan.steps, plan.positions)[0]
-        field = receptive_fields(self.model, [plan.layer], tuple(plan.x.shape[-2:]),
-                                 calls=plan.calls)[plan.layer]
-        if field.is_global:
-            return tuple(plan.x.shape[-2:]), torch.zeros_like(plan.positions)
-        jump = torch.tensor(field.jump, device=plan.x.device)
-        offset = torch.tensor(field.offset, device=plan.x.device)
-        return field.size, plan.positions * jump + offset
-
-    def _project_chunk(self, plan: _Plan, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projections of ``plan``'s pairs in ``chunk``: (crops (p, C_in, h, w), starts (p, 2))
-        in input coordinates."""
-        model = self.model
-        channels, images = plan.channels[chunk], plan.images[chunk]
-        positions = plan.positions[chunk] if plan.positions is not None else None
         with preserved_state(model, eval_mode=True):
-            if plan.steps is not None:
-                with torch.no_grad():
-                    return self._explicit(plan, chunk, channels, images, positions)
-            for param in model.parameters():
-                param.requires_grad_(False)  # only the input's gradient is needed
-            return self._autograd(plan, channels, images, positions)
-
-    def _explicit(self, plan, chunk, channels, images, positions):
-        steps, device = plan.steps, plan.x.device
-        if plan.mode == "max" and not plan.share_forward:
-            # a forward pass per projection, on its receptive field alone
-            forward = _chain_forward(steps, plan.x, images, positions, (1, 1))
-        else:  # one whole forward pass per distinct image, shared by its projections
-            if plan.whole is None:
-                plan.whole = _whole_forward(steps, plan.x[plan.distinct], plan.map_size,
-                                            plan.batch_size)
-            rows = plan.distinct_rows[chunk]
-            if plan.mode == "map":
-                signal = _select(plan.whole.output[rows], channels, None)
-                projected = _chain_backward(steps, plan.whole, signal, rows)
-                return projected, _starts(steps, _zeros(len(channels), device))[0]
-            forward = _crop_forward(steps, plan.whole, rows, positions, (1, 1))
-        rows = torch.arange(len(channels), device=device)
-        activation = forward.output[rows, channels, 0, 0]
-        signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
-        projected = _chain_backward(steps, forward, signal, rows)
-        projected *= activation.view(-1, 1, 1, 1)
-        return projected, _starts(steps, positions)[0]
-
-    def _autograd(self, plan, channels, images, positions):
-        x = plan.x[images].detach().requires_grad_(True)
-        unit = plan.mode == "max"
-        with _rectified(self.model, plan.rectify):
-            output = forward_to(self.model, x, [plan.layer], plan.traced)[plan.layer]
-            signal = _select(output.detach(), channels, positions if unit else None, unit=unit)
-            (grad,) = torch.autograd.grad(output, x, grad_outputs=signal)
-        if unit:  # the unit's activation times its deconvnet image
-            grad *= (signal * output.detach()).flatten(1).sum(1).view(-1, 1, 1, 1)
-        return grad, _zeros(len(channels), x.device)
+            if plan.steps is None:
+                for param in model.parameters():
+                    param.requires_grad_(False)  # only the input's gradient is needed
+                for chunk in _chunks(len(plan.channels), plan.batch_size):
+                    yield chunk, _autograd(model, plan, chunk)
+                return
+            with torch.no_grad():
+                whole = None
+                if plan.mode == "map" or plan.share_forward:
+                    whole = _whole_forward(plan.steps, plan.x[plan.distinct], plan.map_size,
+                                           plan.batch_size)
+                for chunk in _chunks(len(plan.channels), plan.batch_size):
+                    yield chunk, _explicit(plan, whole, chunk)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    """Everything one projection call works from (internal)."""
+    """Everything one projection call works from, checked and decided before any projection
+    runs (internal)."""
 
-    x: torch.Tensor
+    x: torch.Tensor  # (N, C_in, H, W) on the model's device
     layer: str
-    channels: torch.Tensor
-    images: torch.Tensor
-    positions: torch.Tensor | None
-    mode: str
-    steps: list[_Step] | None
+    channels: torch.Tensor  # (P,)
+    image_indices: torch.Tensor  # (P,) each projection's image in x
+    positions: torch.Tensor | None  # (P, 2) each projection's unit ("max" mode)
+    mode: Mode
+    steps: list[_Step] | None  # the explicit chain, or None for the autograd route
     calls: list[LayerCall]  # the trace of one forward pass at this input size
     map_size: tuple[int, int]
-    rectify: Rectify = "all"
-    batch_size: int = 64
-    distinct: torch.Tensor | None = None  # the distinct images, ascending
-    distinct_rows: torch.Tensor | None = None  # (P,) each projection's row in ``distinct``
-    share_forward: bool = False  # "max" mode: crop the units from whole forward passes
-    whole: _Forward | None = None  # the whole forward passes, computed on first use
+    rectify: Rectify
+    batch_size: int
+    distinct: torch.Tensor  # the distinct images, ascending
+    distinct_rows: torch.Tensor  # (P,) each projection's row in ``distinct``
+    share_forward: bool  # "max" mode: crop the units from whole forward passes
 
     @property
     def traced(self) -> list[str]:
         return [call.name for call in self.calls]
 
 
-def _check_channel(channel: Any) -> None:
-    """A channel must be an integer (not a bool, not a float that would be truncated)."""
-    if isinstance(channel, bool) or not isinstance(channel, (int, torch.Tensor)) or (
-            isinstance(channel, torch.Tensor) and (channel.numel() != 1
-                                                   or channel.is_floating_point())):
-        raise BadArgument(f"channel must be an integer, got {channel!r}")
+def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, mode, route,
+               rectify, batch_size) -> _Plan:
+    """Check the arguments, trace the model, choose the route and find each projection's
+    unit."""
+    positive_int(batch_size, "batch_size")
+    for value, name, allowed in ((mode, "mode", ("max", "map")),
+                                 (route, "route", ("auto", "explicit", "autograd")),
+                                 (rectify, "rectify", ("all", "captum"))):
+        if value not in allowed:
+            raise BadArgument(f"{name} must be {' or '.join(map(repr, allowed))}, not {value!r}")
+    resolve_layer(model, layer)
+    x = require_batch(x).to(model_device(model))
+    channels = channel_indices(channels).to(x.device)
+    image_indices = _image_indices(image_indices, channels, len(x))
+    calls = trace_calls(model, tuple(x.shape[-2:]))  # in eval mode, model restored
+    output = feature_maps(calls[last_call(calls, layer)].output, layer, flat_ok=True)
+    check_channels(channels, output.shape[1], layer)
+    steps = None if route == "autograd" else explicit_steps(calls, layer, rectify)
+    if route == "explicit" and steps is None:
+        raise BadArgument(f"the explicit deconvnet needs a chain of conv / activation / "
+                          f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
+                          "modules only)", "use route='autograd' (or 'auto')")
+    if steps is not None:
+        warn_rectification(model, Counter(type(s.module).__name__ for s in steps
+                                          if s.kind == "act"), Counter(), rectify)
+    map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
+    if positions is not None:
+        positions = _checked_positions(positions, len(channels), map_size, layer, x.device)
+    elif mode == "max":
+        positions = _strongest(model, x, layer, calls, channels, image_indices)
+    distinct, distinct_rows = torch.unique(image_indices, return_inverse=True)
+    # whole forward passes pay off when many projections share an image
+    share_forward = (steps is not None and mode == "max" and len(distinct) *
+                     _cost(steps, map_size) < len(image_indices) * _cost(steps, (1, 1)))
+    return _Plan(x, layer, channels, image_indices, positions, mode, steps, calls, map_size,
+                 rectify, batch_size, distinct, distinct_rows, share_forward)
 
 
-def _channel_tensor(channels: Any, device) -> torch.Tensor:
-    """(P,) long channel indices from a sequence or tensor of integers (floats and bools are
-    refused: a silently truncated 1.7 would project the wrong channel)."""
-    values = torch.as_tensor(channels, device=device).flatten()
-    if values.numel() == 0:
-        return values.long()
-    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-        raise BadArgument(f"channels must be integers, got {channels!r}")
-    return values.long()
+def _image_indices(image_indices: Any, channels: torch.Tensor, count: int) -> torch.Tensor:
+    """(P,) long: which image of a batch of ``count`` each projection uses (checked)."""
+    device = channels.device
+    if image_indices is None:
+        indices = torch.arange(len(channels), device=device)
+    else:
+        indices = torch.as_tensor(image_indices, dtype=torch.long, device=device).flatten()
+    if len(indices) != len(channels):
+        raise BadArgument(f"{len(channels)} channels but {len(indices)} image indices",
+                          "give one image index per channel")
+    if len(indices) and (indices.min() < 0 or indices.max() >= count):
+        raise BadArgument(f"image index {int(indices.max())} out of range for a batch of "
+                          f"{count}", "without image_indices=, give one channel per image")
+    return indices
+
+
+def _checked_positions(positions: Any, count: int, map_size: tuple[int, int], layer: str,
+                       device) -> torch.Tensor:
+    """(P, 2) long units, each inside the layer's map."""
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device).view(-1, 2)
+    if len(positions) != count:
+        raise BadArgument(f"{len(positions)} positions for {count} channels")
+    if len(positions) and ((positions < 0).any() or (positions[:, 0] >= map_size[0]).any()
+                           or (positions[:, 1] >= map_size[1]).any()):
+        raise BadArgument(f"a position lies outside the {map_size[0]}x{map_size[1]} map "
+                          f"of {layer!r}")
+    return positions
+
+
+def _strongest(model, x, layer, calls, channels, image_indices) -> torch.Tensor:
+    """(P, 2): the strongest unit of each projection's channel in its image, from one forward
+    pass per image up to the layer."""
+    with preserved_state(model, eval_mode=True), torch.no_grad():
+        output = forward_to(model, x, [layer], [c.name for c in calls])[layer]
+    if output.dim() == 2:
+        return _zeros(len(channels), x.device)
+    return strongest_units(output[image_indices, channels])
+
+
+def _field(model: nn.Module, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:
+    """Receptive-field size and unclipped top-left corner (P, 2) of each projected unit:
+    from the explicit chain's geometry, else from ``receptive_fields``."""
+    if plan.steps is not None:
+        return _regions(plan.steps, (1, 1))[0], _starts(plan.steps, plan.positions)[0]
+    field = receptive_fields(model, [plan.layer], tuple(plan.x.shape[-2:]),
+                             calls=plan.calls)[plan.layer]
+    if field.is_global:
+        return tuple(plan.x.shape[-2:]), torch.zeros_like(plan.positions)
+    jump = torch.tensor(field.jump, device=plan.x.device)
+    offset = torch.tensor(field.offset, device=plan.x.device)
+    return field.size, plan.positions * jump + offset
+
+
+def _explicit(plan: _Plan, whole: _Forward | None, chunk: slice
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The explicit route for the projections in ``chunk``, from their crops' forward passes
+    or from ``whole``, the whole-map passes of the distinct images."""
+    steps, device = plan.steps, plan.x.device
+    channels, images = plan.channels[chunk], plan.image_indices[chunk]
+    positions = plan.positions[chunk] if plan.positions is not None else None
+    if whole is None:  # a forward pass per projection, on its receptive field alone
+        forward = _chain_forward(steps, plan.x, images, positions, (1, 1))
+    else:
+        rows = plan.distinct_rows[chunk]
+        if plan.mode == "map":
+            signal = _select(whole.output[rows], channels, None)
+            projected = _chain_backward(steps, whole, signal, rows)
+            return projected, _starts(steps, _zeros(len(channels), device))[0]
+        forward = _crop_forward(steps, whole, rows, positions, (1, 1))
+    rows = torch.arange(len(channels), device=device)
+    activation = forward.output[rows, channels, 0, 0]
+    signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
+    projected = _chain_backward(steps, forward, signal, rows)
+    projected *= activation.view(-1, 1, 1, 1)
+    return projected, _starts(steps, positions)[0]
+
+
+def _autograd(model: nn.Module, plan: _Plan, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autograd route for the projections in ``chunk``: the model's own backward pass
+    with every nonlinearity rectified, one forward pass per projection."""
+    channels = plan.channels[chunk]
+    positions = plan.positions[chunk] if plan.positions is not None else None
+    x = plan.x[plan.image_indices[chunk]].detach().requires_grad_(True)
+    unit = plan.mode == "max"
+    with _rectified(model, plan.rectify):
+        output = forward_to(model, x, [plan.layer], plan.traced)[plan.layer]
+        signal = _select(output.detach(), channels, positions if unit else None, unit=unit)
+        (grad,) = torch.autograd.grad(output, x, grad_outputs=signal)
+    if unit:  # the unit's activation times its deconvnet image
+        grad *= (signal * output.detach()).flatten(1).sum(1).view(-1, 1, 1, 1)
+    return grad, _zeros(len(channels), x.device)
 
 
 def _chunks(count: int, size: int) -> Iterator[slice]:
@@ -758,7 +768,7 @@ class TopPatches:
 
 
 def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
-                channels: Sequence[int] | None = None, *, path: Route = "auto",
+                channels: Sequence[int] | None = None, *, route: Route = "auto",
                 rectify: Rectify = "all", batch_size: int = 64) -> TopPatches:
     """Project the top-k units of each channel (from ``scan_topk``) and cut their patches.
 
@@ -768,7 +778,7 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
         data: the data set that was scanned (indices refer to it).
         layer: the layer to show.
         channels: which channels (default: all).
-        path, rectify: as in ``Deconvnet.project``.
+        route, rectify: as in ``Deconvnet.project``.
     """
     from vizcnn.scan import images_at
 
@@ -776,11 +786,8 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
         raise BadArgument(f"layer {layer!r} was not scanned",
                           f"scanned layers: {', '.join(top.layers)}")
     count = top.values[layer].shape[0]
-    channels = list(range(count)) if channels is None else [int(c) for c in channels]
-    bad = [c for c in channels if not 0 <= c < count]
-    if bad:
-        raise BadArgument(f"channel {bad[0]} out of range: {layer!r} has {count} channels "
-                          f"(0-{count - 1})")
+    channels = list(range(count)) if channels is None else channel_indices(channels).tolist()
+    check_channels(channels, count, layer)
     indices = top.indices[layer][channels]  # (C, k)
     filled = indices >= 0
     wanted = indices[filled]
@@ -792,8 +799,8 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
     rows = torch.tensor([row_of[int(i)] for i in wanted])
     pair_channels = torch.tensor(channels).view(-1, 1).expand_as(indices)[filled]
     positions = top.positions[layer][channels][filled]
-    patches = Deconvnet(model).project_patches(x, layer, pair_channels, images=rows,
-                                               positions=positions, path=path,
+    patches = Deconvnet(model).project_patches(x, layer, pair_channels, image_indices=rows,
+                                               positions=positions, route=route,
                                                rectify=rectify, batch_size=batch_size)
     k = indices.shape[1]
     size = patches.projections.shape[1:]

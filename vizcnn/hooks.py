@@ -373,3 +373,14 @@ def forward_to(
     except _Stop:
         pass
     return results
+
+
+def strongest_units(maps: torch.Tensor) -> torch.Tensor:
+    """(P, 2) long: the (y, x) of the largest value of each map of ``maps`` (P, h, w)."""
+    flat = maps.flatten(1).argmax(1)
+    return torch.stack([flat // maps.shape[-1], flat % maps.shape[-1]], dim=1)
+
+
+def strongest_channels(maps: torch.Tensor) -> torch.Tensor:
+    """(N,) long: the channel of ``maps`` (N, C, h, w) with the largest single activation."""
+    return maps.amax(dim=(2, 3)).argmax(dim=1)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vizcnn.checks import positive_int
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import finite_images, forward_to, model_device, preserved_state
@@ -429,10 +430,8 @@ def scan_topk(
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise BadArgument("no layer to scan", "give at least one layer")
-    if not isinstance(k, int) or k < 1:
-        raise BadArgument(f"k must be a positive integer, got {k!r}")
-    if batch_size < 1:
-        raise BadArgument(f"batch_size must be positive, got {batch_size}")
+    positive_int(k, "k")
+    positive_int(batch_size, "batch_size")
     for name in names:
         resolve_layer(model, name)
     if device is not None and torch.device(device) != model_device(model):

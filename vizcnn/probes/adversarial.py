@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vizcnn.checks import channel_index, check_channels, feature_maps, positive_int
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
@@ -139,11 +140,6 @@ def _result(pixel_model, pixels, adversarial, clean_logits, target, targeted, me
         linf=perturbation.abs().flatten(1).amax(1), method=method, eps=eps)
 
 
-def _check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise BadArgument(f"steps must be a positive integer, got {steps!r}")
-
-
 def _to_pixels(model, x, preprocessing, what, output=None
                ) -> tuple[torch.Tensor, PixelModel, torch.Tensor]:
     """x on the model's device, the pixel-space model, and x's pixels in [0, 1]."""
@@ -212,7 +208,7 @@ def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
     sign steps of ``step_size`` (default eps / 4), each projected back into the ball and [0, 1];
     ``random_start`` begins at a uniform point of the ball. Arguments as for ``fgsm``."""
     eps = check_eps(eps)
-    _check_steps(steps)
+    positive_int(steps, "steps")
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     with _attacking(model):
         pixel_model, pixels, clean_logits, labels, targeted = _setup(
@@ -350,7 +346,8 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
         preprocessing: the model's normalisation, where the model does not carry it.
     """
     eps = check_eps(eps)
-    _check_steps(steps)
+    channel = channel_index(channel)
+    positive_int(steps, "steps")
     step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
     resolve_layer(model, layer)
     with _attacking(model):
@@ -359,15 +356,9 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
         mean_t, std_t = pixel_model.mean, pixel_model.std
 
         def total(p: torch.Tensor) -> torch.Tensor:
-            output = forward_to(model, (p - mean_t) / std_t, [layer], traced)[layer]
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                raise BadArgument(f"layer {layer!r} has no feature maps (its output is "
-                                  f"{tuple(getattr(output, 'shape', ()))})",
-                                  "pick a conv or pool layer")
-            if isinstance(channel, bool) or not isinstance(channel, int) or \
-                    not 0 <= channel < output.shape[1]:
-                raise BadArgument(f"channel {channel} out of range: {layer!r} has "
-                                  f"{output.shape[1]} channels (0-{output.shape[1] - 1})")
+            output = feature_maps(forward_to(model, (p - mean_t) / std_t, [layer],
+                                             traced)[layer], layer)
+            check_channels(channel, output.shape[1], layer)
             return output[:, channel].sum(dim=(1, 2))
 
         with torch.no_grad():

@@ -44,10 +44,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vizcnn.checks import channel_index, check_channels, feature_maps, positive_int
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import Geometry, as_pair, geometry_of
-from vizcnn.hooks import capture, model_device, preserved_state, require_batch, run_forward
+from vizcnn.hooks import (
+    capture,
+    model_device,
+    preserved_state,
+    require_batch,
+    run_forward,
+    strongest_channels,
+)
 from vizcnn.io import atomic_path
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
@@ -418,8 +426,7 @@ def occlusion(
     if fill is None:  # the data's mean gray is zero only after the model's own normalisation
         normalisation_of(model, preprocessing, "occlusion's default fill (the data's mean gray)")
     window, stride = as_pair(window, "window"), as_pair(stride, "stride")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     drill_down, cap = _approx_settings(approx)
     if engine not in ("auto", "incremental", "naive"):
         raise BadArgument(f"engine must be auto, incremental or naive, not {engine!r}")
@@ -556,9 +563,8 @@ def _clean_pass(model, x, layer, output) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 def _check_outputs(logits: Any, maps: Any, layer: str | None) -> None:
-    if layer is not None and (not isinstance(maps, torch.Tensor) or maps.dim() != 4):
-        raise BadArgument(f"layer {layer!r} has no spatial output (its output is "
-                          f"{tuple(getattr(maps, 'shape', ()))})", "pick a conv or pool layer")
+    if layer is not None:
+        feature_maps(maps, layer)
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
@@ -571,12 +577,10 @@ def _channels(channel, maps: torch.Tensor | None, layer) -> torch.Tensor | None:
         if channel is not None:
             raise BadArgument("a channel needs a layer", "give --layer too")
         return None
-    count = maps.shape[1]
     if channel is None:  # the strongest feature map of each clean image
-        return maps.amax(dim=(2, 3)).argmax(dim=1)
-    if not isinstance(channel, int) or not 0 <= channel < count:
-        raise BadArgument(f"channel {channel} out of range: {layer!r} has {count} channels "
-                          f"(0-{count - 1})")
+        return strongest_channels(maps)
+    channel = channel_index(channel)
+    check_channels(channel, maps.shape[1], layer)
     return torch.full((len(maps),), channel, dtype=torch.long, device=maps.device)
 
 
