@@ -36,6 +36,24 @@ from vizcnn.data.images import load_image
 from vizcnn.errors import BadArgument, BadCheckpoint
 from vizcnn.hooks import model_device
 
+__all__ = [
+    "DEMO_PREPROCESSING",
+    "IMAGENET_PREPROCESSING",
+    "UNKNOWN_PREPROCESSING",
+    "AssumedPreprocessingWarning",
+    "ModelInfo",
+    "Preprocessing",
+    "ZFNetMini",
+    "demo_network",
+    "load_model",
+    "model_info",
+    "normalisation_of",
+    "preprocess",
+    "torchvision_architectures",
+    "with_model_info",
+    "with_options",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,8 +65,8 @@ class AssumedPreprocessingWarning(UserWarning):
 @dataclass(frozen=True)
 class Preprocessing:
     """What vizcnn knows about a model's input: how an RGB image becomes the normalised batch
-    the model expects. One record per model, read with ``preprocessing_for(model)``, set by
-    ``load_model`` where it is known and by the user for any model (``preprocessing=``).
+    the model expects. Part of a model's ``ModelInfo``: set by ``load_model`` where it is known
+    and by the user for any model (``with_model_info``, or ``preprocessing=`` per call).
 
     Attributes:
         resize: shorter side is resized to this (an int), or the image to exactly (H, W);
@@ -131,11 +149,108 @@ class Preprocessing:
 
 
 IMAGENET_PREPROCESSING = Preprocessing()
+UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=None)
 # The shapes data set's own statistics (0.50 +- 0.27 in every channel on 3,000 images), so the
 # gray of the data is zero after normalisation. Any image is resized to the 64 x 64 it knows.
 DEMO_PREPROCESSING = Preprocessing(resize=(64, 64), crop=None, mean=(0.5, 0.5, 0.5),
                                    std=(0.27, 0.27, 0.27))
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "zfnet_mini.pt"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What vizcnn knows about a model, in one record (as torchvision's ``Weights.meta``).
+
+    ``load_model`` sets it where it is known; ``with_model_info`` sets it for any model,
+    loaded by vizcnn or not; ``model_info`` reads it. A model nobody described has an empty
+    record: its preprocessing unknown (probes that need the normalisation refuse with one
+    line), no class names (labels are shown as indices).
+
+    Attributes:
+        spec: how the model was loaded ("demo", "torchvision:alexnet:DEFAULT", a path), if
+            vizcnn loaded it.
+        preprocessing: how an image becomes the model's input (size, mean, std, value range).
+        classes: the class names, in the order of the model's outputs.
+    """
+
+    spec: str | None = None
+    preprocessing: Preprocessing = UNKNOWN_PREPROCESSING
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise BadArgument(f"preprocessing must be a vizcnn.Preprocessing, got "
+                              f"{type(self.preprocessing).__name__}")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The (H, W) the model's input has after preprocessing, where it is fixed."""
+        size = self.preprocessing.crop or self.preprocessing.resize
+        if size is None or (self.preprocessing.crop is None and isinstance(size, int)):
+            return None  # a shorter-side resize alone leaves the aspect ratio to the image
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index``, or the index as text where no name is known."""
+        if self.classes is not None and 0 <= index < len(self.classes):
+            return self.classes[index]
+        return str(index)
+
+    def class_index(self, name_or_index: str | int | None) -> int | None:
+        """A class given as an index (``3``, ``"3"``) or by one of ``classes`` (``"circle"``);
+        None stays None. An unknown name is a one-line error listing the known ones."""
+        if name_or_index is None or isinstance(name_or_index, int):
+            return name_or_index
+        text = str(name_or_index)
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if self.classes is not None and text in self.classes:
+            return self.classes.index(text)
+        known = f"known classes: {', '.join(self.classes)}" if self.classes else \
+            "give a class index"
+        raise BadArgument(f"unknown class {text!r}", known)
+
+
+_INFO_ATTRIBUTE = "_vizcnn_info"
+
+
+def model_info(model_or_spec: nn.Module | str) -> ModelInfo:
+    """What vizcnn knows about a model, or about a spec without loading it (an empty
+    ``ModelInfo`` where it knows nothing)."""
+    if isinstance(model_or_spec, nn.Module):
+        return getattr(model_or_spec, _INFO_ATTRIBUTE, None) or ModelInfo()
+    spec = str(model_or_spec)
+    if spec == "demo":
+        from vizcnn.data.shapes import SHAPE_CLASSES
+
+        return ModelInfo(spec, DEMO_PREPROCESSING, tuple(SHAPE_CLASSES))
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":")
+        if len(parts) == 3:
+            weights = _torchvision_weights(*parts[1:])
+            return ModelInfo(spec, _from_torchvision_transforms(weights.transforms()),
+                             tuple(weights.meta.get("categories") or ()) or None)
+        _check_architecture(parts[1])
+        return ModelInfo(spec, IMAGENET_PREPROCESSING)
+    return ModelInfo(spec)
+
+
+def with_model_info(model: nn.Module, info: ModelInfo | None = None, **changes: Any
+                    ) -> nn.Module:
+    """Set what vizcnn knows about ``model``: a whole ``ModelInfo``, or some of its fields
+    (``preprocessing=``, ``classes=``, ``spec=``) changed in the current record. Returns the
+    model, so ``model = with_model_info(my_net(), preprocessing=...)`` reads as one line."""
+    if info is not None and not isinstance(info, ModelInfo):
+        raise BadArgument(f"info must be a vizcnn.ModelInfo, got {type(info).__name__}")
+    unknown = sorted(set(changes) - {"spec", "preprocessing", "classes"})
+    if unknown:
+        raise BadArgument(f"ModelInfo has no field {unknown[0]!r}",
+                          "give spec=, preprocessing= or classes=")
+    record = replace(info or model_info(model), **changes)
+    setattr(model, _INFO_ATTRIBUTE, record)  # an attribute: it survives copy.deepcopy
+    return model
 
 
 class ZFNetMini(nn.Module):
@@ -183,9 +298,7 @@ def demo_network(num_classes: int | None = None) -> nn.Module:
     from vizcnn.data.shapes import SHAPE_CLASSES
 
     model = ZFNetMini(num_classes or len(SHAPE_CLASSES))
-    model.vizcnn_preprocessing = DEMO_PREPROCESSING
-    model.vizcnn_classes = list(SHAPE_CLASSES)
-    return model
+    return with_model_info(model, ModelInfo("demo", DEMO_PREPROCESSING, tuple(SHAPE_CLASSES)))
 
 
 def _from_torchvision_transforms(transforms: Any) -> Preprocessing:
@@ -238,8 +351,10 @@ def _load_torchvision(arch: str, weights: str | None) -> nn.Module:
             f"could not get the {arch} weights {weights}: {error}",
             f"with no network, put the file from {enum_value.url} at {cached}",
         ) from None
-    model.vizcnn_preprocessing = _from_torchvision_transforms(enum_value.transforms())
-    return model
+    categories = tuple(enum_value.meta.get("categories") or ()) or None
+    return with_model_info(model, ModelInfo(f"torchvision:{arch}:{weights}",
+                                            _from_torchvision_transforms(enum_value.transforms()),
+                                            categories))
 
 
 def _build_architecture(arch: str, num_classes: int | None) -> nn.Module:
@@ -257,8 +372,7 @@ def _build_architecture(arch: str, num_classes: int | None) -> nn.Module:
         return factory(**kwargs)
     _check_architecture(arch)
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
-    model.vizcnn_preprocessing = IMAGENET_PREPROCESSING
-    return model
+    return with_model_info(model, ModelInfo(f"torchvision:{arch}", IMAGENET_PREPROCESSING))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -433,8 +547,8 @@ def load_model(
             of your own) or knows it wrong.
 
     Returns:
-        The model, in eval mode, with its preprocessing record (``preprocessing_for``) set
-        where it is known or given.
+        The model, in eval mode, with its ``ModelInfo`` (``model_info(model)``): the spec,
+        and the preprocessing and class names where they are known or given.
     """
     device = _device(device)
     spec = str(spec)
@@ -450,28 +564,10 @@ def load_model(
         model = _load_torchvision(parts[1], parts[2] if len(parts) == 3 else weights)
     else:
         model = _load_checkpoint(Path(spec), arch, trust_checkpoint, num_classes)
+    with_model_info(model, spec=spec)
     if preprocessing is not None:
-        with_preprocessing(model, preprocessing)
+        with_model_info(model, preprocessing=preprocessing)
     return _to_device(model, device).eval()
-
-
-def preprocessing_for(model_or_spec: nn.Module | str) -> Preprocessing | None:
-    """The preprocessing a model (or a spec, without loading it) expects; None if unknown."""
-    if isinstance(model_or_spec, nn.Module):
-        return getattr(model_or_spec, "vizcnn_preprocessing", None)
-    spec = str(model_or_spec)
-    if spec == "demo":
-        return DEMO_PREPROCESSING
-    if spec.startswith("torchvision:"):
-        parts = spec.split(":")
-        if len(parts) == 3:
-            return _from_torchvision_transforms(_torchvision_weights(*parts[1:]).transforms())
-        _check_architecture(parts[1])
-        return IMAGENET_PREPROCESSING
-    return None
-
-
-UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=None)
 
 
 def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, std=None
@@ -495,28 +591,18 @@ def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, s
     return replace(preprocessing or UNKNOWN_PREPROCESSING, **changes)  # checked as a whole
 
 
-def with_preprocessing(model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
-    """Attach ``preprocessing`` to ``model`` as the record every vizcnn function reads (the
-    attribute ``vizcnn_preprocessing``); returns the model."""
-    if not isinstance(preprocessing, Preprocessing):
-        raise BadArgument(f"preprocessing must be a vizcnn.Preprocessing, got "
-                          f"{type(preprocessing).__name__}")
-    model.vizcnn_preprocessing = preprocessing
-    return model
-
-
 def normalisation_of(model: nn.Module, preprocessing: Preprocessing | None, what: str
                      ) -> Preprocessing:
     """The model's preprocessing (``preprocessing`` if given) when its mean and std are known;
     otherwise a one-line error saying that ``what`` needs them and how to give them."""
-    steps = preprocessing or preprocessing_for(model)
-    if steps is None or not steps.known:
+    given = preprocessing or model_info(model).preprocessing
+    if not given.known:
         raise BadArgument(
             f"{what} needs the model's input normalisation (mean and std), which vizcnn does "
             f"not know for {type(model).__name__}",
             "give preprocessing=vizcnn.Preprocessing(mean=..., std=...) (CLI: --mean and "
             "--std, one value per channel)")
-    return steps
+    return given
 
 
 def preprocess(
@@ -547,8 +633,8 @@ def preprocess(
     Returns:
         (1, C, H, W) float32 on the model's device (CPU for a spec).
     """
-    steps = with_options(preprocessing or preprocessing_for(model_or_spec), size=size,
-                         mean=mean, std=std) or UNKNOWN_PREPROCESSING
+    recipe = with_options(preprocessing or model_info(model_or_spec).preprocessing, size=size,
+                         mean=mean, std=std)
     image = load_image(image)
     channels = 3
     if isinstance(model_or_spec, nn.Module):
@@ -557,7 +643,7 @@ def preprocess(
         channels = input_channels(model_or_spec)
     if channels == 1:
         image = TF.rgb_to_grayscale(image)
-    if not steps.known:
+    if not recipe.known:
         assumed = (IMAGENET_MEAN, IMAGENET_STD) if channels != 1 else ((0.449,), (0.226,))
         name = (type(model_or_spec).__name__ if isinstance(model_or_spec, nn.Module)
                 else str(model_or_spec))
@@ -565,8 +651,8 @@ def preprocess(
                       f"assumed mean {assumed[0]} and std {assumed[1]} on pixels in [0, 1] "
                       "and kept the image size: give preprocessing=vizcnn.Preprocessing(...) "
                       "(CLI: --mean, --std, --size)", AssumedPreprocessingWarning, stacklevel=2)
-        steps = replace(steps, mean=steps.mean or assumed[0], std=steps.std or assumed[1])
-    batch = steps(image).unsqueeze(0)
+        recipe = replace(recipe, mean=recipe.mean or assumed[0], std=recipe.std or assumed[1])
+    batch = recipe(image).unsqueeze(0)
     if isinstance(model_or_spec, nn.Module):
         batch = batch.to(model_device(model_or_spec))
     return batch

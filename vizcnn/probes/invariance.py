@@ -19,9 +19,18 @@ from torch import nn
 
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, model_device, preserved_state, run_forward
-from vizcnn.layers import resolve_layer
+from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of, preprocess
-from vizcnn.probes import OutputSelector, class_scores
+from vizcnn.probes import OutputSelector, class_labels, class_scores
+
+__all__ = [
+    "DEFAULT_VALUES",
+    "TRANSFORMS",
+    "InvarianceResult",
+    "default_layers",
+    "invariance",
+    "transform_image",
+]
 
 TRANSFORMS = ("translate", "scale", "rotate")
 DEFAULT_VALUES = {
@@ -55,11 +64,25 @@ class InvarianceResult:
     true_class: int
 
 
+def _check_transform(transform: str) -> None:
+    if transform not in TRANSFORMS:
+        raise BadArgument(f"unknown transform {transform!r}", f"use one of {', '.join(TRANSFORMS)}")
+
+
+def default_layers(model: nn.Module) -> tuple[str, str]:
+    """Fig. 5's layer 1 and layer 7 for any model: the first conv layer and the penultimate
+    linear layer (or the last one, if there is only one)."""
+    convs, linears = list_layers(model, "conv"), list_layers(model, "linear")
+    if not convs or not linears:
+        raise BadArgument("cannot choose default layers: the model needs a conv and a linear "
+                          "layer", "give the layers (CLI: --layers LOW HIGH)")
+    return convs[0], linears[-2] if len(linears) > 1 else linears[-1]
+
+
 def transform_image(image: np.ndarray, transform: str, value: float) -> np.ndarray:
     """The uint8 (H, W, 3) image translated right by ``value`` pixels, scaled by ``value`` or
     rotated by ``value`` degrees about its centre (OpenCV, bilinear, edges replicated)."""
-    if transform not in TRANSFORMS:
-        raise BadArgument(f"unknown transform {transform!r}", f"use one of {', '.join(TRANSFORMS)}")
+    _check_transform(transform)
     if value == _IDENTITY[transform]:
         return image.copy()
     height, width = image.shape[:2]
@@ -95,8 +118,7 @@ def invariance(model: nn.Module, image, transform: str = "translate",
     """
     from vizcnn.data.images import load_image
 
-    if transform not in TRANSFORMS:
-        raise BadArgument(f"unknown transform {transform!r}", f"use one of {', '.join(TRANSFORMS)}")
+    _check_transform(transform)
     values = tuple(DEFAULT_VALUES[transform] if values is None else values)
     if not values:
         raise BadArgument("no transform values given")
@@ -104,20 +126,17 @@ def invariance(model: nn.Module, image, transform: str = "translate",
         raise BadArgument(f"layers must be (low, high), got {layers!r}")
     for layer in layers:
         resolve_layer(model, layer)
-    steps = normalisation_of(model, preprocessing, "invariance")
+    known = normalisation_of(model, preprocessing, "invariance")
     rgb = np.ascontiguousarray(load_image(image).permute(1, 2, 0).numpy())
-    batch = torch.cat([preprocess(model, rgb, preprocessing=steps)] + [
-        preprocess(model, transform_image(rgb, transform, v), preprocessing=steps)
+    batch = torch.cat([preprocess(model, rgb, preprocessing=known)] + [
+        preprocess(model, transform_image(rgb, transform, v), preprocessing=known)
         for v in values])
     with preserved_state(model, eval_mode=True), capture(model, list(layers)) as outputs, \
             torch.no_grad():
         logits = class_scores(run_forward(model, batch.to(model_device(model))), output)
     probabilities = torch.softmax(logits, dim=1)
-    classes = probabilities.shape[1]
-    true_class = int(probabilities[0].argmax()) if true_class is None else int(true_class)
-    if not 0 <= true_class < classes:
-        raise BadArgument(f"true class {true_class} out of range: the model has {classes} "
-                          f"classes (0-{classes - 1})")
+    true_class = int(probabilities[0].argmax() if true_class is None
+                     else class_labels(true_class, probabilities[:1], "true")[0])
     distance = {}
     for layer in layers:
         features = outputs[layer].flatten(1).double()
