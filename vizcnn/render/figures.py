@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -19,10 +19,33 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from vizcnn.data.images import load_image
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, BadOutput
 from vizcnn.io import atomic_path, file_target
 from vizcnn.receptive import ReceptiveField
-from vizcnn.render.grid import feature_map_grid, filter_grid
+from vizcnn.render.grid import (
+    LABEL_PALETTE,
+    feature_map_grid,
+    filter_grid,
+    image_tiles,
+    projection_tiles,
+    tile,
+)
+
+__all__ = [
+    "FORMATS",
+    "adversarial_figure",
+    "excite_figure",
+    "feature_maps_figure",
+    "feature_maps_rows",
+    "figure_path",
+    "filters_figure",
+    "invariance_figure",
+    "occlusion_figure",
+    "projection_figure",
+    "receptive_field_boxes",
+    "save_figure",
+    "top_patches_figure",
+]
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -124,6 +147,28 @@ def feature_maps_figure(activations, *, layer: str = "", image=None, scaling: st
     return fig
 
 
+def feature_maps_rows(images, maps, *, layer: str = "", titles: Sequence[str] | None = None,
+                      scaling: str = "tile") -> Figure:
+    """One row per image: the image beside the feature-map grid of its ``maps``.
+
+    Args:
+        images: uint8 (N, H, W, 3), the model's inputs as shown.
+        maps: (N, C, h, w) the layer's output for those images.
+        titles: one title per image (default: "input").
+    """
+    count = len(images)
+    titles = list(titles) if titles is not None else ["input"] * count
+    fig = Figure(figsize=(6.4, 3.0 * count), layout="constrained")
+    axes = fig.subplots(count, 2, width_ratios=[1, 1.6], squeeze=False)
+    for row in range(count):
+        axes[row, 0].imshow(images[row])
+        axes[row, 0].set_axis_off()
+        axes[row, 0].set_title(titles[row], fontsize=9)
+        feature_maps_figure(maps[row], layer=layer, ax=axes[row, 1], scaling=scaling,
+                            title=None if row == 0 else "")
+    return fig
+
+
 def _unit_at(field: ReceptiveField, unit: tuple[float, float]) -> tuple[int, int]:
     """The unit nearest to a fractional position of the map, from the field's geometry."""
     if field.is_global:
@@ -144,7 +189,7 @@ def figure_path(path: str | os.PathLike) -> str:
     folder, in a writable folder), else a one-line error: check it before long work."""
     suffix = os.path.splitext(str(path))[1].lower()
     if Path(path).is_dir():
-        raise BadArgument(f"cannot save a figure as '{path}': it is a folder",
+        raise BadOutput(f"cannot save a figure as '{path}': it is a folder",
                           "give a file name ending in .png, .pdf or .svg")
     if suffix not in FORMATS:
         raise BadArgument(f"cannot save a figure as {suffix or 'a file without suffix'!r} "
@@ -172,7 +217,6 @@ def top_patches_figure(patches, *, mean=None, std=None, columns: int = 4,
             (default: each patch stretched to its range).
         columns: channel blocks per row.
     """
-    from vizcnn.render.grid import image_tiles, projection_tiles, tile
 
     count, k = patches.values.shape[:2]
     if count == 0:
@@ -220,7 +264,6 @@ def projection_figure(image, projection, *, layer: str = "", channel: int | None
         projection: (C, H, W) or (1, C, H, W), from ``Deconvnet.project``.
         box: (top, left, bottom, right) of the unit's receptive field, ends exclusive.
     """
-    from vizcnn.render.grid import projection_tiles
 
     rgb = _as_rgb(image)
     values = projection if projection.dim() == 4 else projection[None]
@@ -265,78 +308,88 @@ def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None,
         projections: (N, C, H, W), e.g. ``Deconvnet(model).project(x, maps.layer, channel)``.
         classes: class names, indexed by label.
     """
-    from matplotlib.colors import ListedColormap
-
-    from vizcnn.render.grid import LABEL_PALETTE, image_tiles, projection_tiles
 
     rgb = (np.asarray(images) if isinstance(images, np.ndarray) and images.dtype == np.uint8
            else image_tiles(images, mean, std))
-    count = len(rgb)
     with_layer = maps.activation is not None
-    panels = ["input"] + (["activation"] if with_layer else []) + \
-        (["projection"] if with_layer and projections is not None else []) + ["prob", "label"]
-    fig = Figure(figsize=(2.3 * len(panels), 2.4 * count + 0.3), layout="constrained")
-    axes = fig.subplots(count, len(panels), squeeze=False)
-    names = list(classes) if classes is not None else None
-    palette = ListedColormap(np.array(LABEL_PALETTE) / 255.0)
-    # each map cell is drawn where its occluder's centre lies, so maps line up with the input
-    centres_y = maps.positions[:, 0, 0].cpu().numpy() + maps.window[0] / 2
-    centres_x = maps.positions[0, :, 1].cpu().numpy() + maps.window[1] / 2
-    step_y, step_x = maps.stride
-    extent = (centres_x[0] - step_x / 2 - 0.5, centres_x[-1] + step_x / 2 - 0.5,
-              centres_y[-1] + step_y / 2 - 0.5, centres_y[0] - step_y / 2 - 0.5)
-    height, width = rgb.shape[1:3]
+    panels = [_occluded_input] + ([_occlusion_activation] if with_layer else []) + \
+        ([_occlusion_projection] if with_layer and projections is not None else []) + \
+        [_occlusion_probability, _occlusion_label]
+    fig = Figure(figsize=(2.3 * len(panels), 2.4 * len(rgb) + 0.3), layout="constrained")
+    axes = fig.subplots(len(rgb), len(panels), squeeze=False)
+    grid = _OcclusionGrid(maps, rgb.shape[1:3], list(classes) if classes is not None else None)
+    for n in range(len(rgb)):
+        for ax, draw in zip(axes[n], panels, strict=True):
+            ax.set_axis_off()
+            draw(ax, grid, n, rgb=rgb, projections=projections)
+    return fig
 
-    def on_image(ax, values, **kwargs):
-        shown = ax.imshow(values, extent=extent, interpolation="nearest", **kwargs)
-        ax.set_xlim(-0.5, width - 0.5)
-        ax.set_ylim(height - 0.5, -0.5)
+
+class _OcclusionGrid:
+    """Draws occlusion maps so that each cell sits where its occluder's centre lies, lined up
+    with the input image."""
+
+    def __init__(self, maps, image_size: tuple[int, int], names: list[str] | None):
+        self.maps, self.names = maps, names
+        self.height, self.width = image_size
+        centres_y = maps.positions[:, 0, 0].cpu().numpy() + maps.window[0] / 2
+        centres_x = maps.positions[0, :, 1].cpu().numpy() + maps.window[1] / 2
+        step_y, step_x = maps.stride
+        self.extent = (centres_x[0] - step_x / 2 - 0.5, centres_x[-1] + step_x / 2 - 0.5,
+                       centres_y[-1] + step_y / 2 - 0.5, centres_y[0] - step_y / 2 - 0.5)
+
+    def show(self, ax: Axes, values: np.ndarray, **kwargs):
+        shown = ax.imshow(values, extent=self.extent, interpolation="nearest", **kwargs)
+        ax.set_xlim(-0.5, self.width - 0.5)
+        ax.set_ylim(self.height - 0.5, -0.5)
         return shown
 
-    for n in range(count):
-        target = int(maps.target[n])
-        for ax, panel in zip(axes[n], panels, strict=True):
-            ax.set_axis_off()
-            if panel == "input":
-                ax.imshow(rgb[n])
-                box_height, box_width = maps.window
-                ax.add_patch(Rectangle((-0.5, -0.5), box_width, box_height, fill=True,
-                                       alpha=0.6, color="gray"))
-                ax.set_title(f"(a) input, occluder {box_height}x{box_width}", fontsize=8)
-            elif panel == "activation":
-                shown = on_image(ax, maps.activation[n].cpu().numpy(), cmap="jet")
-                fig.colorbar(shown, ax=ax, shrink=0.75)
-                ax.set_title(f"(b) {maps.layer} map {int(maps.channel[n])}", fontsize=8)
-            elif panel == "projection":
-                ax.imshow(projection_tiles(projections[n:n + 1])[0], interpolation="nearest")
-                ax.set_title(f"(c) projection of map {int(maps.channel[n])}", fontsize=8)
-            elif panel == "prob":
-                shown = on_image(ax, maps.prob[n].cpu().numpy(), cmap="jet", vmin=0.0, vmax=1.0)
-                fig.colorbar(shown, ax=ax, shrink=0.75)
-                ax.set_title(f"(d) p({_class_name(names, target)})", fontsize=8)
-            else:
-                labels = maps.label[n].cpu().numpy()
-                on_image(ax, labels % len(LABEL_PALETTE), cmap=palette, vmin=0,
-                         vmax=len(LABEL_PALETTE) - 1)
-                present = [int(v) for v in np.unique(labels)]
-                colours = np.array(LABEL_PALETTE) / 255.0
-                handles = [Rectangle((0, 0), 1, 1, color=colours[v % len(colours)])
-                           for v in present]
-                ax.legend(handles, [_class_name(names, v) for v in present], fontsize=6,
-                          loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-                ax.set_title("(e) most probable class", fontsize=8)
-    return fig
+
+def _occluded_input(ax: Axes, grid: _OcclusionGrid, n: int, *, rgb, **_) -> None:
+    ax.imshow(rgb[n])
+    box_height, box_width = grid.maps.window
+    ax.add_patch(Rectangle((-0.5, -0.5), box_width, box_height, fill=True, alpha=0.6,
+                           color="gray"))
+    ax.set_title(f"(a) input, occluder {box_height}x{box_width}", fontsize=8)
+
+
+def _occlusion_activation(ax: Axes, grid: _OcclusionGrid, n: int, **_) -> None:
+    maps = grid.maps
+    shown = grid.show(ax, maps.activation[n].cpu().numpy(), cmap="jet")
+    ax.figure.colorbar(shown, ax=ax, shrink=0.75)
+    ax.set_title(f"(b) {maps.layer} map {int(maps.channel[n])}", fontsize=8)
+
+
+def _occlusion_projection(ax: Axes, grid: _OcclusionGrid, n: int, *, projections, **_
+                          ) -> None:
+
+    ax.imshow(projection_tiles(projections[n:n + 1])[0], interpolation="nearest")
+    ax.set_title(f"(c) projection of map {int(grid.maps.channel[n])}", fontsize=8)
+
+
+def _occlusion_probability(ax: Axes, grid: _OcclusionGrid, n: int, **_) -> None:
+    shown = grid.show(ax, grid.maps.prob[n].cpu().numpy(), cmap="jet", vmin=0.0, vmax=1.0)
+    ax.figure.colorbar(shown, ax=ax, shrink=0.75)
+    ax.set_title(f"(d) p({_class_name(grid.names, int(grid.maps.target[n]))})", fontsize=8)
+
+
+def _occlusion_label(ax: Axes, grid: _OcclusionGrid, n: int, **_) -> None:
+    from matplotlib.colors import ListedColormap
+
+
+    colours = np.array(LABEL_PALETTE) / 255.0
+    labels = grid.maps.label[n].cpu().numpy()
+    grid.show(ax, labels % len(LABEL_PALETTE), cmap=ListedColormap(colours), vmin=0,
+              vmax=len(LABEL_PALETTE) - 1)
+    present = [int(v) for v in np.unique(labels)]
+    handles = [Rectangle((0, 0), 1, 1, color=colours[v % len(colours)]) for v in present]
+    ax.legend(handles, [_class_name(grid.names, v) for v in present], fontsize=6,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.set_title("(e) most probable class", fontsize=8)
 
 
 def _class_name(names: list[str] | None, index: int) -> str:
     return names[index] if names is not None and 0 <= index < len(names) else str(index)
-
-
-def _pixels(x, mean, std) -> np.ndarray:
-    """Normalised (N, C, H, W) images as uint8 (N, H, W, 3)."""
-    from vizcnn.render.grid import image_tiles
-
-    return image_tiles(x, mean, std)
 
 
 def _magnified(perturbation) -> tuple[np.ndarray, float]:
@@ -357,8 +410,8 @@ def adversarial_figure(clean_x, result, *, displacement=None, classes=None, mean
     (label, probability) and, with ``displacement`` (from ``layer_displacement``), how far
     each layer moved."""
     names = list(classes) if classes is not None else None
-    clean = _pixels(clean_x[index:index + 1], mean, std)[0]
-    adversarial = _pixels(result.x[index:index + 1], mean, std)[0]
+    clean = image_tiles(clean_x[index:index + 1], mean, std)[0]
+    adversarial = image_tiles(result.x[index:index + 1], mean, std)[0]
     shown, factor = _magnified(result.perturbation[index])
     panels = 4 if displacement is not None else 3
     fig = Figure(figsize=(2.6 * panels + (1.2 if displacement is not None else 0), 2.9),
@@ -395,8 +448,8 @@ def adversarial_figure(clean_x, result, *, displacement=None, classes=None, mean
 def excite_figure(clean_x, result, *, mean=None, std=None, index: int = 0) -> Figure:
     """The ``excite`` panel: clean image, the added pattern (magnified), the perturbed image,
     and the feature map's total activation before and after."""
-    clean = _pixels(clean_x[index:index + 1], mean, std)[0]
-    perturbed = _pixels(result.x[index:index + 1], mean, std)[0]
+    clean = image_tiles(clean_x[index:index + 1], mean, std)[0]
+    perturbed = image_tiles(result.x[index:index + 1], mean, std)[0]
     shown, factor = _magnified(result.perturbation[index])
     fig = Figure(figsize=(7.8, 2.9), layout="constrained")
     axes = fig.subplots(1, 3)

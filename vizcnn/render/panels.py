@@ -1,0 +1,278 @@
+"""Panels: the one recipe for each figure, from (model, images, options) to a ``Panel``.
+
+The ``vizcnn`` command line, ``vizcnn demo`` and the gallery draw every figure through these
+functions, so a figure means the same wherever it appears. A panel runs the probe, draws the
+figure and says in a few lines what it found (``Panel.notes``, which the CLI prints).
+
+Images are given as ``preprocess`` takes them (a path, an array, a PIL image, a tensor in
+[0, 1]); each panel preprocesses them with the model's ``ModelInfo`` (see
+``vizcnn.with_model_info``), and shows the model's input in its own colours where the
+normalisation is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from vizcnn.checks import feature_maps
+from vizcnn.errors import BadArgument
+from vizcnn.hooks import activations, capture, preserved_state, run_forward, strongest_units
+from vizcnn.layers import list_layers, resolve_layer
+from vizcnn.models import model_info, normalisation_of, preprocess
+from vizcnn.render import figures
+from vizcnn.render.grid import image_tiles
+
+__all__ = [
+    "Panel",
+    "adversarial_panel",
+    "conv_layer",
+    "display_normalisation",
+    "excite_panel",
+    "feature_maps_panel",
+    "filters_panel",
+    "invariance_panel",
+    "occlusion_panel",
+    "projection_panel",
+    "top_patches_panel",
+]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A figure and what it shows, in words.
+
+    Attributes:
+        figure: the matplotlib Figure (save it with ``figures.save_figure``).
+        notes: one line each: the findings behind the figure (a label that flipped, the
+            strongest unit, ...), as the CLI prints them.
+        result: the probe's result the figure was drawn from (``OcclusionMaps``,
+            ``AdversarialResult``, ...), or None.
+    """
+
+    figure: Figure
+    notes: tuple[str, ...] = ()
+    result: Any = None
+
+
+def display_normalisation(model: nn.Module
+                          ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(mean, std) of pixels in [0, 1] for showing the model's input in its own colours, or
+    (None, None) where it is unknown (images are then stretched to their range)."""
+    known = model_info(model).preprocessing
+    return known.pixel_normalisation() if known.known else (None, None)
+
+
+def _batch(model: nn.Module, images: Sequence[Any]) -> torch.Tensor:
+    """(N, C, H, W): the model's input for each image."""
+    if not len(images):
+        raise BadArgument("no image given")
+    return torch.cat([preprocess(model, image) for image in images])
+
+
+def _shown(model: nn.Module, x: torch.Tensor):
+    """uint8 (N, H, W, 3): the model input ``x`` as a person sees it."""
+    return image_tiles(x, *display_normalisation(model))
+
+
+def conv_layer(model: nn.Module, name: str | None = None) -> str:
+    """``name`` if it is a conv layer (default: the model's first), else a one-line error that
+    lists the conv layers."""
+    convs = list_layers(model, "conv")
+    if not convs:
+        raise BadArgument("this model has no conv layer")
+    if name is None:
+        return convs[0]
+    module = resolve_layer(model, name)
+    if not isinstance(module, nn.Conv2d):
+        raise BadArgument(f"layer {name!r} is a {type(module).__name__}, not a conv layer",
+                          f"conv layers: {', '.join(convs[:8])}{' ...' if len(convs) > 8 else ''}")
+    return name
+
+
+# --------------------------------------------------------------------------- what layers hold
+
+
+def filters_panel(model: nn.Module, layer: str | None = None, *, mode: str = "auto") -> Panel:
+    """A conv layer's filters as a grid (default: the first conv layer, Fig. 6's view)."""
+    layer = conv_layer(model, layer)
+    weight = resolve_layer(model, layer).weight
+    return Panel(figures.filters_figure(weight, layer=layer, mode=mode))
+
+
+def feature_maps_panel(model: nn.Module, images: Sequence[Any], layer: str, *,
+                       scaling: str = "tile", predictions: bool = False) -> Panel:
+    """One row per image: the model's input beside the feature-map grid of ``layer``; with
+    ``predictions`` the predicted class is written over each input (a full forward pass, so
+    only for classifiers)."""
+    x = _batch(model, images)
+    if predictions:
+        with (preserved_state(model, eval_mode=True), capture(model, [layer]) as captured,
+              torch.no_grad()):
+            predicted = run_forward(model, x).argmax(1).tolist()  # one pass: maps and labels
+        maps = captured[layer]
+        info = model_info(model)
+        titles = [f"predicted: {info.class_name(p)}" for p in predicted]
+    else:
+        maps, titles = activations(model, x, [layer])[layer], ["input"] * len(x)
+    feature_maps(maps, layer)
+    return Panel(figures.feature_maps_rows(_shown(model, x), maps, layer=layer,
+                                           titles=titles, scaling=scaling))
+
+
+def projection_panel(model: nn.Module, image: Any, layer: str, channel: int, *,
+                     mode: str = "max") -> Panel:
+    """One channel's deconvnet projection beside the image; in "max" mode with the strongest
+    unit's receptive field drawn and enlarged."""
+    from vizcnn.deconv import Deconvnet
+    from vizcnn.receptive import receptive_field
+
+    x = _batch(model, [image])
+    projection = Deconvnet(model).project(x, layer, channel, mode=mode)
+    box, notes = None, []
+    maps = activations(model, x, [layer])[layer]
+    if mode == "max" and maps.dim() == 4:
+        y, x_ = strongest_units(maps[:, channel])[0].tolist()
+        strongest = float(maps[0, channel, y, x_])
+        box = receptive_field(model, layer, tuple(x.shape[-2:])).box(y, x_)
+        notes.append(f"strongest unit of channel {channel}: ({y}, {x_}), activation "
+                     f"{strongest:.4g}, receptive field box {box}")
+        if strongest <= 0:
+            notes.append("note: the channel does not fire anywhere in this image (its "
+                         "strongest activation is not positive); try another channel or image")
+    fig = figures.projection_figure(_shown(model, x)[0], projection[0], layer=layer,
+                                    channel=channel, box=box,
+                                    title=f"{layer} channel {channel} ({mode})")
+    return Panel(fig, tuple(notes), projection)
+
+
+def top_patches_panel(model: nn.Module, top: Any, data: Any, layer: str,
+                      channels: Sequence[int] | None = None) -> Panel:
+    """Zeiler & Fergus Fig. 2 for one layer: per channel its top-k projections beside the
+    image patches they came from (``top`` from ``scan_topk`` over ``data``)."""
+    from vizcnn.deconv import top_patches
+
+    patches = top_patches(model, top, data, layer, channels)
+    mean, std = display_normalisation(model)
+    return Panel(figures.top_patches_figure(patches, mean=mean, std=std), result=patches)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def occlusion_panel(model: nn.Module, images: Sequence[Any], *, window: int = 16,
+                    stride: int = 4, layer: str | None = None, channel: int | None = None,
+                    target: int | str | None = None, engine: str = "auto",
+                    approx: bool | float = False, output: Any = None,
+                    progress: bool = True) -> Panel:
+    """Zeiler & Fergus Fig. 7, one row per image: the class probability and label maps, and
+    with ``layer`` the feature map's activation map and its deconvnet projection. ``target``
+    is a class index or name (default: each clean image's prediction)."""
+    from vizcnn.deconv import Deconvnet
+    from vizcnn.probes.occlusion import occlusion
+
+    info = model_info(model)
+    normalisation_of(model, None, "occlusion's fill (the data's mean gray)")
+    x = _batch(model, images)
+    maps = occlusion(model, x, window=window, stride=stride, target=info.class_index(target),
+                     layer=layer, channel=channel, engine=engine, approx=approx,
+                     output=output, progress=progress)
+    projections = None
+    if maps.layer is not None:
+        net = Deconvnet(model)
+        projections = torch.cat([net.project(x[n:n + 1], maps.layer, int(maps.channel[n]))
+                                 for n in range(len(x))])
+    mean, std = display_normalisation(model)
+    fig = figures.occlusion_figure(x, maps, projections=projections, classes=info.classes,
+                                   mean=mean, std=std)
+    return Panel(fig, _occlusion_notes(maps, info), maps)
+
+
+def _occlusion_notes(maps: Any, info: Any) -> tuple[str, ...]:
+    """What the occlusion maps of the first image say, in words."""
+    clean, target = int(maps.clean_label[0]), int(maps.target[0])
+    name = info.class_name
+    notes = [f"clean image: {name(clean)} ({float(maps.clean_prob[0]):.3f} for {name(target)});"
+             f" {maps.prob.shape[1]}x{maps.prob.shape[2]} positions, engine {maps.engine}"
+             + (f" ({maps.engine_note})" if maps.engine_note else "")]
+    worst = int(maps.prob[0].flatten().argmin())
+    top, left = maps.positions.view(-1, 2)[worst].tolist()
+    notes.append(f"lowest p({name(target)}) = {float(maps.prob[0].flatten()[worst]):.3f} with "
+                 f"the occluder at y={top}, x={left}")
+    if maps.max_deviation is not None:
+        notes.append(f"approximate: largest deviation {maps.max_deviation:.2e} from exact on "
+                     f"{maps.checked} re-checked positions")
+    return tuple(notes)
+
+
+def adversarial_panel(model: nn.Module, image: Any, *, method: str = "fgsm",
+                      eps: float = 8 / 255, steps: int = 10, target: int | str | None = None,
+                      output: Any = None) -> Panel:
+    """The smallest change that flips the decision (FGSM, PGD or L-BFGS), magnified, with how
+    far each layer's output moved."""
+    from vizcnn.probes.adversarial import fgsm, layer_displacement, lbfgs_adversarial, pgd
+
+    if method not in ("fgsm", "pgd", "lbfgs"):
+        raise BadArgument(f"unknown method {method!r}", "use fgsm, pgd or lbfgs")
+    info = model_info(model)
+    normalisation_of(model, None, method)
+    x = _batch(model, [image])
+    target = info.class_index(target)
+    if method == "fgsm":
+        result = fgsm(model, x, eps, target=target, output=output)
+    elif method == "pgd":
+        result = pgd(model, x, eps, steps=steps, target=target, output=output)
+    else:
+        result = lbfgs_adversarial(model, x, target=target, output=output)
+    note = (f"{method}: {info.class_name(int(result.clean_label[0]))} "
+            f"({float(result.clean_prob[0]):.3f}) -> {info.class_name(int(result.label[0]))} "
+            f"({float(result.prob[0]):.3f}), {'success' if result.success[0] else 'failed'}; "
+            f"RMS {float(result.rms[0]) * 255:.2f}/255, max {float(result.linf[0]) * 255:.2f}"
+            "/255")
+    mean, std = display_normalisation(model)
+    fig = figures.adversarial_figure(x, result, displacement=layer_displacement(model, x, result.x),
+                                     classes=info.classes, mean=mean, std=std)
+    return Panel(fig, (note,), result)
+
+
+def excite_panel(model: nn.Module, image: Any, layer: str, channel: int | None = None, *,
+                 eps: float = 8 / 255, steps: int = 20) -> Panel:
+    """The pattern that, added within ``eps``, excites one feature map most (default: the
+    map with the strongest activation in the image)."""
+    from vizcnn.hooks import strongest_channels
+    from vizcnn.probes.adversarial import excite
+
+    normalisation_of(model, None, "excite")
+    x = _batch(model, [image])
+    if channel is None:
+        maps = feature_maps(activations(model, x, [layer])[layer], layer)
+        channel = int(strongest_channels(maps)[0])
+    result = excite(model, x, layer, channel, eps, steps)
+    note = (f"{layer} channel {channel}: total activation {float(result.before[0]):.4g} -> "
+            f"{float(result.after[0]):.4g} (eps {result.eps:.4f})")
+    mean, std = display_normalisation(model)
+    return Panel(figures.excite_figure(x, result, mean=mean, std=std), (note,), result)
+
+
+def invariance_panel(model: nn.Module, images: Sequence[Any], *,
+                     layers: tuple[str, str] | None = None,
+                     true_class: int | str | None = None, output: Any = None) -> Panel:
+    """Zeiler & Fergus Fig. 5: translate, scale and rotate each image; feature distances at a
+    low and a high layer (default: ``invariance.default_layers``) and P(true class)."""
+    from vizcnn.probes.invariance import TRANSFORMS, default_layers, invariance
+
+    info = model_info(model)
+    normalisation_of(model, None, "invariance")
+    layers = tuple(layers) if layers else default_layers(model)
+    true_class = info.class_index(true_class)
+    results = {t: [invariance(model, image, t, layers=layers, true_class=true_class,
+                              output=output) for image in images] for t in TRANSFORMS}
+    notes = tuple(f"{t:<9} {layers[1]} distance up to {float(r[0].distance[layers[1]].max()):.3f};"
+                  f" P(true class) from {float(r[0].prob.min()):.3f} to "
+                  f"{float(r[0].prob.max()):.3f}" for t, r in results.items())
+    return Panel(figures.invariance_figure(results, classes=info.classes), notes, results)
