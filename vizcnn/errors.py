@@ -6,6 +6,17 @@ Each error carries a message (what was wrong) and an optional hint (what to do).
 
 from __future__ import annotations
 
+__all__ = [
+    "BadArgument",
+    "BadCheckpoint",
+    "BadImage",
+    "BadOutput",
+    "LayerNotFound",
+    "ModelError",
+    "Unsupported",
+    "VizCNNError",
+]
+
 
 class VizCNNError(Exception):
     """Base class: a user-facing error with one message and one hint."""
@@ -36,6 +47,19 @@ class BadCheckpoint(VizCNNError):
 
 class BadArgument(VizCNNError, ValueError):
     """Any other argument that cannot work: unknown architecture, input too small, bad size."""
+
+
+class BadOutput(VizCNNError, OSError):
+    """An output that cannot be written: a folder that cannot be created or written to, a
+    write that failed, a file or folder of another kind in the way."""
+
+    __str__ = VizCNNError.__str__
+
+
+class Unsupported(VizCNNError):
+    """Something vizcnn cannot do for this model: it says what, and what would work instead
+    (a receptive field wider than the measuring limit, a dilated max pool in the gradient
+    method)."""
 
 
 class ModelError(VizCNNError, RuntimeError):

@@ -18,7 +18,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, BadOutput
+
+__all__ = [
+    "atomic_path",
+    "check_replaceable",
+    "file_target",
+    "recover",
+    "writable_parent",
+]
 
 
 def writable_parent(target: str | os.PathLike) -> Path:
@@ -29,9 +37,9 @@ def writable_parent(target: str | os.PathLike) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise BadArgument(f"cannot create output folder '{parent}': {error.strerror}") from None
+        raise BadOutput(f"cannot create output folder '{parent}': {error.strerror}") from None
     if not os.access(parent, os.W_OK):
-        raise BadArgument(f"output folder '{parent}' is not writable",
+        raise BadOutput(f"output folder '{parent}' is not writable",
                           "choose another --out")
     return parent
 
@@ -116,7 +124,7 @@ def file_target(target: str | os.PathLike) -> Path:
     writing the file would replace), its folder created and checked writable."""
     target = Path(target)
     if target.is_dir():
-        raise BadArgument(f"'{target}' is a folder, not a file name", "give a file name")
+        raise BadOutput(f"'{target}' is a folder, not a file name", "give a file name")
     writable_parent(target)
     return target
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, Unsupported
 from vizcnn.geometry import (
     LayerCall,
     Pair,
@@ -186,7 +186,8 @@ class _LinearisedPools(TorchFunctionMode):
     def _max_as_average(average, x, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode=False, return_indices=False):
         if dilation not in (1, (1,), (1, 1), (1, 1, 1)):
-            raise BadArgument("the gradient receptive field does not support dilated max pools")
+            raise Unsupported("the gradient receptive field does not support dilated max pools",
+                              "use method='analytic' where the layers form a chain")
         out = average(x, kernel_size, stride if stride else kernel_size, padding,
                       ceil_mode=ceil_mode, count_include_pad=False)
         return (out, None) if return_indices else out
@@ -249,7 +250,7 @@ def _gradient(
     while len(results) < len(names):
         if side > _LARGEST_SIDE:
             missing = ", ".join(n for n in names if n not in results)
-            raise BadArgument(f"could not measure the receptive field of {missing}: it spans "
+            raise Unsupported(f"could not measure the receptive field of {missing}: it spans "
                               f"more than {_LARGEST_SIDE} pixels")
         x = torch.ones(2, channels, side, side, device=device, dtype=dtype, requires_grad=True)
         pending = {n: modules[n] for n in names if n not in results}

@@ -13,7 +13,18 @@ import cv2
 import numpy as np
 import torch
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, BadOutput
+
+__all__ = [
+    "LABEL_PALETTE",
+    "feature_map_grid",
+    "filter_grid",
+    "image_tiles",
+    "occlusion_map_png",
+    "projection_tiles",
+    "stretch",
+    "tile",
+]
 
 Scaling = Literal["tile", "shared"]
 
@@ -194,7 +205,7 @@ def occlusion_map_png(values, path, *, low: float | None = None, high: float | N
     rgb = cv2.resize(np.ascontiguousarray(rgb), (array.shape[1] * scale, array.shape[0] * scale),
                      interpolation=cv2.INTER_NEAREST)
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise BadArgument(f"cannot write '{path}'")
+        raise BadOutput(f"cannot write '{path}'")
 
 
 # Distinct colours for class labels (matplotlib's tab20, as uint8 RGB).
