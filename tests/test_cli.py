@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import vizcnn
-from vizcnn.cli import main
+from vizcnn.cli import EXAMPLES, build_parser, main
 
 
 def run(capsys, *args):
@@ -62,49 +64,55 @@ def test_activations_command(capsys, photo_path, tmp_path):
     assert [p.name for p in out_file.parent.iterdir()] == ["acts.pt"]  # no temporary left
 
 
-def corrupt_checkpoint(tmp_path):
-    path = tmp_path / "corrupt.pt"
-    path.write_bytes(b"\x80\x02 this is no checkpoint" * 10)
-    return str(path)
+@pytest.fixture(scope="module")
+def mistake_files(tmp_path_factory):
+    """The files the user-mistake cases read, written once for all of them."""
+    from helpers import TinyChain
+
+    folder = tmp_path_factory.mktemp("mistakes")
+    corrupt_checkpoint = folder / "corrupt.pt"
+    corrupt_checkpoint.write_bytes(b"\x80\x02 this is no checkpoint" * 10)
+    corrupt_image = folder / "corrupt.jpg"
+    corrupt_image.write_bytes(b"\xff\xd8\xff\xe0 broken jpeg" * 10)
+    torch.manual_seed(0)
+    tiny = TinyChain().eval()
+    return {"folder": str(folder), "corrupt checkpoint": str(corrupt_checkpoint),
+            "corrupt image": str(corrupt_image), "pickled": _pickled(folder, tiny),
+            "state_dict": _state_dict(folder, tiny), "scripted": _scripted(folder, tiny)}
 
 
-def corrupt_image(tmp_path):
-    path = tmp_path / "corrupt.jpg"
-    path.write_bytes(b"\xff\xd8\xff\xe0 broken jpeg" * 10)
-    return str(path)
+MISTAKES = {  # case: (argv from the prepared files, what the one line must say)
+    "unknown architecture": (lambda f: ["summary", "torchvision:alexnett"],
+                             "did you mean alexnet"),
+    "missing file": (lambda f: ["summary", f["folder"] + "/none.pt"], "not found"),
+    "corrupt checkpoint": (lambda f: ["summary", f["corrupt checkpoint"], "--arch", "alexnet"],
+                           "not a readable PyTorch checkpoint"),
+    "unknown layer in summary": (
+        lambda f: ["summary", "torchvision:alexnet", "--layer", "features.13"], "did you mean"),
+    "unknown layer in activations": (lambda f: ["activations", "torchvision:alexnet",
+                                                f["photo"], "--layer", "feature.10"],
+                                     "'features.10'"),
+    "missing image": (lambda f: ["activations", "torchvision:alexnet", f["folder"] + "/no.png",
+                                 "--layer", "features.0"], "not found"),
+    "corrupt image": (lambda f: ["activations", "torchvision:alexnet", f["corrupt image"],
+                                 "--layer", "features.0"], "corrupt"),
+    "input too small": (lambda f: ["summary", "torchvision:alexnet", "--input-size", "40", "40"],
+                        "too small"),
+    "unwritable output": (lambda f: ["activations", "torchvision:alexnet", f["photo"], "--layer",
+                                     "features.0", "--out", "/proc/no/such/dir/a.pt"],
+                          "output folder"),
+    "untrusted pickle": (lambda f: ["summary", f["pickled"]], "--trust-checkpoint"),
+    "state_dict without arch": (lambda f: ["summary", f["state_dict"]], "--arch"),
+    "torchscript summary": (lambda f: ["summary", f["scripted"]], "TorchScript"),
+    "bad option": (lambda f: ["summary", "torchvision:alexnet", "--input-size", "big", "9"],
+                   "invalid int"),
+}
 
 
-@pytest.mark.parametrize("case", [
-    "unknown architecture", "missing file", "corrupt checkpoint", "unknown layer in summary",
-    "unknown layer in activations", "missing image", "corrupt image", "input too small",
-    "unwritable output", "untrusted pickle", "state_dict without arch", "torchscript summary",
-    "bad option",
-])
-def test_user_mistakes_give_one_line_and_exit_2(case, capsys, tmp_path, photo_path, tiny_chain):
-    args = {
-        "unknown architecture": (["summary", "torchvision:alexnett"], "did you mean alexnet"),
-        "missing file": (["summary", str(tmp_path / "none.pt")], "not found"),
-        "corrupt checkpoint": (["summary", corrupt_checkpoint(tmp_path), "--arch", "alexnet"],
-                               "not a readable PyTorch checkpoint"),
-        "unknown layer in summary": (
-            ["summary", "torchvision:alexnet", "--layer", "features.13"], "did you mean"),
-        "unknown layer in activations": (["activations", "torchvision:alexnet", photo_path,
-                                          "--layer", "feature.10"], "'features.10'"),
-        "missing image": (["activations", "torchvision:alexnet", str(tmp_path / "no.png"),
-                           "--layer", "features.0"], "not found"),
-        "corrupt image": (["activations", "torchvision:alexnet", corrupt_image(tmp_path),
-                           "--layer", "features.0"], "corrupt"),
-        "input too small": (["summary", "torchvision:alexnet", "--input-size", "40", "40"],
-                            "too small"),
-        "unwritable output": (["activations", "torchvision:alexnet", photo_path, "--layer",
-                               "features.0", "--out", "/proc/no/such/dir/a.pt"], "output folder"),
-        "untrusted pickle": (["summary", _pickled(tmp_path, tiny_chain)], "--trust-checkpoint"),
-        "state_dict without arch": (["summary", _state_dict(tmp_path, tiny_chain)], "--arch"),
-        "torchscript summary": (["summary", _scripted(tmp_path, tiny_chain)], "TorchScript"),
-        "bad option": (["summary", "torchvision:alexnet", "--input-size", "big", "9"],
-                       "invalid int"),
-    }[case]
-    argv, expected = args
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_user_mistakes_give_one_line_and_exit_2(case, capsys, mistake_files, photo_path):
+    make_argv, expected = MISTAKES[case]
+    argv = make_argv({**mistake_files, "photo": photo_path})
     if case == "bad option":
         with pytest.raises(SystemExit) as exited:
             main(argv)
@@ -305,3 +313,34 @@ def test_occlusion_mistakes(argv, expected, capsys, tmp_path):
     code, _, err = run(capsys, "occlusion", "demo", "shapes:2", *argv, "--out", str(out))
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- --help examples
+
+_EXAMPLE_LINES = [line for lines in EXAMPLES.values() for line in lines]
+_SLOW = ("demo", "train-demo")  # run in full by test_demo; here: they parse
+
+
+def test_every_subcommand_help_ends_with_examples():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(EXAMPLES)
+    for name, sub in commands.choices.items():
+        text = sub.format_help()
+        assert text.rstrip().endswith(EXAMPLES[name][-1]), name
+        assert all(line in text for line in EXAMPLES[name])
+
+
+@pytest.mark.parametrize("line", _EXAMPLE_LINES)
+def test_help_examples_run_as_written(line, tmp_path, monkeypatch, capsys):
+    argv = shlex.split(line)
+    assert argv[0] == "vizcnn"
+    monkeypatch.chdir(tmp_path)
+    if argv[1] in _SLOW:
+        assert build_parser().parse_args(argv[1:]).run is not None
+        return
+    code, out, err = run(capsys, *argv[1:])
+    assert code == 0, err
+    if "--out" in argv:
+        written = tmp_path / argv[argv.index("--out") + 1]
+        assert written.exists() and f"wrote {written.name}" in out.replace(str(tmp_path) + "/", "")

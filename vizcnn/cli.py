@@ -10,6 +10,15 @@ from collections.abc import Callable, Sequence
 from vizcnn import __version__
 from vizcnn.errors import VizCNNError
 
+__all__ = [
+    "EXAMPLES",
+    "EXIT_INTERRUPTED",
+    "EXIT_USER_ERROR",
+    "build_parser",
+    "main",
+    "parse_channels",
+]
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 IMAGE_HELP = "an image file, or shapes:INDEX for a held-out image of the demo data set"
@@ -53,17 +62,17 @@ def _add_output_option(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """MODEL, loaded as the options say; --mean, --std and --size (where the command has them)
-    go into its preprocessing record."""
-    from vizcnn.models import load_model, preprocessing_for, with_options, with_preprocessing
+    go into its ModelInfo."""
+    from vizcnn.models import load_model, model_info, with_model_info, with_options
 
     model = load_model(args.model, device=args.device, arch=args.arch,
                        num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
-    known = preprocessing_for(model)
+    known = model_info(model).preprocessing
     size = getattr(args, "size", None)
-    steps = with_options(known, size=tuple(size) if size else None,
+    given = with_options(known, size=tuple(size) if size else None,
                          mean=getattr(args, "mean", None), std=getattr(args, "std", None))
-    if steps is not known:  # an option was given
-        with_preprocessing(model, steps)
+    if given is not known:  # an option was given
+        with_model_info(model, preprocessing=given)
     return model
 
 
@@ -90,69 +99,37 @@ def _image(spec: str):
     return spec if index is None else held_out_image(index)
 
 
-def _model_and_input(args: argparse.Namespace, *, figure: bool = True,
-                     needs_normalisation: str | None = None):
-    """The set-up most commands share: check that --out can be written (a figure file, before
-    the slow part), load MODEL, check that its normalisation is known if the command needs it
-    (``needs_normalisation`` names the probe), read IMAGE and preprocess it. Returns (model,
-    image, x (1, C, H, W))."""
-    from vizcnn.io import file_target
-    from vizcnn.models import normalisation_of, preprocess
+def _model_and_image(args: argparse.Namespace):
+    """The set-up the figure commands share: check that --out can be written (before the slow
+    part), load MODEL, read IMAGE. Returns (model, image)."""
     from vizcnn.render.figures import figure_path
 
-    if getattr(args, "out", None) and figure:
-        figure_path(args.out)
-    elif getattr(args, "out", None):
-        file_target(args.out)
-    model = _load(args)
-    if needs_normalisation:
-        normalisation_of(model, None, needs_normalisation)
-    image = _image(args.image)
-    return model, image, preprocess(model, image)
+    figure_path(args.out)
+    return _load(args), _image(args.image)
 
 
-def _conv_layer(model, name: str | None) -> str:
-    """``name`` if it is a conv layer (default: the first one), else a clear error."""
-    from torch import nn
+def _write(panel, out: str) -> None:
+    """Print a panel's notes, save its figure to ``out`` and say where it went."""
+    from vizcnn.render.figures import save_figure
 
-    from vizcnn.errors import BadArgument
-    from vizcnn.layers import list_layers, resolve_layer
-
-    convs = list_layers(model, "conv")
-    if not convs:
-        raise BadArgument("this model has no conv layer")
-    if name is None:
-        return convs[0]
-    module = resolve_layer(model, name)
-    if not isinstance(module, nn.Conv2d):
-        raise BadArgument(f"layer {name!r} is a {type(module).__name__}, not a conv layer",
-                          f"conv layers: {', '.join(convs[:8])}{' ...' if len(convs) > 8 else ''}")
-    return name
+    for note in panel.notes:
+        print(note)
+    print(f"wrote {save_figure(panel.figure, out)}")
 
 
 def _filters(args: argparse.Namespace) -> None:
-    from vizcnn.layers import resolve_layer
-    from vizcnn.render.figures import figure_path, filters_figure, save_figure
+    from vizcnn.render.figures import figure_path
+    from vizcnn.render.panels import filters_panel
 
     figure_path(args.out)
-    model = _load(args)
-    layer = _conv_layer(model, args.layer)
-    weight = resolve_layer(model, layer).weight
-    print(f"wrote {save_figure(filters_figure(weight, layer=layer, mode=args.mode), args.out)}")
+    _write(filters_panel(_load(args), args.layer, mode=args.mode), args.out)
 
 
 def _maps(args: argparse.Namespace) -> None:
-    from vizcnn.errors import BadArgument
-    from vizcnn.hooks import activations
-    from vizcnn.render.figures import feature_maps_figure, save_figure
+    from vizcnn.render.panels import feature_maps_panel
 
-    model, image, x = _model_and_input(args)
-    maps = activations(model, x, [args.layer])[args.layer]
-    if not hasattr(maps, "dim") or maps.dim() != 4:
-        raise BadArgument(f"layer {args.layer!r} gives no feature maps (output "
-                          f"{tuple(getattr(maps, 'shape', ()))})", "pick a conv or pool layer")
-    fig = feature_maps_figure(maps[0], layer=args.layer, image=image, scaling=args.scaling)
-    print(f"wrote {save_figure(fig, args.out)}")
+    model, image = _model_and_image(args)
+    _write(feature_maps_panel(model, [image], args.layer, scaling=args.scaling), args.out)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -166,9 +143,13 @@ def _activations(args: argparse.Namespace) -> None:
     import torch
 
     from vizcnn.hooks import activations
-    from vizcnn.io import atomic_path
+    from vizcnn.io import atomic_path, file_target
+    from vizcnn.models import preprocess
 
-    model, _, x = _model_and_input(args, figure=False)
+    if args.out:
+        file_target(args.out)
+    model = _load(args)
+    x = preprocess(model, _image(args.image))
     captured = activations(model, x, args.layer, to_cpu=True)
     print(f"{args.image} -> input {'x'.join(map(str, x.shape[1:]))}")
     print(f"{'layer':<20} {'shape':<16} {'min':>9} {'mean':>9} {'max':>9} {'active':>7}")
@@ -184,36 +165,16 @@ def _activations(args: argparse.Namespace) -> None:
 
 
 def _deconv(args: argparse.Namespace) -> None:
-    from vizcnn.deconv import Deconvnet
-    from vizcnn.hooks import activations
-    from vizcnn.receptive import receptive_field
-    from vizcnn.render.figures import projection_figure, save_figure
-    from vizcnn.render.grid import image_tiles
+    from vizcnn.render.panels import projection_panel
 
-    model, _, x = _model_and_input(args)
-    projection = Deconvnet(model).project(x, args.layer, args.channel, mode=args.mode)
-    box = None
-    maps = activations(model, x, [args.layer])[args.layer]
-    if args.mode == "max" and maps.dim() == 4:
-        channel = maps[0, args.channel]
-        y, x_ = divmod(int(channel.flatten().argmax()), channel.shape[1])
-        field = receptive_field(model, args.layer, tuple(x.shape[-2:]))
-        box = field.box(y, x_)
-        print(f"strongest unit of channel {args.channel}: ({y}, {x_}), activation "
-              f"{float(channel[y, x_]):.4g}, receptive field box {box}")
-        if channel[y, x_] <= 0:
-            print("note: the channel does not fire anywhere in this image (its strongest "
-                  "activation is not positive); try another channel or image")
-    shown = image_tiles(x, *_normalisation(model))[0]
-    fig = projection_figure(shown, projection[0], layer=args.layer,
-                            channel=args.channel, box=box,
-                            title=f"{args.layer} channel {args.channel} ({args.mode})")
-    print(f"wrote {save_figure(fig, args.out)}")
+    model, image = _model_and_image(args)
+    _write(projection_panel(model, image, args.layer, args.channel, mode=args.mode), args.out)
 
 
 def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]:
     """``"0-15"``, ``"3,7,9-11"`` or ``"all"`` -> channel list, checked against ``count``;
     None gives the first ``default`` channels."""
+    from vizcnn.checks import check_channels
     from vizcnn.errors import BadArgument
 
     if spec is None:
@@ -232,10 +193,10 @@ def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]
             raise BadArgument(f"reversed channel range {part!r} in {spec!r}",
                               f"write {last}-{first}")
         channels += list(range(first, last + 1))
-    bad = [c for c in channels if not 0 <= c < count]
-    if bad or not channels:
-        raise BadArgument(f"channel {bad[0] if bad else spec} out of range: the layer has "
-                          f"{count} channels (0-{count - 1})")
+    if not channels:
+        raise BadArgument(f"channel {spec} out of range: the layer has {count} channels "
+                          f"(0-{count - 1})")
+    check_channels(channels, count)
     return channels
 
 
@@ -257,11 +218,11 @@ def _join_torchrun() -> int:
 def _topk(args: argparse.Namespace) -> None:
     import shutil
 
-    from vizcnn.deconv import top_patches
     from vizcnn.errors import BadArgument
     from vizcnn.hooks import activations
     from vizcnn.io import atomic_path, check_replaceable, writable_parent
-    from vizcnn.render.figures import save_figure, top_patches_figure
+    from vizcnn.render.figures import save_figure
+    from vizcnn.render.panels import top_patches_panel
     from vizcnn.scan import input_batches, scan_topk
 
     out = check_replaceable(args.out, "topk/manifest.json", "top-k")
@@ -288,16 +249,14 @@ def _topk(args: argparse.Namespace) -> None:
         raise
     if rank != 0:  # under torchrun every rank scans its shard; rank 0 writes
         return
-    mean, std = _normalisation(model)
     written = []
     with atomic_path(out) as staging:
         staging.mkdir()
         top.save(staging / "topk")
         for layer in args.layer:
-            patches = top_patches(model, top, data, layer, channels[layer])
-            fig = top_patches_figure(patches, mean=mean, std=std)
             name = f"fig2_{layer}.{args.format}"
-            save_figure(fig, staging / name)
+            save_figure(top_patches_panel(model, top, data, layer, channels[layer]).figure,
+                        staging / name)
             written.append(name)
     shutil.rmtree(state, ignore_errors=True)
     print(f"scanned {top.count} images ({len(top.skipped)} unreadable, left out)")
@@ -305,56 +264,16 @@ def _topk(args: argparse.Namespace) -> None:
         print(f"wrote {out / name}")
 
 
-def _class_index(model, spec: str | None) -> int | None:
-    """--target: a class index, or a class name the model knows (the demo's shapes)."""
-    from vizcnn.errors import BadArgument
-
-    if spec is None:
-        return None
-    if spec.lstrip("-").isdigit():
-        return int(spec)
-    names = list(getattr(model, "vizcnn_classes", None) or [])
-    if spec in names:
-        return names.index(spec)
-    known = f"known classes: {', '.join(names)}" if names else "give a class index"
-    raise BadArgument(f"unknown class {spec!r}", known)
-
-
 def _occlusion(args: argparse.Namespace) -> None:
-    from vizcnn.deconv import Deconvnet
     from vizcnn.probes import parse_selector
-    from vizcnn.probes.occlusion import occlusion
-    from vizcnn.render.figures import occlusion_figure, save_figure
+    from vizcnn.render.panels import occlusion_panel
 
-    model, _, x = _model_and_input(
-        args, needs_normalisation="occlusion's fill (the data's mean gray)")
-    maps = occlusion(model, x, window=args.window, stride=args.stride,
-                     target=_class_index(model, args.target), layer=args.layer,
-                     channel=args.channel, engine=args.engine,
-                     approx=False if args.approx is None else args.approx,
-                     output=parse_selector(args.output))
-    names = getattr(model, "vizcnn_classes", None)
-    clean, target = int(maps.clean_label[0]), int(maps.target[0])
-
-    def name(index: int) -> str:
-        return names[index] if names and index < len(names) else str(index)
-
-    print(f"clean image: {name(clean)} ({float(maps.clean_prob[0]):.3f} for {name(target)}); "
-          f"{maps.prob.shape[1]}x{maps.prob.shape[2]} positions, engine {maps.engine}"
-          + (f" ({maps.engine_note})" if maps.engine_note else ""))
-    worst = int(maps.prob[0].flatten().argmin())
-    top, left = maps.positions.view(-1, 2)[worst].tolist()
-    print(f"lowest p({name(target)}) = {float(maps.prob[0].flatten()[worst]):.3f} with the "
-          f"occluder at y={top}, x={left}")
-    if maps.max_deviation is not None:
-        print(f"approximate: largest deviation {maps.max_deviation:.2e} from exact on "
-              f"{maps.checked} re-checked positions")
-    projections = None
-    if maps.layer is not None:
-        projections = Deconvnet(model).project(x, maps.layer, int(maps.channel[0]))
-    mean, std = _normalisation(model)
-    fig = occlusion_figure(x, maps, projections=projections, classes=names, mean=mean, std=std)
-    print(f"wrote {save_figure(fig, args.out)}")
+    model, image = _model_and_image(args)
+    _write(occlusion_panel(model, [image], window=args.window, stride=args.stride,
+                           target=args.target, layer=args.layer, channel=args.channel,
+                           engine=args.engine,
+                           approx=False if args.approx is None else args.approx,
+                           output=parse_selector(args.output)), args.out)
 
 
 def _eps(text: str) -> float:
@@ -370,86 +289,31 @@ def _eps(text: str) -> float:
         raise BadArgument(f"bad eps {text!r}", "write e.g. 0.03 or 8/255") from None
 
 
-def _normalisation(model):
-    """(mean, std) of pixels in [0, 1] for showing the model's input, or (None, None)."""
-    from vizcnn.models import preprocessing_for
-
-    steps = preprocessing_for(model)
-    return steps.pixel_normalisation() if steps is not None and steps.known else (None, None)
-
-
 def _adversarial(args: argparse.Namespace) -> None:
     from vizcnn.probes import parse_selector
-    from vizcnn.probes.adversarial import fgsm, layer_displacement, lbfgs_adversarial, pgd
-    from vizcnn.render.figures import adversarial_figure, save_figure
+    from vizcnn.render.panels import adversarial_panel
 
-    model, _, x = _model_and_input(args, needs_normalisation=args.method)
-    target = _class_index(model, args.target)
-    eps = _eps(args.eps)
-    output = parse_selector(args.output)
-    if args.method == "fgsm":
-        result = fgsm(model, x, eps, target=target, output=output)
-    elif args.method == "pgd":
-        result = pgd(model, x, eps, steps=args.steps, target=target, output=output)
-    else:
-        result = lbfgs_adversarial(model, x, target=target, output=output)
-    names = getattr(model, "vizcnn_classes", None)
-
-    def name(index: int) -> str:
-        return names[index] if names and index < len(names) else str(index)
-
-    print(f"{args.method}: {name(int(result.clean_label[0]))} "
-          f"({float(result.clean_prob[0]):.3f}) -> {name(int(result.label[0]))} "
-          f"({float(result.prob[0]):.3f}), {'success' if result.success[0] else 'failed'}; "
-          f"RMS {float(result.rms[0]) * 255:.2f}/255, max {float(result.linf[0]) * 255:.2f}/255")
-    displacement = layer_displacement(model, x, result.x)
-    mean, std = _normalisation(model)
-    fig = adversarial_figure(x, result, displacement=displacement, classes=names, mean=mean,
-                             std=std)
-    print(f"wrote {save_figure(fig, args.out)}")
+    model, image = _model_and_image(args)
+    _write(adversarial_panel(model, image, method=args.method, eps=_eps(args.eps),
+                             steps=args.steps, target=args.target,
+                             output=parse_selector(args.output)), args.out)
 
 
 def _excite(args: argparse.Namespace) -> None:
-    from vizcnn.probes.adversarial import excite
-    from vizcnn.render.figures import excite_figure, save_figure
+    from vizcnn.render.panels import excite_panel
 
-    model, _, x = _model_and_input(args, needs_normalisation="excite")
-    result = excite(model, x, args.layer, args.channel, _eps(args.eps), args.steps)
-    print(f"{args.layer} channel {args.channel}: total activation {float(result.before[0]):.4g}"
-          f" -> {float(result.after[0]):.4g} (eps {result.eps:.4f})")
-    mean, std = _normalisation(model)
-    print(f"wrote {save_figure(excite_figure(x, result, mean=mean, std=std), args.out)}")
+    model, image = _model_and_image(args)
+    _write(excite_panel(model, image, args.layer, args.channel, eps=_eps(args.eps),
+                        steps=args.steps), args.out)
 
 
 def _invariance(args: argparse.Namespace) -> None:
     from vizcnn.probes import parse_selector
-    from vizcnn.probes.invariance import TRANSFORMS, invariance
-    from vizcnn.render.figures import invariance_figure, save_figure
+    from vizcnn.render.panels import invariance_panel
 
-    model, image, _ = _model_and_input(args, needs_normalisation="invariance")
-    low, high = args.layers or _default_layers(model)
-    results = {t: [invariance(model, image, t, layers=(low, high),
-                              true_class=_class_index(model, args.true_class),
-                              output=parse_selector(args.output))]
-               for t in TRANSFORMS}
-    for transform, (result,) in results.items():
-        print(f"{transform:<9} {high} distance up to {float(result.distance[high].max()):.3f}; "
-              f"P(true class) from {float(result.prob.min()):.3f} to "
-              f"{float(result.prob.max()):.3f}")
-    fig = invariance_figure(results, classes=getattr(model, "vizcnn_classes", None))
-    print(f"wrote {save_figure(fig, args.out)}")
-
-
-def _default_layers(model) -> tuple[str, str]:
-    """Fig. 5's layer 1 and layer 7: the first conv's ReLU (or conv) and the penultimate
-    linear layer's ReLU (or the last linear layer)."""
-    from vizcnn.errors import BadArgument
-    from vizcnn.layers import list_layers
-
-    convs, linears = list_layers(model, "conv"), list_layers(model, "linear")
-    if not convs or not linears:
-        raise BadArgument("cannot choose default layers", "give --layers LOW HIGH")
-    return convs[0], linears[-2] if len(linears) > 1 else linears[-1]
+    model, image = _model_and_image(args)
+    _write(invariance_panel(model, [image], layers=args.layers, true_class=args.true_class,
+                            output=parse_selector(args.output)), args.out)
 
 
 def _train_demo(args: argparse.Namespace) -> None:
@@ -462,57 +326,88 @@ def _train_demo(args: argparse.Namespace) -> None:
           f"(seed never used in training); {result.seconds / 60:.1f} min")
 
 
+# --------------------------------------------------------------------------- the parser
+# Each subcommand: a function that adds its arguments, and examples that run as written from
+# the repository (the demo network and its shapes images need nothing downloaded).
+
+EXAMPLES = {
+    "summary": ["vizcnn summary demo --input-size 64 64",
+                "vizcnn summary torchvision:alexnet --layer features.10"],
+    "activations": ["vizcnn activations demo shapes:3 --layer features.0 --layer features.11"],
+    "filters": ["vizcnn filters demo --out filters.png"],
+    "maps": ["vizcnn maps demo shapes:3 --layer features.4 --out maps.png"],
+    "deconv": ["vizcnn deconv demo shapes:3 --layer features.10 --channel 5 --out deconv.png"],
+    "topk": ["vizcnn topk demo shapes:200 --layer features.10 --channels 0-7 --out topk-out"],
+    "occlusion": ["vizcnn occlusion demo shapes:1 --layer features.11 --out fig7.png",
+                  "vizcnn occlusion demo shapes:1 --target circle --approx --out approx.png"],
+    "adversarial": ["vizcnn adversarial demo shapes:1 --method pgd --eps 4/255 --out adv.png"],
+    "excite": ["vizcnn excite demo shapes:1 --layer features.6 --out excite.png"],
+    "invariance": ["vizcnn invariance demo shapes:1 --out fig5.png"],
+    "demo": ["vizcnn demo --out demo-out"],
+    "train-demo": ["vizcnn train-demo --epochs 2 --per-epoch 2000 --out runs/quick"],
+}
+
+
+def _command(commands, name: str, help: str, run: Callable) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+    parser = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                 epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _figure_command(commands, name: str, help: str, run: Callable, *, image: bool = True
                     ) -> argparse.ArgumentParser:
     """A subcommand that takes MODEL (and IMAGE) and writes one figure to --out."""
-    parser = commands.add_parser(name, help=help)
+    parser = _command(commands, name, help, run)
     _add_model_options(parser)
     if image:
         parser.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
         _add_input_options(parser)
     parser.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
-    parser.set_defaults(run=run)
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vizcnn", description="See what a trained convolutional network has "
-                     "learned.")
-    parser.add_argument("--version", action="version", version=f"vizcnn {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-
-    summary = commands.add_parser("summary", help="per layer: type, output shape, receptive "
-                                  "field, jump, parameters")
+def _add_summary(commands) -> None:
+    summary = _command(commands, "summary", "per layer: type, output shape, receptive field, "
+                       "jump, parameters", _summary)
     _add_model_options(summary)
     summary.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                          help="input image size (default 224 224)")
     summary.add_argument("--layer", action="append", metavar="L",
                          help="show only this layer (repeatable)")
-    summary.set_defaults(run=_summary)
 
-    acts = commands.add_parser("activations", help="capture layer outputs for one image: "
-                               "statistics, and the tensors with --out")
+
+def _add_activations(commands) -> None:
+    acts = _command(commands, "activations", "capture layer outputs for one image: statistics, "
+                    "and the tensors with --out", _activations)
     _add_model_options(acts)
     acts.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
     _add_input_options(acts)
     acts.add_argument("--layer", action="append", required=True, metavar="L",
                       help="layer to capture (repeatable), see `vizcnn summary MODEL`")
     acts.add_argument("--out", help="save {layer: tensor} to this .pt file")
-    acts.set_defaults(run=_activations)
 
+
+def _add_filters(commands) -> None:
     filters = _figure_command(commands, "filters", "a conv layer's filters as a grid figure",
                               _filters, image=False)
     filters.add_argument("--layer", metavar="L", help="conv layer (default: the first)")
     filters.add_argument("--mode", default="auto", choices=["auto", "rgb", "mean", "channels"],
                          help="rgb for 3-channel filters, mean or channels for deeper ones")
 
+
+def _add_maps(commands) -> None:
     maps = _figure_command(commands, "maps", "one image's feature maps of a layer as a grid "
                            "figure", _maps)
     maps.add_argument("--layer", required=True, metavar="L", help="conv or pool layer")
     maps.add_argument("--scaling", default="tile", choices=["tile", "shared"],
                       help="each map its own range (tile) or one range for all (shared)")
 
+
+def _add_deconv(commands) -> None:
     deconv = _figure_command(commands, "deconv", "deconvnet projection of one channel of a "
                              "layer back to the pixels of an image", _deconv)
     deconv.add_argument("--layer", required=True, metavar="L", help="layer to project from")
@@ -522,8 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="max: the channel's strongest unit only (default); map: the whole "
                         "channel")
 
-    topk = commands.add_parser("topk", help="scan a data set for the top-k images of every "
-                               "channel; Fig. 2 figures (projections beside image patches)")
+
+def _add_topk(commands) -> None:
+    topk = _command(commands, "topk", "scan a data set for the top-k images of every channel; "
+                    "Fig. 2 figures (projections beside image patches)", _topk)
     _add_model_options(topk)
     topk.add_argument("data", metavar="DATA", help="a folder of images (flat or one sub-folder "
                       "per class), or shapes:N for N held-out demo images")
@@ -538,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="figure format (default png)")
     topk.add_argument("--out", required=True, help="output folder: topk/ (the saved scan) and "
                       "fig2_<layer>.<format>")
-    topk.set_defaults(run=_topk)
 
+
+def _add_occlusion(commands) -> None:
     occ = _figure_command(commands, "occlusion", "slide an occluder over an image: class "
                           "probability, label and feature-map activation maps (Fig. 7)",
                           _occlusion)
@@ -557,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     occ.add_argument("--engine", default="auto", choices=["auto", "incremental", "naive"])
     _add_output_option(occ)
 
+
+def _add_adversarial(commands) -> None:
     adv = _figure_command(commands, "adversarial", "the smallest change that flips the "
                           "decision: FGSM, PGD or L-BFGS, with the layer displacement",
                           _adversarial)
@@ -568,13 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: untargeted (lbfgs: the second most probable class)")
     _add_output_option(adv)
 
+
+def _add_excite(commands) -> None:
     exc = _figure_command(commands, "excite", "the pattern that, added within eps, excites one "
                           "feature map most", _excite)
     exc.add_argument("--layer", required=True, metavar="L")
-    exc.add_argument("--channel", required=True, type=int, metavar="C")
+    exc.add_argument("--channel", type=int, metavar="C",
+                     help="feature map (default: the strongest in the image)")
     exc.add_argument("--eps", default="8/255", help="L-inf radius, 0-1 units or N/255")
     exc.add_argument("--steps", type=int, default=20)
 
+
+def _add_invariance(commands) -> None:
     inv = _figure_command(commands, "invariance", "translate, scale and rotate an image: "
                           "feature distances and P(true class) (Fig. 5)", _invariance)
     inv.add_argument("--true-class", metavar="CLASS", help="index or name (default: the "
@@ -584,16 +489,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "linear layer)")
     _add_output_option(inv)
 
-    demo = commands.add_parser("demo", help="figures and a report of the bundled demo network")
-    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    demo.set_defaults(run=_demo)
 
-    train = commands.add_parser("train-demo", help="train the demo network (ZFNetMini) on the "
-                                "shapes data set; checkpoints per chosen epoch")
+def _add_demo(commands) -> None:
+    demo = _command(commands, "demo", "figures and a report of the bundled demo network", _demo)
+    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+
+
+def _add_train_demo(commands) -> None:
+    train = _command(commands, "train-demo", "train the demo network (ZFNetMini) on the "
+                     "shapes data set; checkpoints per chosen epoch", _train_demo)
     train.add_argument("--out", default="runs/demo", help="folder for the checkpoints")
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--per-epoch", type=int, default=12_000, help="fresh images per epoch")
-    train.set_defaults(run=_train_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vizcnn", description="See what a trained convolutional network has "
+                     "learned.", epilog="`vizcnn COMMAND --help` shows each command's options "
+                     "and examples")
+    parser.add_argument("--version", action="version", version=f"vizcnn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    for add in (_add_summary, _add_activations, _add_filters, _add_maps, _add_deconv, _add_topk,
+                _add_occlusion, _add_adversarial, _add_excite, _add_invariance, _add_demo,
+                _add_train_demo):
+        add(commands)
     return parser
 
 
