@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vizcnn.checks import positive_int
+from vizcnn.data.images import IMAGE_SUFFIXES
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import finite_images, forward_to, model_device, preserved_state
@@ -34,7 +35,14 @@ from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = [
+    "ImageFolder",
+    "TopK",
+    "images_at",
+    "input_batches",
+    "scan_topk",
+]
+
 _FORMAT = 1  # version of the saved layout
 
 
@@ -52,7 +60,7 @@ class TopK:
         count: images scanned so far: a resumed scan goes on from data-set index ``count``.
         source: what was scanned (e.g. ``shapes:2000`` or a folder), for the record.
         fingerprint: identifies the model's weights, so a resumed scan cannot mix two models.
-        data: identifies the data (``data_identity``), so a resumed scan cannot mix two data
+        data: identifies the data (``_data_identity``), so a resumed scan cannot mix two data
             sets.
         skipped: images left out, each with the reason (unreadable, NaN or inf values).
     """
@@ -141,11 +149,8 @@ class ImageFolder(Dataset):
 
         return load_image(self.paths[index])
 
-    def name(self, index: int) -> str:
-        return str(self.paths[index].relative_to(self.root))
 
-
-def open_data(data: Any) -> Any:
+def _open_data(data: Any) -> Any:
     """A data argument as something iterable: ``"shapes:N"`` becomes the first N held-out demo
     images, a folder path an ``ImageFolder``; anything else is returned as it is."""
     if isinstance(data, (str, os.PathLike)):
@@ -171,7 +176,7 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__}{length}"
 
 
-def data_identity(data: Any) -> str:
+def _data_identity(data: Any) -> str:
     """A short digest of what a scan reads, recorded in its state so that a resumed scan
     cannot mix two data sets: for a folder its absolute path and its sorted file names and
     sizes; for ``shapes:N`` the spec; for a Dataset (or a DataLoader's) its type, length and its
@@ -243,7 +248,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
     i % world == rank.
     """
     rank, world = shard
-    data = open_data(data)
+    data = _open_data(data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
             raise BadArgument(f"a tensor data set must be (N, C, H, W), got {tuple(data.shape)}")
@@ -320,7 +325,7 @@ def _loader_batch(model: nn.Module, images: Any) -> torch.Tensor:
 def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tensor:
     """The model inputs (P, C, H, W) of the given data-set indices, in that order (repeats
     allowed): by indexing where the data can be indexed, else by one pass over it."""
-    data = open_data(data)
+    data = _open_data(data)
     wanted = {int(i) for i in indices}
     found: dict[int, torch.Tensor] = {}
     if isinstance(data, torch.Tensor):
@@ -343,7 +348,7 @@ def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tens
 # --------------------------------------------------------------------------- the scan
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def _model_fingerprint(model: nn.Module) -> str:
     """A short hash of the model's parameter names, shapes and a few values of each."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -438,65 +443,90 @@ def scan_topk(
         import copy
 
         model = copy.deepcopy(model).to(device)
-    run_device = model_device(model)
-    fingerprint = model_fingerprint(model)
     source = _describe(data)
-    identity = data_identity(data) if state_path is not None else ""
-    data = open_data(data)
+    identity = _data_identity(data) if state_path is not None else ""
+    data = _open_data(data)
     shard = _shard()
     if state_path is not None and shard[1] > 1:
         state_path = Path(state_path) / f"rank{shard[0]}"
-    state = _resume(state_path, names, k, fingerprint, identity) if state_path else None
-    kept = ({n: (state.values[n].to(run_device), state.indices[n].to(run_device),
-                 state.positions[n].to(run_device)) for n in names} if state else {})
-    count = state.count if state else 0
-    skipped = list(state.skipped) if state else []
-    bar = tqdm(total=_length(data), initial=count, desc="scan", unit="img",
-               disable=not progress or shard[0] != 0)
-    traced: list[str] | None = None
-    input_size = None
-    last_save = time.monotonic()
-
-    def result() -> TopK:
-        return TopK(k, {n: kept[n][0].cpu() for n in kept}, {n: kept[n][1].cpu() for n in kept},
-                    {n: kept[n][2].cpu() for n in kept}, count, source, fingerprint,
-                    tuple(skipped), identity)
-
-    try:
-        with preserved_state(model, eval_mode=True), torch.no_grad():
-            for indices, batch, batch_skipped in input_batches(model, data, batch_size, count,
-                                                               shard):
-                skipped += batch_skipped
-                if len(batch):
-                    batch = batch.to(run_device)
-                    if traced is None or batch.shape[-2:] != input_size:
-                        input_size = batch.shape[-2:]
-                        traced = traced_names(model, tuple(input_size), names)
-                    found = forward_to(model, batch, names, traced, lambda _, out: _strongest(out))
-                    order = torch.tensor(indices, device=run_device)
-                    for name in names:
-                        values, positions = found[name]
-                        if name not in kept:
-                            kept[name] = _empty(k, values.shape[1], run_device)
-                        kept[name] = _merge(kept[name], values, positions, order, k)
-                    count = indices[-1] + 1  # only once merged: a saved state is never ahead
-                bar.update((len(batch) + len(batch_skipped)) * shard[1])
-                if state_path and time.monotonic() - last_save >= save_every:
-                    result().save(state_path)
-                    last_save = time.monotonic()
-    except KeyboardInterrupt:
-        if state_path and kept:
-            result().save(state_path)
-        raise
-    finally:
-        bar.close()
-    if not kept:
+    scan = _Scan(model, names, k, source, identity, state_path)
+    with tqdm(total=_length(data), initial=scan.count, desc="scan", unit="img",
+              disable=not progress or shard[0] != 0) as bar:
+        try:
+            with preserved_state(model, eval_mode=True), torch.no_grad():
+                for indices, batch, batch_skipped in input_batches(model, data, batch_size,
+                                                                   scan.count, shard):
+                    scan.add(indices, batch, batch_skipped)
+                    bar.update((len(batch) + len(batch_skipped)) * shard[1])
+                    scan.save(every=save_every)
+        except KeyboardInterrupt:
+            scan.save()
+            raise
+    if not scan.kept:
         raise BadArgument(f"no image to scan in {source}" + (
             f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
-    top = result()
+    top = scan.result()
     if state_path:
         top.save(state_path)
     return _merge_ranks(top) if shard[1] > 1 else top
+
+
+class _Scan:
+    """A scan in progress: the top-k lists so far (on the model's device), how many data-set
+    indices they cover, and the skipped images; resumed from ``state_path`` where a saved
+    state is there, and saved back to it."""
+
+    def __init__(self, model: nn.Module, names: list[str], k: int, source: str, identity: str,
+                 state_path: str | os.PathLike | None):
+        self.model, self.names, self.k = model, names, k
+        self.source, self.identity, self.state_path = source, identity, state_path
+        self.device = model_device(model)
+        self.fingerprint = _model_fingerprint(model)
+        state = (_resume(state_path, names, k, self.fingerprint, identity)
+                 if state_path else None)
+        self.kept = ({n: (state.values[n].to(self.device), state.indices[n].to(self.device),
+                          state.positions[n].to(self.device)) for n in names} if state else {})
+        self.count = state.count if state else 0
+        self.skipped = list(state.skipped) if state else []
+        self.traced: list[str] | None = None
+        self.input_size: torch.Size | None = None
+        self.last_save = time.monotonic()
+
+    def add(self, indices: list[int], batch: torch.Tensor, skipped: list[str]) -> None:
+        """Merge one batch (B, C, H, W) of data-set ``indices`` into the lists."""
+        self.skipped += skipped
+        if not len(batch):
+            return
+        batch = batch.to(self.device)
+        if self.traced is None or batch.shape[-2:] != self.input_size:
+            self.input_size = batch.shape[-2:]
+            self.traced = traced_names(self.model, tuple(self.input_size), self.names)
+        found = forward_to(self.model, batch, self.names, self.traced,
+                           lambda _, out: _strongest(out))
+        order = torch.tensor(indices, device=self.device)
+        for name in self.names:
+            values, positions = found[name]
+            if name not in self.kept:
+                self.kept[name] = _empty(self.k, values.shape[1], self.device)
+            self.kept[name] = _merge(self.kept[name], values, positions, order, self.k)
+        self.count = indices[-1] + 1  # only once merged: a saved state is never ahead
+
+    def save(self, every: float | None = None) -> None:
+        """Save the state (when there is a state path and something to save); with ``every``,
+        only if that many seconds have passed since the last save."""
+        if not self.state_path or not self.kept:
+            return
+        if every is not None and time.monotonic() - self.last_save < every:
+            return
+        self.result().save(self.state_path)
+        self.last_save = time.monotonic()
+
+    def result(self) -> TopK:
+        kept = self.kept
+        return TopK(self.k, {n: kept[n][0].cpu() for n in kept},
+                    {n: kept[n][1].cpu() for n in kept}, {n: kept[n][2].cpu() for n in kept},
+                    self.count, self.source, self.fingerprint, tuple(self.skipped),
+                    self.identity)
 
 
 def _length(data: Any) -> int | None:

@@ -61,6 +61,11 @@ from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
 from vizcnn.probes import OutputSelector, class_labels, class_scores
 
+__all__ = [
+    "OcclusionMaps",
+    "occlusion",
+]
+
 DRILL_FACTOR = 2  # approximate mode: the coarse grid takes every 2nd row and column
 DRILL_TOLERANCE = 0.05  # ... and refines cells whose corner probabilities differ more
 _CHECKED = 8  # approximated positions re-checked exactly per image in approximate mode
@@ -142,7 +147,7 @@ class OcclusionMaps:
 # --------------------------------------------------------------------------- arguments
 
 
-def grid_positions(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+def _grid_positions(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
                    ) -> tuple[list[int], list[int]]:
     """The occluder's top-left corners per axis: ``range(0, H - window + 1, stride)``."""
     if window[0] > size[0] or window[1] > size[1]:
@@ -432,101 +437,125 @@ def occlusion(
         raise BadArgument(f"engine must be auto, incremental or naive, not {engine!r}")
     if drill_down and engine == "naive":
         raise BadArgument("the approximate mode needs the incremental engine")
-    tops, lefts = grid_positions(tuple(x.shape[-2:]), window, stride)
+    tops, lefts = _grid_positions(tuple(x.shape[-2:]), window, stride)
     if layer is not None:
         resolve_layer(model, layer)
     x = x.to(model_device(model))
-    fill_values = _fill_tensor(fill, x.shape[1], x)
     positions = torch.tensor([[(t, left) for left in lefts] for t in tops], device=x.device)
-    flat = positions.view(-1, 2)
+    occluder = _Occluder(window, _fill_tensor(fill, x.shape[1], x), cap, batch_size)
     with preserved_state(model, eval_mode=True), torch.no_grad():
-        graph_module, note = (None, "engine='naive' was asked for") if engine == "naive" \
-            else _trace(model, layer)
-        if graph_module is None and engine == "incremental":
-            raise BadArgument(f"the incremental engine cannot run: {note}",
-                              "use engine='naive' or 'auto'")
-        if graph_module is None and drill_down:
-            raise BadArgument(f"the approximate mode cannot run: {note}")
-        runs = None
-        if graph_module is not None:  # the clean pass of each image, kept whole for reuse
-            runs = [_IncrementalRun(graph_module, x[n:n + 1], layer, output)
-                    for n in range(len(x))]
-            clean_logits = torch.cat([run.logits for run in runs])
-            clean_maps = None if layer is None else torch.cat([run.maps for run in runs])
-            _check_outputs(clean_logits, clean_maps, layer)
-        else:
-            clean_logits, clean_maps = _clean_pass(model, x, layer, output)
+        runs, note = _engine_runs(model, x, layer, output, engine, drill_down)
+        clean_logits = torch.cat([run.logits for run in runs])
+        clean_maps = None if layer is None else torch.cat([run.maps for run in runs])
         targets = _targets(target, clean_logits)
         channels = _channels(channel, clean_maps, layer)
-        if runs is not None and channels is not None:
-            for run, chosen in zip(runs, channels.tolist(), strict=True):
-                run.channel = chosen
-        bar = tqdm(total=len(x) * len(flat), desc="occlusion", unit="pos", disable=not progress)
-        probs, labels, totals = [], [], []
-        computed = 0
-        try:
-            exact_masks = []
-            for n in range(len(x)):
-                run = runs[n] if runs is not None else None
-
-                def evaluate(indices: torch.Tensor, n=n, run=run):
-                    """Exact (or capped) values at the given flat positions: prob, label,
-                    total (or None)."""
-                    out_probs, out_labels, out_totals = [], [], []
-                    for begin in range(0, len(indices), batch_size):
-                        corners = flat[indices[begin:begin + batch_size]]
-                        if run is not None:
-                            logits, total = run(corners, window, fill_values, cap)
-                        else:
-                            logits, total = _naive(model, x[n], corners, window, fill_values,
-                                                   layer, None if channels is None
-                                                   else int(channels[n]), output)
-                        p = torch.softmax(logits.float(), dim=1)
-                        out_probs.append(p[:, targets[n]])
-                        out_labels.append(p.argmax(dim=1))
-                        if total is not None:
-                            out_totals.append(total)
-                        bar.update(len(corners))
-                    return (torch.cat(out_probs), torch.cat(out_labels),
-                            torch.cat(out_totals) if out_totals else None)
-
-                shape = positions.shape[:2]
-                if drill_down:
-                    prob, label, total, exact = _drill_down(evaluate, shape, DRILL_FACTOR,
-                                                            DRILL_TOLERANCE, x.device)
-                    count = int(exact.sum())
-                    exact_masks.append(exact if cap is None else torch.zeros_like(exact))
-                    bar.update(len(flat) - count)
-                else:
-                    prob, label, total = evaluate(torch.arange(len(flat), device=x.device))
-                    count = len(flat)
-                computed += count
-                probs.append(prob.view(shape))
-                labels.append(label.view(shape))
-                if total is not None:
-                    totals.append(total.view(shape))
-        finally:
-            bar.close()
+        for n, run in enumerate(runs):
+            run.channel = None if channels is None else int(channels[n])
+        bar = tqdm(total=len(x) * positions[..., 0].numel(), desc="occlusion", unit="pos",
+                   disable=not progress)
+        with bar:
+            found = [_occlude_image(run, positions, occluder, int(targets[n]), drill_down, bar)
+                     for n, run in enumerate(runs)]
         clean_p = torch.softmax(clean_logits.float(), dim=1)
         maps = OcclusionMaps(
-            prob=torch.stack(probs), label=torch.stack(labels),
-            activation=torch.stack(totals) if totals else None, positions=positions,
-            window=window, stride=stride, target=targets,
+            prob=torch.stack([f.prob for f in found]),
+            label=torch.stack([f.label for f in found]),
+            activation=None if layer is None else torch.stack([f.total for f in found]),
+            positions=positions, window=window, stride=stride, target=targets,
             clean_prob=clean_p[torch.arange(len(x)), targets], clean_label=clean_p.argmax(1),
             clean_activation=(None if clean_maps is None else
                               clean_maps[torch.arange(len(x)), channels].double().sum((1, 2))),
-            layer=layer, channel=channels,
-            engine="incremental" if graph_module is not None else "naive", engine_note=note,
-            approx=cap, computed=computed)
+            layer=layer, channel=channels, engine=runs[0].engine, engine_note=note,
+            approx=cap, computed=sum(f.computed for f in found))
         if drill_down:
-            maps = _check_approximation(maps, runs, exact_masks, fill_values, batch_size)
+            maps = _check_approximation(maps, runs, [f.exact for f in found], occluder)
     return maps
+
+
+@dataclass(frozen=True)
+class _Occluder:
+    """The occluder: its size, its fill (C, 1, 1) in the model's input space, the approximate
+    mode's region cap (None: exact), and how many positions run at once."""
+
+    window: tuple[int, int]
+    fill: torch.Tensor
+    cap: float | None
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _ImageMaps:
+    """One image's maps over the grid (rows, columns): the target's probability, the label,
+    the channel total (or None), which positions were computed exactly, and how many."""
+
+    prob: torch.Tensor
+    label: torch.Tensor
+    total: torch.Tensor | None
+    exact: torch.Tensor
+    computed: int
+
+
+def _engine_runs(model, x, layer, output, engine, drill_down) -> tuple[list, str]:
+    """One run per image of the engine that will occlude it (each with the clean ``logits``
+    and ``maps``, and called as ``run(corners, occluder)``), and the note on why the naive
+    engine was chosen, if it was."""
+    graph_module, note = (None, "engine='naive' was asked for") if engine == "naive" \
+        else _trace(model, layer)
+    if graph_module is None and engine == "incremental":
+        raise BadArgument(f"the incremental engine cannot run: {note}",
+                          "use engine='naive' or 'auto'")
+    if graph_module is None and drill_down:
+        raise BadArgument(f"the approximate mode cannot run: {note}")
+    if graph_module is None:
+        logits, maps = _clean_pass(model, x, layer, output)
+        return [_NaiveRun(model, x[n:n + 1], layer, output, logits[n:n + 1],
+                          None if maps is None else maps[n:n + 1]) for n in range(len(x))], note
+    runs = [_IncrementalRun(graph_module, x[n:n + 1], layer, output) for n in range(len(x))]
+    _check_outputs(runs[0].logits, runs[0].maps, layer)
+    return runs, note
+
+
+def _occlude_image(run, positions: torch.Tensor, occluder: _Occluder, target: int,
+                   drill_down: bool, bar) -> _ImageMaps:
+    """The maps of one image: every position exactly, or by the adaptive drill-down."""
+    flat = positions.view(-1, 2)
+    shape = tuple(positions.shape[:2])
+
+    def evaluate(indices: torch.Tensor):
+        """Exact (or capped) prob, label and total (or None) at the given flat positions."""
+        out_probs, out_labels, out_totals = [], [], []
+        for begin in range(0, len(indices), occluder.batch_size):
+            corners = flat[indices[begin:begin + occluder.batch_size]]
+            logits, total = run(corners, occluder)
+            p = torch.softmax(logits.float(), dim=1)
+            out_probs.append(p[:, target])
+            out_labels.append(p.argmax(dim=1))
+            if total is not None:
+                out_totals.append(total)
+            bar.update(len(corners))
+        return (torch.cat(out_probs), torch.cat(out_labels),
+                torch.cat(out_totals) if out_totals else None)
+
+    if drill_down:
+        prob, label, total, exact = _drill_down(evaluate, shape, DRILL_FACTOR, DRILL_TOLERANCE,
+                                                flat.device)
+        bar.update(len(flat) - int(exact.sum()))
+        computed = int(exact.sum())
+        if occluder.cap is not None:  # capped positions are approximations too
+            exact = torch.zeros_like(exact)
+    else:
+        prob, label, total = evaluate(torch.arange(len(flat), device=flat.device))
+        exact, computed = torch.ones(len(flat), dtype=torch.bool, device=flat.device), len(flat)
+    return _ImageMaps(prob.view(shape), label.view(shape),
+                      None if total is None else total.view(shape), exact, computed)
 
 
 class _IncrementalRun:
     """The clean pass of one image through the traced graph (every node's value kept), then
     batches of occluders. ``logits`` (1, K) and ``maps`` (1, C, h, w) (or None) are the clean
     outputs; ``channel`` is set once the feature map is chosen."""
+
+    engine = "incremental"
 
     def __init__(self, graph_module, image, layer, output: OutputSelector):
         recorder = _Recorder(graph_module)
@@ -539,14 +568,42 @@ class _IncrementalRun:
         self.maps = None if self.layer_node is None else self.clean[self.layer_node]
         self.channel: int | None = None
 
-    def __call__(self, corners, window, fill_values, cap):
-        channels = self.image.shape[1]
-        occluder = fill_values.expand(channels, *window).unsqueeze(0)
-        source = _Patched(self.image, occluder.expand(len(corners), channels, *window), corners)
-        interpreter = _Incremental(self.graph_module, self.clean, cap, self.layer_node,
+    def __call__(self, corners: torch.Tensor, occluder: _Occluder, exact: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, K) and channel totals (B,) (or None) with the occluder at ``corners``
+        (B, 2); ``exact`` ignores the approximate mode's region cap."""
+        channels, window = self.image.shape[1], occluder.window
+        box = occluder.fill.expand(channels, *window).unsqueeze(0)
+        source = _Patched(self.image, box.expand(len(corners), channels, *window), corners)
+        interpreter = _Incremental(self.graph_module, self.clean,
+                                   None if exact else occluder.cap, self.layer_node,
                                    self.channel)
         output = interpreter.run(source)
         return class_scores(_materialised(output), self.output), interpreter.activation
+
+
+class _NaiveRun:
+    """Occluded copies of one image through the whole model (the reference engine), with the
+    same interface as ``_IncrementalRun``."""
+
+    engine = "naive"
+
+    def __init__(self, model, image, layer, output: OutputSelector, logits, maps):
+        self.model, self.image, self.layer, self.output = model, image, layer, output
+        self.logits, self.maps = logits, maps
+        self.channel: int | None = None
+
+    def __call__(self, corners: torch.Tensor, occluder: _Occluder, exact: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        window = occluder.window
+        batch = self.image.expand(len(corners), *self.image.shape[1:]).clone()
+        for b, (top, left) in enumerate(corners.tolist()):
+            batch[b, :, top:top + window[0], left:left + window[1]] = occluder.fill
+        if self.layer is None:
+            return class_scores(run_forward(self.model, batch), self.output), None
+        with capture(self.model, [self.layer]) as captured:
+            logits = class_scores(run_forward(self.model, batch), self.output)
+        return logits, captured[self.layer][:, self.channel].double().sum((1, 2))
 
 
 def _clean_pass(model, x, layer, output) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -582,18 +639,6 @@ def _channels(channel, maps: torch.Tensor | None, layer) -> torch.Tensor | None:
     channel = channel_index(channel)
     check_channels(channel, maps.shape[1], layer)
     return torch.full((len(maps),), channel, dtype=torch.long, device=maps.device)
-
-
-def _naive(model, image, corners, window, fill_values, layer, channel, output):
-    """Occluded copies of one image through the whole model: logits (B, K), totals (B,)."""
-    batch = image.expand(len(corners), *image.shape).clone()
-    for b, (top, left) in enumerate(corners.tolist()):
-        batch[b, :, top:top + window[0], left:left + window[1]] = fill_values
-    if layer is None:
-        return class_scores(run_forward(model, batch), output), None
-    with capture(model, [layer]) as captured:
-        logits = class_scores(run_forward(model, batch), output)
-    return logits, captured[layer][:, channel].double().sum((1, 2))
 
 
 def _approx_settings(approx: bool | float) -> tuple[bool, float | None]:
@@ -667,8 +712,8 @@ def _drill_down(evaluate, shape: tuple[int, int], factor: int, tolerance: float,
             (known | refine).flatten())
 
 
-def _check_approximation(maps: OcclusionMaps, runs, exact_masks, fill_values,
-                         batch_size) -> OcclusionMaps:
+def _check_approximation(maps: OcclusionMaps, runs, exact_masks, occluder: _Occluder
+                         ) -> OcclusionMaps:
     """Re-run exactly a sample of the positions that were approximated (evenly spread, plus
     each image's lowest probability) and record the largest deviation found."""
     from dataclasses import replace
@@ -685,9 +730,8 @@ def _check_approximation(maps: OcclusionMaps, runs, exact_masks, fill_values,
                                              min(_CHECKED, len(approximated))).round().long()]
         picks = torch.unique(torch.cat([spread, lowest[~exact_masks[n][lowest].cpu()]]))
         exact = []
-        for begin in range(0, len(picks), batch_size):
-            logits, _ = run(flat[picks[begin:begin + batch_size]], maps.window, fill_values,
-                            None)
+        for begin in range(0, len(picks), occluder.batch_size):
+            logits, _ = run(flat[picks[begin:begin + occluder.batch_size]], occluder, exact=True)
             exact.append(torch.softmax(logits.float(), dim=1)[:, maps.target[n]])
         approx = maps.prob[n].flatten()[picks.to(maps.prob.device)]
         worst = max(worst, float((approx - torch.cat(exact)).abs().max()))
