@@ -1,61 +1,95 @@
-"""vizcnn: see what a trained convolutional network has learned."""
+"""vizcnn: see what a trained convolutional network has learned.
 
-from vizcnn.deconv import Deconvnet, RectificationWarning, top_patches
+Everything the README shows is reachable from here (and ``vizcnn.render`` for figures)."""
+
+from vizcnn.data.shapes import SHAPE_CLASSES, ShapesDataset, held_out_image
+from vizcnn.deconv import Deconvnet, Patches, RectificationWarning, TopPatches, top_patches
 from vizcnn.errors import (
     BadArgument,
     BadCheckpoint,
     BadImage,
+    BadOutput,
     LayerNotFound,
     ModelError,
+    Unsupported,
     VizCNNError,
 )
 from vizcnn.hooks import activations, capture
 from vizcnn.layers import list_layers
 from vizcnn.models import (
+    DEMO_PREPROCESSING,
+    IMAGENET_PREPROCESSING,
     AssumedPreprocessingWarning,
+    ModelInfo,
     Preprocessing,
     load_model,
+    model_info,
     preprocess,
-    preprocessing_for,
-    with_preprocessing,
+    with_model_info,
 )
-from vizcnn.probes.adversarial import excite, fgsm, layer_displacement, lbfgs_adversarial, pgd
-from vizcnn.probes.invariance import invariance
+from vizcnn.probes.adversarial import (
+    AdversarialResult,
+    ExciteResult,
+    excite,
+    fgsm,
+    layer_displacement,
+    lbfgs_adversarial,
+    pgd,
+)
+from vizcnn.probes.invariance import InvarianceResult, invariance
 from vizcnn.probes.occlusion import OcclusionMaps, occlusion
-from vizcnn.receptive import ReceptiveField, receptive_field
+from vizcnn.receptive import ReceptiveField, receptive_field, receptive_fields
 from vizcnn.scan import TopK, scan_topk
+from vizcnn.summary import LayerSummary, format_summary, summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEMO_PREPROCESSING",
+    "IMAGENET_PREPROCESSING",
+    "SHAPE_CLASSES",
+    "AdversarialResult",
     "AssumedPreprocessingWarning",
     "BadArgument",
     "BadCheckpoint",
     "BadImage",
+    "BadOutput",
     "Deconvnet",
+    "ExciteResult",
+    "InvarianceResult",
     "LayerNotFound",
+    "LayerSummary",
     "ModelError",
+    "ModelInfo",
     "OcclusionMaps",
+    "Patches",
     "Preprocessing",
     "ReceptiveField",
     "RectificationWarning",
+    "ShapesDataset",
     "TopK",
+    "TopPatches",
+    "Unsupported",
     "VizCNNError",
     "activations",
     "capture",
     "excite",
     "fgsm",
+    "format_summary",
+    "held_out_image",
     "invariance",
     "layer_displacement",
     "lbfgs_adversarial",
     "list_layers",
     "load_model",
+    "model_info",
     "occlusion",
     "pgd",
     "preprocess",
-    "preprocessing_for",
     "receptive_field",
+    "receptive_fields",
     "scan_topk",
+    "summarize",
     "top_patches",
-    "with_preprocessing",
+    "with_model_info",
 ]

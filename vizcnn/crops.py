@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import torch
 
+__all__ = [
+    "crop_batch",
+    "paste_batch",
+]
+
 
 def crop_batch(x: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, length: tuple[int, int],
                fill: float = 0.0) -> torch.Tensor:

@@ -6,7 +6,7 @@ the forward pass, **rectify** the signal with a ReLU, **filter** with the transp
 bias). Unpooling is the exact adjoint of max pooling, so where overlapping windows (3x3, stride 2
 in AlexNet and ZF Net) pick the same input, their signals add.
 
-Two paths behind one interface, with the same numbers:
+Two routes behind one interface, with the same numbers:
 
 - **explicit**, for chains of conv / activation / max-pool / batch-norm / dropout layers (AlexNet,
   VGG, ZFNetMini): the three operations written out. In "max" mode a unit depends only on the pixels
@@ -67,6 +67,14 @@ from vizcnn.hooks import (
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, is_activation, resolve_layer
 from vizcnn.receptive import receptive_fields
 
+__all__ = [
+    "Deconvnet",
+    "Patches",
+    "RectificationWarning",
+    "TopPatches",
+    "top_patches",
+]
+
 Mode = Literal["max", "map"]
 Route = Literal["auto", "explicit", "autograd"]  # which implementation projects
 Rectify = Literal["all", "captum"]  # where the signal is rectified on the way down
@@ -82,7 +90,7 @@ class RectificationWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class _Step:
+class _Link:
     """One leaf layer of a chain: what it does, the (H, W) of its full input map, and, for a
     conv or max pool, its geometry."""
 
@@ -92,8 +100,8 @@ class _Step:
     geometry: Geometry | None = None
 
 
-def _step(call: LayerCall, rectify: Rectify) -> _Step | None:
-    """The step for one traced call, or None if the explicit path cannot do this layer."""
+def _step(call: LayerCall, rectify: Rectify) -> _Link | None:
+    """The step for one traced call, or None if the explicit route cannot do this layer."""
     module = call.module
     size = tuple(call.inputs[0].shape[-2:]) if call.inputs[0].dim() == 4 else None
     if size is None:
@@ -102,45 +110,45 @@ def _step(call: LayerCall, rectify: Rectify) -> _Step | None:
     if geometry is not None:
         croppable = geometry.exact_on_crops and geometry.kind in ("conv", "max")
         kind = "conv" if geometry.kind == "conv" else "pool"
-        return _Step(kind, module, size, geometry) if croppable else None
+        return _Link(kind, module, size, geometry) if croppable else None
     if is_activation(module):
         # a nonlinearity that keeps its gradient ("captum" mode) needs autograd
         rectified = rectify == "all" or isinstance(module, nn.ReLU)
-        return _Step("act", module, size) if rectified else None
+        return _Link("act", module, size) if rectified else None
     if isinstance(module, nn.BatchNorm2d):
-        return _Step("norm", module, size) if module.track_running_stats else None
+        return _Link("norm", module, size) if module.track_running_stats else None
     if isinstance(module, POINTWISE) and not isinstance(module, nn.LocalResponseNorm):
-        return _Step("same", module, size)  # dropout (eval mode) and identity
+        return _Link("same", module, size)  # dropout (eval mode) and identity
     return None
 
 
-def explicit_steps(calls: list[LayerCall], layer: str, rectify: Rectify = "all"
-                   ) -> list[_Step] | None:
-    """The chain of steps from the input to ``layer``, or None when the explicit path cannot
+def _explicit_chain(calls: list[LayerCall], layer: str, rectify: Rectify = "all"
+                   ) -> list[_Link] | None:
+    """The chain of links from the input to ``layer``, or None when the explicit route cannot
     take it (a branch, a functional op, or a layer it does not know on the way)."""
     leaves = chain_calls(calls, last_call(calls, layer))
     if not leaves or calls[last_call(calls, layer)].output.dim() != 4:
         return None
-    steps = [_step(call, rectify) for call in leaves]
-    return None if any(step is None for step in steps) else steps  # type: ignore[return-value]
+    chain = [_step(call, rectify) for call in leaves]
+    return None if any(step is None for step in chain) else chain  # type: ignore[return-value]
 
 
-def _regions(steps: list[_Step], out_len: tuple[int, int]) -> list[tuple[int, int]]:
+def _regions(chain: list[_Link], out_len: tuple[int, int]) -> list[tuple[int, int]]:
     """The crop length (per axis) of each step's input for ``out_len`` units at the top, from
     the top down: a conv/pool of kernel K, stride S, dilation D needs (n - 1) S + D (K - 1) + 1
     inputs for n outputs. Index i holds step i's input length; the last entry is the top."""
     lengths = [out_len]
-    for step in reversed(steps):
+    for step in reversed(chain):
         lengths.insert(0, lengths[0] if step.geometry is None
                        else step.geometry.input_length(lengths[0]))
     return lengths
 
 
-def _starts(steps: list[_Step], top_start: torch.Tensor) -> list[torch.Tensor]:
+def _starts(chain: list[_Link], top_start: torch.Tensor) -> list[torch.Tensor]:
     """Crop starts (P, 2) of each step's input, from the top-level start, in full-map
     coordinates (negative: in the padding). Index i holds step i's input start."""
     starts = [top_start]
-    for step in reversed(steps):
+    for step in reversed(chain):
         starts.insert(0, starts[0] if step.geometry is None
                       else step.geometry.input_start(starts[0]))
     return starts
@@ -165,15 +173,15 @@ class _Forward:
     output: torch.Tensor  # (P, C, h, w) the layer's output over the top crop
 
 
-def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
+def _chain_forward(chain: list[_Link], x: torch.Tensor, rows: torch.Tensor,
                    top_start: torch.Tensor, top_len: tuple[int, int]) -> _Forward:
     """Run the chain on crops: the crop of step i's input is masked to the layer's padding
     value outside the full map, then the layer runs without padding."""
-    lengths = _regions(steps, top_len)
-    starts = _starts(steps, top_start)
+    lengths = _regions(chain, top_len)
+    starts = _starts(chain, top_start)
     signal = crop_batch(x, rows, starts[0], lengths[0])
     masks, switches = [], []
-    for step, start, length in zip(steps, starts, lengths, strict=False):
+    for step, start, length in zip(chain, starts, lengths, strict=False):
         mask = _inside(start, length, step.input_size)
         masks.append(mask)
         switch = None
@@ -194,16 +202,16 @@ def _chain_forward(steps: list[_Step], x: torch.Tensor, rows: torch.Tensor,
     return _Forward(masks, switches, lengths, signal)
 
 
-def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
+def _crop_forward(chain: list[_Link], whole: _Forward, rows: torch.Tensor,
                   top_start: torch.Tensor, top_len: tuple[int, int]) -> _Forward:
     """The per-crop ``_Forward`` of each projection, cut from a whole-map forward pass of its
     image (``whole``, row ``rows[p]``): masks from the crop geometry, switches re-indexed into
     crop coordinates, the top output cropped."""
-    lengths = _regions(steps, top_len)
-    starts = _starts(steps, top_start)
-    whole_starts = _starts(steps, _zeros(1, top_start.device))  # the same for every image
+    lengths = _regions(chain, top_len)
+    starts = _starts(chain, top_start)
+    whole_starts = _starts(chain, _zeros(1, top_start.device))  # the same for every image
     masks, switches = [], []
-    for index, step in enumerate(steps):
+    for index, step in enumerate(chain):
         masks.append(_inside(starts[index], lengths[index], step.input_size))
         switch = None
         if step.kind == "pool":
@@ -222,11 +230,11 @@ def _crop_forward(steps: list[_Step], whole: _Forward, rows: torch.Tensor,
     return _Forward(masks, switches, lengths, output)
 
 
-def _whole_forward(steps: list[_Step], x: torch.Tensor, map_size: tuple[int, int],
+def _whole_forward(chain: list[_Link], x: torch.Tensor, map_size: tuple[int, int],
                    batch_size: int) -> _Forward:
     """The chain over the whole map of every image of ``x``, in batches; the masks are the
     same for every image and kept once (batch dimension 1)."""
-    parts = [_chain_forward(steps, x, torch.arange(start, min(start + batch_size, len(x)),
+    parts = [_chain_forward(chain, x, torch.arange(start, min(start + batch_size, len(x)),
                                                    device=x.device),
                             _zeros(min(start + batch_size, len(x)) - start, x.device), map_size)
              for start in range(0, len(x), batch_size)]
@@ -236,11 +244,11 @@ def _whole_forward(steps: list[_Step], x: torch.Tensor, map_size: tuple[int, int
                     parts[0].lengths, torch.cat([p.output for p in parts]))
 
 
-def _cost(steps: list[_Step], top_len: tuple[int, int]) -> float:
+def _cost(chain: list[_Link], top_len: tuple[int, int]) -> float:
     """Multiply-adds of the convolutions of a forward pass that computes ``top_len`` units."""
-    lengths = _regions(steps, top_len)
+    lengths = _regions(chain, top_len)
     total = 0.0
-    for index, step in enumerate(steps):
+    for index, step in enumerate(chain):
         if step.kind == "conv":
             out = lengths[index + 1]
             weight = step.module.weight
@@ -270,12 +278,12 @@ def _norm_shift(module: nn.BatchNorm2d) -> torch.Tensor:
     return shift[None, :, None, None]
 
 
-def _chain_backward(steps: list[_Step], forward: _Forward, signal: torch.Tensor,
+def _chain_backward(chain: list[_Link], forward: _Forward, signal: torch.Tensor,
                     rows: torch.Tensor) -> torch.Tensor:
     """The deconvnet proper: from ``signal`` (P, C, h, w) at the top crop down to the input
     crop (P, C_in, H, W). ``rows[p]`` is the forward row whose switches projection p uses."""
-    for index in range(len(steps) - 1, -1, -1):
-        step = steps[index]
+    for index in range(len(chain) - 1, -1, -1):
+        step = chain[index]
         mask = forward.masks[index]
         mask = mask if len(mask) == 1 else mask[rows]
         length = forward.lengths[index]
@@ -318,7 +326,7 @@ def _transposed_conv(signal: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
     return out[..., :(height - 1) * step + kh, :(width - 1) * step + kw]
 
 
-# --------------------------------------------------------------------------- the autograd path
+# --------------------------------------------------------------------------- the autograd route
 
 
 class _Rectify(torch.autograd.Function):
@@ -376,10 +384,10 @@ def _rectified(model: nn.Module, rectify: Rectify) -> Iterator[_Rectifier]:
     with (scoped_hooks(before=[(m, enter) for m in activations],
                        after=[(m, leave) for m in activations]), mode):
         yield mode
-    warn_rectification(model, mode.rectified, mode.passed, rectify)
+    _warn_rectification(model, mode.rectified, mode.passed, rectify)
 
 
-def warn_rectification(model: nn.Module, rectified: Counter[str], passed: Counter[str],
+def _warn_rectification(model: nn.Module, rectified: Counter[str], passed: Counter[str],
                        rectify: Rectify) -> None:
     """A ``RectificationWarning`` naming the nonlinearities (other than ``nn.ReLU`` modules)
     on the way down, and how they were treated, when there are any: there the paper's rule
@@ -537,7 +545,7 @@ class Deconvnet:
         once before the first chunk."""
         model = self.model
         with preserved_state(model, eval_mode=True):
-            if plan.steps is None:
+            if plan.chain is None:
                 for param in model.parameters():
                     param.requires_grad_(False)  # only the input's gradient is needed
                 for chunk in _chunks(len(plan.channels), plan.batch_size):
@@ -546,7 +554,7 @@ class Deconvnet:
             with torch.no_grad():
                 whole = None
                 if plan.mode == "map" or plan.share_forward:
-                    whole = _whole_forward(plan.steps, plan.x[plan.distinct], plan.map_size,
+                    whole = _whole_forward(plan.chain, plan.x[plan.distinct], plan.map_size,
                                            plan.batch_size)
                 for chunk in _chunks(len(plan.channels), plan.batch_size):
                     yield chunk, _explicit(plan, whole, chunk)
@@ -563,7 +571,7 @@ class _Plan:
     image_indices: torch.Tensor  # (P,) each projection's image in x
     positions: torch.Tensor | None  # (P, 2) each projection's unit ("max" mode)
     mode: Mode
-    steps: list[_Step] | None  # the explicit chain, or None for the autograd route
+    chain: list[_Link] | None  # the explicit chain, or None for the autograd route
     calls: list[LayerCall]  # the trace of one forward pass at this input size
     map_size: tuple[int, int]
     rectify: Rectify
@@ -594,13 +602,13 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
     calls = trace_calls(model, tuple(x.shape[-2:]))  # in eval mode, model restored
     output = feature_maps(calls[last_call(calls, layer)].output, layer, flat_ok=True)
     check_channels(channels, output.shape[1], layer)
-    steps = None if route == "autograd" else explicit_steps(calls, layer, rectify)
-    if route == "explicit" and steps is None:
+    chain = None if route == "autograd" else _explicit_chain(calls, layer, rectify)
+    if route == "explicit" and chain is None:
         raise BadArgument(f"the explicit deconvnet needs a chain of conv / activation / "
                           f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
                           "modules only)", "use route='autograd' (or 'auto')")
-    if steps is not None:
-        warn_rectification(model, Counter(type(s.module).__name__ for s in steps
+    if chain is not None:
+        _warn_rectification(model, Counter(type(s.module).__name__ for s in chain
                                           if s.kind == "act"), Counter(), rectify)
     map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
     if positions is not None:
@@ -609,9 +617,9 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
         positions = _strongest(model, x, layer, calls, channels, image_indices)
     distinct, distinct_rows = torch.unique(image_indices, return_inverse=True)
     # whole forward passes pay off when many projections share an image
-    share_forward = (steps is not None and mode == "max" and len(distinct) *
-                     _cost(steps, map_size) < len(image_indices) * _cost(steps, (1, 1)))
-    return _Plan(x, layer, channels, image_indices, positions, mode, steps, calls, map_size,
+    share_forward = (chain is not None and mode == "max" and len(distinct) *
+                     _cost(chain, map_size) < len(image_indices) * _cost(chain, (1, 1)))
+    return _Plan(x, layer, channels, image_indices, positions, mode, chain, calls, map_size,
                  rectify, batch_size, distinct, distinct_rows, share_forward)
 
 
@@ -657,8 +665,8 @@ def _strongest(model, x, layer, calls, channels, image_indices) -> torch.Tensor:
 def _field(model: nn.Module, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:
     """Receptive-field size and unclipped top-left corner (P, 2) of each projected unit:
     from the explicit chain's geometry, else from ``receptive_fields``."""
-    if plan.steps is not None:
-        return _regions(plan.steps, (1, 1))[0], _starts(plan.steps, plan.positions)[0]
+    if plan.chain is not None:
+        return _regions(plan.chain, (1, 1))[0], _starts(plan.chain, plan.positions)[0]
     field = receptive_fields(model, [plan.layer], tuple(plan.x.shape[-2:]),
                              calls=plan.calls)[plan.layer]
     if field.is_global:
@@ -672,24 +680,24 @@ def _explicit(plan: _Plan, whole: _Forward | None, chunk: slice
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The explicit route for the projections in ``chunk``, from their crops' forward passes
     or from ``whole``, the whole-map passes of the distinct images."""
-    steps, device = plan.steps, plan.x.device
+    chain, device = plan.chain, plan.x.device
     channels, images = plan.channels[chunk], plan.image_indices[chunk]
     positions = plan.positions[chunk] if plan.positions is not None else None
     if whole is None:  # a forward pass per projection, on its receptive field alone
-        forward = _chain_forward(steps, plan.x, images, positions, (1, 1))
+        forward = _chain_forward(chain, plan.x, images, positions, (1, 1))
     else:
         rows = plan.distinct_rows[chunk]
         if plan.mode == "map":
             signal = _select(whole.output[rows], channels, None)
-            projected = _chain_backward(steps, whole, signal, rows)
-            return projected, _starts(steps, _zeros(len(channels), device))[0]
-        forward = _crop_forward(steps, whole, rows, positions, (1, 1))
+            projected = _chain_backward(chain, whole, signal, rows)
+            return projected, _starts(chain, _zeros(len(channels), device))[0]
+        forward = _crop_forward(chain, whole, rows, positions, (1, 1))
     rows = torch.arange(len(channels), device=device)
     activation = forward.output[rows, channels, 0, 0]
     signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
-    projected = _chain_backward(steps, forward, signal, rows)
+    projected = _chain_backward(chain, forward, signal, rows)
     projected *= activation.view(-1, 1, 1, 1)
-    return projected, _starts(steps, positions)[0]
+    return projected, _starts(chain, positions)[0]
 
 
 def _autograd(model: nn.Module, plan: _Plan, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:

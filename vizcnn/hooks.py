@@ -19,6 +19,20 @@ from torch import nn
 from vizcnn.errors import BadArgument, ModelError, VizCNNError
 from vizcnn.layers import resolve_layer
 
+__all__ = [
+    "activations",
+    "capture",
+    "finite_images",
+    "forward_to",
+    "model_device",
+    "preserved_state",
+    "require_batch",
+    "run_forward",
+    "scoped_hooks",
+    "strongest_channels",
+    "strongest_units",
+]
+
 Calls = Literal["last", "first", "all"]
 
 
@@ -64,7 +78,7 @@ def capture(
     """
     if calls not in ("last", "first", "all"):
         raise BadArgument(f"calls must be 'last', 'first' or 'all', not {calls!r}")
-    require_hookable(model)
+    _require_hookable(model)
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: resolve_layer(model, name) for name in names}  # fail before any hook
     outputs: dict[str, Any] = {}
@@ -102,7 +116,7 @@ def scoped_hooks(*, before: Iterable[tuple[nn.Module, Callable]] = (),
             handle.remove()
 
 
-def require_hookable(model: nn.Module) -> None:
+def _require_hookable(model: nn.Module) -> None:
     """Refuse a TorchScript model up front: it takes no new hooks, and its flags are constants."""
     if isinstance(model, torch.jit.ScriptModule):
         raise BadArgument(
@@ -120,7 +134,7 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
         model: the network.
         eval_mode: put the model in eval mode for the duration of the block.
     """
-    require_hookable(model)
+    _require_hookable(model)
     training = {module: module.training for module in model.modules()}
     inplace = {module: module.inplace for module in model.modules() if hasattr(module, "inplace")}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
@@ -211,7 +225,7 @@ def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
     except torch.OutOfMemoryError:
         raise _out_of_memory(x, _where(running)) from None
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise model_error(error, running[-1] if running else None, x) from None
+        raise _model_error(error, running[-1] if running else None, x) from None
 
 
 def _shape(inputs: Any, axis: int) -> int | None:
@@ -265,7 +279,7 @@ def _size(x: torch.Tensor) -> str:
     return "x".join(str(s) for s in x.shape[1:])
 
 
-def model_error(error: Exception, layer: str | None, x: torch.Tensor) -> VizCNNError:
+def _model_error(error: Exception, layer: str | None, x: torch.Tensor) -> VizCNNError:
     """The one-line error for a failure inside the model's forward pass at ``layer``.
 
     ``run_forward`` checks the common cases structurally before they happen; the patterns
@@ -304,7 +318,7 @@ def activations(
     names = [layers] if isinstance(layers, str) else list(layers)
     for name in names:
         resolve_layer(model, name)
-    require_hookable(model)
+    _require_hookable(model)
     traced = traced_names(model, tuple(x.shape[-2:]), names)
     with (
         preserved_state(model, eval_mode=True),
@@ -319,7 +333,7 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once every wanted layer has run."""
 
 
-def call_counts(names: Sequence[str], traced: Sequence[str]) -> dict[str, int]:
+def _call_counts(names: Sequence[str], traced: Sequence[str]) -> dict[str, int]:
     """How often each layer runs in one forward pass, from the names of a trace's calls."""
     return {name: sum(1 for t in traced if t == name) for name in names}
 
@@ -346,7 +360,7 @@ def forward_to(
     Returns:
         ``{name: on_output(name, output)}`` for each layer's last call.
     """
-    counts = call_counts(layers, traced)
+    counts = _call_counts(layers, traced)
     never = [name for name, count in counts.items() if count == 0]
     if never:
         raise BadArgument(f"layer {never[0]!r} is never called in the model's forward pass",

@@ -8,6 +8,16 @@ from torch import nn
 
 from vizcnn.errors import BadArgument, LayerNotFound
 
+__all__ = [
+    "ACTIVATIONS",
+    "ACTIVATION_FUNCTIONS",
+    "LAYER_KINDS",
+    "POINTWISE",
+    "is_activation",
+    "list_layers",
+    "resolve_layer",
+]
+
 # The elementwise nonlinearities vizcnn knows, as modules and by the names their functions carry
 # in ``__torch_function__`` (``F.relu`` -> "relu", ``torch.relu_`` -> "relu_", ``nn.ReLU6`` ->
 # "hardtanh", ...). The deconvnet rectifies its signal at every one of them (the paper's rule,

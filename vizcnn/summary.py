@@ -12,6 +12,12 @@ from vizcnn.geometry import as_pair, trace_calls
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.receptive import ReceptiveField, receptive_fields
 
+__all__ = [
+    "LayerSummary",
+    "format_summary",
+    "summarize",
+]
+
 
 @dataclass(frozen=True)
 class LayerSummary:

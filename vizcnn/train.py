@@ -26,6 +26,15 @@ from vizcnn.hooks import model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.models import DEMO_PREPROCESSING, demo_network
 
+__all__ = [
+    "TrainResult",
+    "accuracy",
+    "demo_initialisation",
+    "predict",
+    "render_batch",
+    "train_demo",
+]
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -110,14 +119,14 @@ def train_demo(
     torch.manual_seed(seed)
     model = demo_initialisation(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    steps = epochs * (per_epoch // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=steps,
+    batches = epochs * (per_epoch // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=batches,
                                                    pct_start=0.15)
     checkpoints: dict[int, Path] = {}
     if 0 in save_epochs:
         checkpoints[0] = _save(model, out_dir / "epoch_00.pt", 0, seed)
     losses: list[float] = []
-    bar = tqdm(total=steps, desc="training ZFNetMini", unit="batch", disable=not progress)
+    bar = tqdm(total=batches, desc="training ZFNetMini", unit="batch", disable=not progress)
     generator = torch.Generator().manual_seed(seed)
     try:
         for epoch in range(1, epochs + 1):

@@ -13,6 +13,13 @@ import torch
 
 from vizcnn.errors import BadImage
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "load_image",
+    "read_image",
+    "to_rgb_uint8",
+]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

@@ -22,6 +22,17 @@ from torch.utils.data import Dataset
 
 from vizcnn.errors import BadArgument
 
+__all__ = [
+    "BACKGROUNDS",
+    "HELD_OUT_SEED",
+    "SHAPE_CLASSES",
+    "TRAIN_SEED",
+    "ShapeSample",
+    "ShapesDataset",
+    "held_out_image",
+    "parse_shapes_spec",
+]
+
 SHAPE_CLASSES = ("circle", "ring", "square", "frame", "triangle", "star", "cross", "crescent")
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes")
 TRAIN_SEED = 0  # the demo network was trained on this seed only
@@ -47,10 +58,6 @@ class ShapeSample:
     box: tuple[int, int, int, int]
     mask: np.ndarray
 
-    @property
-    def name(self) -> str:
-        return SHAPE_CLASSES[self.label]
-
 
 class ShapesDataset(Dataset):
     """An indexable, seeded data set of shape images.
@@ -67,8 +74,6 @@ class ShapesDataset(Dataset):
         clutter: add up to three small distractor strokes and dots behind the shape.
         transform: applied to the uint8 (3, H, W) tensor, e.g. a model's preprocessing.
     """
-
-    classes = SHAPE_CLASSES
 
     def __init__(self, length: int = 2000, seed: int = TRAIN_SEED, image_size: int = 64,
                  backgrounds: Sequence[str] = BACKGROUNDS, clutter: bool = True,
@@ -179,9 +184,9 @@ def _fixed(point) -> tuple[int, int]:
 
 def _polygon(centre, radius: float, angle: float, radii: Sequence[float]) -> np.ndarray:
     """Vertices at equal angular steps, vertex k at radius * radii[k]."""
-    steps = len(radii)
-    points = [(centre[0] + radius * r * math.cos(angle + 2 * math.pi * k / steps),
-               centre[1] + radius * r * math.sin(angle + 2 * math.pi * k / steps))
+    count = len(radii)
+    points = [(centre[0] + radius * r * math.cos(angle + 2 * math.pi * k / count),
+               centre[1] + radius * r * math.sin(angle + 2 * math.pi * k / count))
               for k, r in enumerate(radii)]
     return np.array([_fixed(p) for p in points], np.int32)
 

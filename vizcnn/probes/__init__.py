@@ -10,6 +10,14 @@ import torch
 
 from vizcnn.errors import BadArgument
 
+__all__ = [
+    "OutputSelector",
+    "class_labels",
+    "class_scores",
+    "describe_output",
+    "parse_selector",
+]
+
 
 def class_labels(value, logits: torch.Tensor, what: str = "target") -> torch.Tensor:
     """(N,) class indices from one index for every image or one per image, checked against

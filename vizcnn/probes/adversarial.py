@@ -42,6 +42,16 @@ from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
 from vizcnn.probes import OutputSelector, class_labels, class_scores
 
+__all__ = [
+    "AdversarialResult",
+    "ExciteResult",
+    "excite",
+    "fgsm",
+    "layer_displacement",
+    "lbfgs_adversarial",
+    "pgd",
+]
+
 
 @dataclass(frozen=True)
 class AdversarialResult:
@@ -78,18 +88,18 @@ class AdversarialResult:
 # --------------------------------------------------------------------------- pixel space
 
 
-def normalisation(model: nn.Module, x: torch.Tensor, preprocessing: Preprocessing | None,
+def _normalisation(model: nn.Module, x: torch.Tensor, preprocessing: Preprocessing | None,
                   what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) mean and std that map pixels in [0, 1] to the model's input, from the
     model's preprocessing record (or ``preprocessing``); a one-line error naming ``what``
     when they are unknown."""
-    steps = normalisation_of(model, preprocessing, what)
-    mean, std = steps.pixel_normalisation(x.shape[1])
+    known = normalisation_of(model, preprocessing, what)
+    mean, std = known.pixel_normalisation(x.shape[1])
     return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
             torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
 
 
-class PixelModel(nn.Module):
+class _PixelModel(nn.Module):
     """The classifier seen from pixel space: ``forward(p)`` is the class scores (N, classes)
     of ``model((p - mean) / std)``, selected from its output by ``output``."""
 
@@ -112,7 +122,7 @@ def _attacking(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def check_eps(eps: float, what: str = "eps") -> float:
+def _check_eps(eps: float, what: str = "eps") -> float:
     if not isinstance(eps, (int, float)) or not np.isfinite(eps) or eps < 0:
         raise BadArgument(f"{what} must be a number >= 0, got {eps!r}")
     if eps > 1:
@@ -141,11 +151,11 @@ def _result(pixel_model, pixels, adversarial, clean_logits, target, targeted, me
 
 
 def _to_pixels(model, x, preprocessing, what, output=None
-               ) -> tuple[torch.Tensor, PixelModel, torch.Tensor]:
+               ) -> tuple[torch.Tensor, _PixelModel, torch.Tensor]:
     """x on the model's device, the pixel-space model, and x's pixels in [0, 1]."""
     x = require_batch(x).to(model_device(model))
-    mean_t, std_t = normalisation(model, x, preprocessing, what)
-    return (x, PixelModel(model, mean_t, std_t, output),
+    mean_t, std_t = _normalisation(model, x, preprocessing, what)
+    return (x, _PixelModel(model, mean_t, std_t, output),
             (x * std_t + mean_t).clamp(0.0, 1.0).detach())
 
 
@@ -163,7 +173,7 @@ def _setup(model, x, target, preprocessing, output, what):
     return pixel_model, pixels, clean_logits, labels, targeted
 
 
-def _ascent_sign(pixel_model: PixelModel, pixels: torch.Tensor, labels: torch.Tensor,
+def _ascent_sign(pixel_model: _PixelModel, pixels: torch.Tensor, labels: torch.Tensor,
                  targeted: bool) -> torch.Tensor:
     """(N, C, H, W) sign of the cross-entropy's gradient at ``pixels``: up the loss of the
     clean class (untargeted), down the loss of the target (targeted). Every pixel whose
@@ -190,7 +200,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target=None,
         preprocessing: the model's normalisation, where the model does not carry it.
         output: selects the class scores from a model that returns a tuple or dict.
     """
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     with _attacking(model):
         pixel_model, pixels, clean_logits, labels, targeted = _setup(
             model, x, target, preprocessing, output, "fgsm")
@@ -207,9 +217,9 @@ def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
     """Projected gradient descent in the L-inf ball of radius ``eps`` (pixel units): ``steps``
     sign steps of ``step_size`` (default eps / 4), each projected back into the ball and [0, 1];
     ``random_start`` begins at a uniform point of the ball. Arguments as for ``fgsm``."""
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     positive_int(steps, "steps")
-    step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
+    step_size = eps / 4 if step_size is None else _check_eps(step_size, "step_size")
     with _attacking(model):
         pixel_model, pixels, clean_logits, labels, targeted = _setup(
             model, x, target, preprocessing, output, "pgd")
@@ -345,10 +355,10 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
             the ball and [0, 1]; the best iterate (highest activation) is returned.
         preprocessing: the model's normalisation, where the model does not carry it.
     """
-    eps = check_eps(eps)
+    eps = _check_eps(eps)
     channel = channel_index(channel)
     positive_int(steps, "steps")
-    step_size = eps / 4 if step_size is None else check_eps(step_size, "step_size")
+    step_size = eps / 4 if step_size is None else _check_eps(step_size, "step_size")
     resolve_layer(model, layer)
     with _attacking(model):
         x, pixel_model, pixels = _to_pixels(model, x, preprocessing, "excite")

@@ -1,5 +1,42 @@
-"""Rendering: the only place where tensors become NumPy arrays, images and figures."""
+"""Rendering: the only place where tensors become NumPy arrays, images and figures.
 
-from vizcnn.render import figures
+``vizcnn.render.figures`` draws matplotlib Figures from results, ``vizcnn.render.grid`` makes
+uint8 image grids, and ``vizcnn.render.panels`` runs a probe and draws its figure in one call
+(the recipes the CLI and the demo use)."""
 
-__all__ = ["figures"]
+from vizcnn.render import figures, grid, panels
+from vizcnn.render.figures import (
+    adversarial_figure,
+    excite_figure,
+    feature_maps_figure,
+    feature_maps_rows,
+    filters_figure,
+    invariance_figure,
+    occlusion_figure,
+    projection_figure,
+    receptive_field_boxes,
+    save_figure,
+    top_patches_figure,
+)
+from vizcnn.render.grid import feature_map_grid, filter_grid
+from vizcnn.render.panels import Panel
+
+__all__ = [
+    "Panel",
+    "adversarial_figure",
+    "excite_figure",
+    "feature_map_grid",
+    "feature_maps_figure",
+    "feature_maps_rows",
+    "figures",
+    "filter_grid",
+    "filters_figure",
+    "grid",
+    "invariance_figure",
+    "occlusion_figure",
+    "panels",
+    "projection_figure",
+    "receptive_field_boxes",
+    "save_figure",
+    "top_patches_figure",
+]
