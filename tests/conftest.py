@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import TinyChain, TinyResidual
 from torch import nn
+
+import vizcnn
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,40 +48,10 @@ def big_net(request) -> nn.Module:
     return request.getfixturevalue(request.param)
 
 
-class TinyChain(nn.Module):
-    """conv 3x3 p1 -> relu -> maxpool 3/2 -> conv 5x5 s2 p0 -> relu: fields worked by hand."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2), nn.Conv2d(4, 6, 5, stride=2), nn.ReLU(inplace=True),
-        )
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x):
-        x = self.features(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-
-class TinyResidual(nn.Module):
-    """stem conv 3x3 -> [conv 3x3, conv 3x3] + 1x1 skip, all stride 1: a residual graph whose
-    field is worked by hand (3, then 3 + 2 + 2 = 7 through the main branch)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.skip = nn.Conv2d(4, 4, 1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        x = self.relu(self.stem(x))
-        out = self.relu(self.conv1(x))
-        out = self.conv2(out)
-        out += self.skip(x)  # in place: a chain test must not be fooled by it
-        return self.relu(out)
+@pytest.fixture(scope="session")
+def demo() -> nn.Module:
+    """The bundled demo network (ZFNetMini, trained)."""
+    return vizcnn.load_model("demo")
 
 
 @pytest.fixture

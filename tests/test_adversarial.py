@@ -37,11 +37,6 @@ def tiny(seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return vizcnn.load_model("demo")
-
-
-@pytest.fixture(scope="module")
 def shapes_batch(demo):
     dataset = ShapesDataset(60, seed=HELD_OUT_SEED)
     return torch.cat([vizcnn.preprocess(demo, dataset.render(i).image) for i in range(60)])

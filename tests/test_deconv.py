@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum.attr import NeuronDeconvolution
-from helpers import assert_unchanged, hooks_left, snapshot
+from helpers import TinyChain, assert_unchanged, hooks_left, snapshot
 from torch import nn
 
 import vizcnn
@@ -116,8 +116,6 @@ def _zfnet_mini():
 
 
 def _tiny_chain():
-    from conftest import TinyChain
-
     torch.manual_seed(0)
     return TinyChain().eval()
 

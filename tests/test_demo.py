@@ -16,11 +16,6 @@ FRESH_SEED = 424242  # used neither in training (seed 0) nor for the training sc
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return vizcnn.load_model("demo")
-
-
-@pytest.fixture(scope="module")
 def fresh():
     return render_batch(FRESH_SEED, 0, 600)
 
@@ -28,7 +23,7 @@ def fresh():
 def test_bundled_model_classifies_fresh_images(demo, fresh):
     images, labels = fresh
     assert accuracy(demo, images, labels) >= 0.95
-    assert demo.vizcnn_classes == list(SHAPE_CLASSES)
+    assert vizcnn.model_info(demo).classes == tuple(SHAPE_CLASSES)
     assert DEMO_CHECKPOINT.stat().st_size < 5 * 2**20
 
 
@@ -74,7 +69,7 @@ def test_training_is_reproducible_and_writes_checkpoints(tmp_path):
     initial = torch.load(first.checkpoints[0])["state_dict"]["features.0.weight"]
     assert torch.equal(initial, demo_initialisation(0).features[0].weight)
     model = vizcnn.load_model(first.checkpoints[2])  # arch comes from the checkpoint
-    assert model.vizcnn_classes == list(SHAPE_CLASSES)
+    assert vizcnn.model_info(model).classes == tuple(SHAPE_CLASSES)
 
 
 def test_demo_writes_figures_and_report(tmp_path):

@@ -108,7 +108,7 @@ def test_fig7_panels_line_up_with_the_image(tmp_path):
     maps = occlusion(model, x, window=16, stride=8, layer="features.11", progress=False)
     projection = vizcnn.Deconvnet(model).project(x, "features.11", int(maps.channel[0]))
     fig = occlusion_figure(image[None], maps, projections=projection,
-                           classes=model.vizcnn_classes)
+                           classes=vizcnn.model_info(model).classes)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [t[:3] for t in titles] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     prob_axes = next(ax for ax in fig.axes if ax.get_title().startswith("(d)"))

@@ -16,7 +16,6 @@ from torch import nn
 
 import vizcnn
 from vizcnn.data.images import load_image, read_image
-from vizcnn.models import preprocessing_for
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +141,13 @@ def test_preprocess_matches_torchvision_weight_transforms(photo, photo_path):
     batch = vizcnn.preprocess("torchvision:resnet50:IMAGENET1K_V2", photo_path)
     assert batch.shape == (1, 3, 224, 224)
     assert torch.allclose(batch[0], expected, atol=1e-6)
-    inception = preprocessing_for("torchvision:inception_v3:DEFAULT")
+    inception = vizcnn.model_info("torchvision:inception_v3:DEFAULT").preprocessing
     assert (inception.resize, inception.crop) == (342, 299)
 
 
 def test_preprocess_accepts_paths_arrays_pil_and_tensors(alexnet, photo, photo_path):
-    alexnet.vizcnn_preprocessing = preprocessing_for("torchvision:alexnet")
+    known = vizcnn.model_info("torchvision:alexnet").preprocessing
+    vizcnn.with_model_info(alexnet, preprocessing=known)
     reference = vizcnn.preprocess(alexnet, photo_path)
     for image in (photo, Image.fromarray(photo), torch.from_numpy(photo).permute(2, 0, 1),
                   torch.from_numpy(photo).permute(2, 0, 1).float() / 255):

@@ -17,11 +17,6 @@ LAYERS = ["features.3", "features.10"]
 
 
 @pytest.fixture(scope="module")
-def demo():
-    return vizcnn.load_model("demo")
-
-
-@pytest.fixture(scope="module")
 def shapes200():
     return ShapesDataset(200, seed=HELD_OUT_SEED)
 
