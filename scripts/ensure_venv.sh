@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# Create .venv with everything vizcnn needs, unless it is already there and up to date.
-# Sourced by demo.sh and test.sh; safe to run again (an interrupted install is redone).
+# Create .venv with everything vizcnn needs, unless it is already there and up to date; safe to
+# run again (an interrupted install is redone). Run it, or source it (demo.sh and test.sh do):
+# sourced, it also puts .venv/bin first on PATH and changes nothing else in the caller's shell,
+# because the set-up runs in a child bash with its own options.
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+  if bash "${BASH_SOURCE[0]}"; then
+    PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin:$PATH"
+    export PATH
+    return 0
+  fi
+  return 1
+fi
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -21,4 +31,3 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
-export PATH="$venv/bin:$PATH"
