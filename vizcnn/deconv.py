@@ -659,7 +659,7 @@ def _strongest(model, x, layer, calls, channels, image_indices) -> torch.Tensor:
         output = forward_to(model, x, [layer], [c.name for c in calls])[layer]
     if output.dim() == 2:
         return _zeros(len(channels), x.device)
-    return strongest_units(output[image_indices, channels])
+    return strongest_units(output[image_indices, channels])[1]
 
 
 def _field(model: nn.Module, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:

@@ -389,10 +389,12 @@ def forward_to(
     return results
 
 
-def strongest_units(maps: torch.Tensor) -> torch.Tensor:
-    """(P, 2) long: the (y, x) of the largest value of each map of ``maps`` (P, h, w)."""
-    flat = maps.flatten(1).argmax(1)
-    return torch.stack([flat // maps.shape[-1], flat % maps.shape[-1]], dim=1)
+def strongest_units(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest value of each map of ``maps`` (..., h, w) and where it is: values (...)
+    and (y, x) positions (..., 2) long. Ties go to the first in row-major order."""
+    values, flat = maps.flatten(-2).max(dim=-1)
+    width = maps.shape[-1]
+    return values, torch.stack([flat // width, flat % width], dim=-1)
 
 
 def strongest_channels(maps: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,13 @@ from vizcnn.checks import positive_int
 from vizcnn.data.images import IMAGE_SUFFIXES
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
-from vizcnn.hooks import finite_images, forward_to, model_device, preserved_state
+from vizcnn.hooks import (
+    finite_images,
+    forward_to,
+    model_device,
+    preserved_state,
+    strongest_units,
+)
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import preprocess
@@ -372,9 +378,7 @@ def _strongest(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if output.dim() != 4:
         raise BadArgument(f"cannot scan an output of shape {tuple(output.shape)}",
                           "scan conv, pool or linear layers")
-    values, flat = output.flatten(2).max(dim=2)
-    width = output.shape[-1]
-    return values, torch.stack([flat // width, flat % width], dim=2)
+    return strongest_units(output)
 
 
 def _merge(kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor], values: torch.Tensor,

@@ -137,8 +137,8 @@ def projection_panel(model: nn.Module, image: Any, layer: str, channel: int, *,
     box, notes = None, []
     maps = activations(model, x, [layer])[layer]
     if mode == "max" and maps.dim() == 4:
-        y, x_ = strongest_units(maps[:, channel])[0].tolist()
-        strongest = float(maps[0, channel, y, x_])
+        value, position = strongest_units(maps[0, channel])
+        (y, x_), strongest = position.tolist(), float(value)
         box = receptive_field(model, layer, tuple(x.shape[-2:])).box(y, x_)
         notes.append(f"strongest unit of channel {channel}: ({y}, {x_}), activation "
                      f"{strongest:.4g}, receptive field box {box}")
