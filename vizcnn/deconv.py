@@ -134,9 +134,9 @@ def _explicit_chain(calls: list[LayerCall], layer: str, rectify: Rectify = "all"
 
 
 def _regions(chain: list[_Link], out_len: tuple[int, int]) -> list[tuple[int, int]]:
-    """The crop length (per axis) of each step's input for ``out_len`` units at the top, from
-    the top down: a conv/pool of kernel K, stride S, dilation D needs (n - 1) S + D (K - 1) + 1
-    inputs for n outputs. Index i holds step i's input length; the last entry is the top."""
+    """The crop length (per axis) of each link's input for ``out_len`` units at the top, from
+    the top down (``Geometry.input_length``). Index i holds link i's input length; the last
+    entry is the top."""
     lengths = [out_len]
     for step in reversed(chain):
         lengths.insert(0, lengths[0] if step.geometry is None
@@ -289,7 +289,7 @@ def _chain_backward(chain: list[_Link], forward: _Forward, signal: torch.Tensor,
         length = forward.lengths[index]
         if step.kind == "conv":
             # the padding takes no signal
-            signal = _outside(_transposed_conv(signal, step.module), mask, 0.0)
+            signal = _outside(_transposed_conv(signal, step.module, step.geometry), mask, 0.0)
         elif step.kind == "pool":
             switches = forward.switches[index][rows].flatten(2)  # type: ignore[index]
             unpooled = signal.new_zeros(*signal.shape[:2], length[0] * length[1])
@@ -303,17 +303,19 @@ def _chain_backward(chain: list[_Link], forward: _Forward, signal: torch.Tensor,
     return signal
 
 
-def _transposed_conv(signal: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
+def _transposed_conv(signal: torch.Tensor, module: nn.Conv2d, geometry: Geometry
+                     ) -> torch.Tensor:
     """Filter with the transposed filters of ``module`` (no padding, no bias).
 
     A strided transposed convolution is computed as one ordinary convolution with the
     ``stride x stride`` phases of the kernel as output channels, interleaved by
     ``pixel_shuffle``: the same sums, about 3.5x faster on the CPU than ``conv_transpose2d``
     for AlexNet's 11x11 stride-4 conv1."""
-    weight, stride = module.weight, module.stride
-    if stride[0] != stride[1] or stride[0] == 1 or module.groups != 1 or module.dilation != (1, 1):
+    weight, stride = module.weight, geometry.stride
+    if stride[0] != stride[1] or stride[0] == 1 or module.groups != 1 or \
+            geometry.dilation != (1, 1):
         return F.conv_transpose2d(signal, weight, None, stride, 0, 0, module.groups,
-                                  module.dilation)
+                                  geometry.dilation)
     step = stride[0]
     out_channels, in_channels, kh, kw = weight.shape  # the forward conv's (out, in, kh, kw)
     taps = (-(-kh // step), -(-kw // step))  # kernel taps per phase
