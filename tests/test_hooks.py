@@ -125,3 +125,21 @@ def test_too_small_input_names_the_layer(alexnet):
     with pytest.raises(vizcnn.BadArgument, match="too small .* at layer 'features.5'"):
         vizcnn.activations(alexnet, torch.randn(1, 3, 20, 20), ["features.10"])
     assert hooks_left(alexnet) == []
+
+
+def test_wrong_channels_and_small_maps_are_found_before_pytorch_words_them(alexnet,
+                                                                           monkeypatch):
+    """The common failures are checked on the shapes before the layer runs, so they do not
+    depend on the wording of PyTorch's messages (which the fallback patterns read)."""
+    from vizcnn import hooks
+
+    def no_patterns(*args):
+        raise AssertionError("the message patterns were needed")
+
+    monkeypatch.setattr(hooks, "_model_error", no_patterns)
+    with pytest.raises(vizcnn.BadArgument, match="too small .* at layer 'features.5'"):
+        vizcnn.activations(alexnet, torch.randn(1, 3, 20, 20), ["features.10"])
+    with pytest.raises(vizcnn.ModelError, match="takes 3-channel input, the image has 1 "
+                                                "channels at layer 'features.0'"):
+        vizcnn.activations(alexnet, torch.randn(1, 1, 64, 64), ["features.3"])
+    assert hooks_left(alexnet) == []

@@ -3,6 +3,7 @@ image conversion, and their errors."""
 
 from __future__ import annotations
 
+import copy
 import os
 import urllib.error
 
@@ -207,3 +208,52 @@ def test_loaded_model_is_in_eval_mode_on_the_cpu():
     assert not any(m.training for m in model.modules())
     assert next(model.parameters()).device.type == "cpu"
     assert isinstance(model, nn.Module)
+
+
+# --------------------------------------------------------------------------- ModelInfo
+
+
+def test_model_info_of_each_kind_of_model(tmp_path, monkeypatch, resnet18, tiny_chain):
+    """One record per model, with what is known and nothing made up."""
+    demo = vizcnn.model_info(vizcnn.load_model("demo"))
+    assert demo.spec == "demo" and demo.preprocessing == vizcnn.DEMO_PREPROCESSING
+    assert demo.input_size == (64, 64) and demo.class_name(2) == "square"
+    assert demo.class_index("star") == 5 and demo.class_index("3") == 3
+
+    # torchvision weights bring their transforms and their 1,000 class names
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cached.parent.mkdir(parents=True)
+    torch.save(resnet18.state_dict(), cached)
+    loaded = vizcnn.model_info(vizcnn.load_model("torchvision:resnet18:IMAGENET1K_V1"))
+    assert loaded.classes == tuple(weights.meta["categories"]) and loaded.class_name(0) == "tench"
+    assert loaded.input_size == (224, 224)
+    assert vizcnn.model_info("torchvision:resnet18:IMAGENET1K_V1") == loaded  # without loading
+
+    # a TorchScript file: only its spec is known, and it can be told the rest
+    path = tmp_path / "scripted.pt"
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.trace(tiny_chain, torch.randn(1, 3, 32, 32)), str(path))
+    scripted = vizcnn.load_model(path)
+    info = vizcnn.model_info(scripted)
+    assert info.spec == str(path) and not info.preprocessing.known and info.classes is None
+    assert info.input_size is None and info.class_name(1) == "1"
+    vizcnn.with_model_info(scripted, classes=["cat", "dog"])
+    assert vizcnn.model_info(scripted).classes == ("cat", "dog")
+    assert vizcnn.model_info(scripted).spec == str(path)  # the rest of the record is kept
+
+    # a module vizcnn never saw: an empty record; set, it survives a deep copy
+    assert vizcnn.model_info(tiny_chain) == vizcnn.ModelInfo()
+    vizcnn.with_model_info(tiny_chain, preprocessing=vizcnn.DEMO_PREPROCESSING)
+    assert vizcnn.model_info(copy.deepcopy(tiny_chain)).preprocessing.known
+
+
+def test_model_info_refuses_what_it_cannot_hold(tiny_chain):
+    with pytest.raises(vizcnn.BadArgument, match="no field 'mean'"):
+        vizcnn.with_model_info(tiny_chain, mean=(0.5,))
+    with pytest.raises(vizcnn.BadArgument, match="must be a vizcnn.Preprocessing"):
+        vizcnn.with_model_info(tiny_chain, preprocessing=(0.5, 0.5))
+    with pytest.raises(vizcnn.BadArgument, match="unknown class 'kitten'.*circle"):
+        vizcnn.model_info("demo").class_index("kitten")
+    assert vizcnn.model_info(tiny_chain) == vizcnn.ModelInfo()  # nothing half-set
