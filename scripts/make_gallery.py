@@ -19,8 +19,7 @@ from matplotlib.figure import Figure
 
 import vizcnn
 from vizcnn.demo import run_demo
-from vizcnn.receptive import receptive_fields
-from vizcnn.render.figures import receptive_field_boxes, save_figure
+from vizcnn.render import receptive_field_boxes, save_figure
 
 LAYERS = {
     "alexnet": ["features.0", "features.3", "features.6", "features.10", "features.12"],
@@ -34,7 +33,7 @@ def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
     axes = fig.subplots(1, 2)
     for ax, (arch, layers) in zip(axes, LAYERS.items(), strict=True):
         model = vizcnn.load_model(f"torchvision:{arch}")
-        fields = receptive_fields(model, layers, 224)
+        fields = vizcnn.receptive_fields(model, layers, 224)
         receptive_field_boxes(photo, fields, ax=ax)
         method = {field.method for field in fields.values()}
         ax.set_title(f"{arch}: centre unit per layer ({'/'.join(sorted(method))})", fontsize=9)

@@ -123,7 +123,7 @@ def _step(call: LayerCall, rectify: Rectify) -> _Link | None:
 
 
 def _explicit_chain(calls: list[LayerCall], layer: str, rectify: Rectify = "all"
-                   ) -> list[_Link] | None:
+                    ) -> list[_Link] | None:
     """The chain of links from the input to ``layer``, or None when the explicit route cannot
     take it (a branch, a functional op, or a layer it does not know on the way)."""
     leaves = chain_calls(calls, last_call(calls, layer))
@@ -390,7 +390,7 @@ def _rectified(model: nn.Module, rectify: Rectify) -> Iterator[_Rectifier]:
 
 
 def _warn_rectification(model: nn.Module, rectified: Counter[str], passed: Counter[str],
-                       rectify: Rectify) -> None:
+                        rectify: Rectify) -> None:
     """A ``RectificationWarning`` naming the nonlinearities (other than ``nn.ReLU`` modules)
     on the way down, and how they were treated, when there are any: there the paper's rule
     and Captum's give different projections."""
@@ -610,8 +610,8 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
                           f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
                           "modules only)", "use route='autograd' (or 'auto')")
     if chain is not None:
-        _warn_rectification(model, Counter(type(s.module).__name__ for s in chain
-                                          if s.kind == "act"), Counter(), rectify)
+        rectified = Counter(type(link.module).__name__ for link in chain if link.kind == "act")
+        _warn_rectification(model, rectified, Counter(), rectify)
     map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
     if positions is not None:
         positions = _checked_positions(positions, len(channels), map_size, layer, x.device)

@@ -89,7 +89,7 @@ class AdversarialResult:
 
 
 def _normalisation(model: nn.Module, x: torch.Tensor, preprocessing: Preprocessing | None,
-                  what: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) mean and std that map pixels in [0, 1] to the model's input, from the
     model's preprocessing record (or ``preprocessing``); a one-line error naming ``what``
     when they are unknown."""

@@ -148,7 +148,7 @@ class OcclusionMaps:
 
 
 def _grid_positions(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
-                   ) -> tuple[list[int], list[int]]:
+                    ) -> tuple[list[int], list[int]]:
     """The occluder's top-left corners per axis: ``range(0, H - window + 1, stride)``."""
     if window[0] > size[0] or window[1] > size[1]:
         raise BadArgument(f"window {window[0]}x{window[1]} is larger than the image "

@@ -60,3 +60,29 @@ def test_architecture_page_names_every_module_and_only_real_ones():
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "vizcnn").rglob("*.py")}
     assert named - modules == set()  # a reader finds each module the page names
     assert modules - named - {"vizcnn/data/__init__.py", "vizcnn/render/__init__.py"} == set()
+
+
+# the import levels of docs/architecture.md ("What each module may import")
+LEVELS = {
+    "errors": 1, "crops": 1,
+    "checks": 2, "layers": 2, "io": 2, "data.images": 2, "data.shapes": 2, "data": 2,
+    "hooks": 3, "geometry": 3.5,
+    "models": 4, "receptive": 4, "summary": 4,
+    "deconv": 5, "scan": 5, "probes": 5, "probes.occlusion": 5, "probes.adversarial": 5,
+    "probes.invariance": 5, "train": 5,
+    "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5,
+    "demo": 7, "cli": 7, "": 7,
+}
+
+
+def test_modules_import_only_lower_levels_at_load_time():
+    for path in (ROOT / "vizcnn").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT / "vizcnn").with_suffix("").parts)
+        name = name.removesuffix("__init__").rstrip(".")
+        for node in ast.parse(path.read_text()).body:  # module level only: not in functions
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vizcnn"):
+                imported = node.module.removeprefix("vizcnn").lstrip(".")
+                if path.name == "__init__.py" and name and (
+                        imported == name or imported.startswith(name + ".")):
+                    continue  # a package's own __init__ importing its modules
+                assert LEVELS[imported] <= LEVELS[name], f"{name} imports {imported}"
