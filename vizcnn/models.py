@@ -34,6 +34,7 @@ from torchvision.transforms import functional as TF
 
 from vizcnn.data.images import load_image
 from vizcnn.errors import BadArgument, BadCheckpoint
+from vizcnn.geometry import as_pair, input_channels
 from vizcnn.hooks import model_device
 
 __all__ = [
@@ -190,7 +191,7 @@ class ModelInfo:
         size = self.preprocessing.crop or self.preprocessing.resize
         if size is None or (self.preprocessing.crop is None and isinstance(size, int)):
             return None  # a shorter-side resize alone leaves the aspect ratio to the image
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_pair(size, "input size")
 
     def class_name(self, index: int) -> str:
         """The name of class ``index``, or the index as text where no name is known."""
@@ -579,11 +580,8 @@ def with_options(preprocessing: Preprocessing | None, *, size=None, mean=None, s
         return preprocessing
     changes: dict[str, Any] = {}
     if size is not None:
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        size = size * 2 if len(size) == 1 else size
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise BadArgument(f"size must be positive (H, W), got {size!r}")
-        changes.update(resize=size, crop=None)
+        one = not isinstance(size, int) and len(size) == 1
+        changes.update(resize=as_pair(size[0] if one else size, "size"), crop=None)
     if mean is not None:
         changes["mean"] = tuple(mean)
     if std is not None:
@@ -638,8 +636,6 @@ def preprocess(
     image = load_image(image)
     channels = 3
     if isinstance(model_or_spec, nn.Module):
-        from vizcnn.geometry import input_channels
-
         channels = input_channels(model_or_spec)
     if channels == 1:
         image = TF.rgb_to_grayscale(image)
