@@ -257,3 +257,10 @@ def test_model_info_refuses_what_it_cannot_hold(tiny_chain):
     with pytest.raises(vizcnn.BadArgument, match="unknown class 'kitten'.*circle"):
         vizcnn.model_info("demo").class_index("kitten")
     assert vizcnn.model_info(tiny_chain) == vizcnn.ModelInfo()  # nothing half-set
+
+
+def test_an_unknown_class_among_many_gets_a_short_hint():
+    info = vizcnn.ModelInfo(classes=[f"class {n}" for n in range(999)] + ["tabby cat"])
+    with pytest.raises(vizcnn.BadArgument, match="did you mean 'tabby cat'") as raised:
+        info.class_index("taby cat")
+    assert len(str(raised.value)) < 200  # not all 1,000 names on one line

@@ -210,7 +210,8 @@ def run_forward(model: nn.Module, x: torch.Tensor) -> Any:
         running.append(names[module])
         if isinstance(module, nn.Conv2d) and not convs_run:
             convs_run.append(module)
-            if _shape(inputs, -3) not in (None, module.in_channels):
+            seen = _shape(inputs, -3)  # the image's channels, if nothing changed them before
+            if seen != module.in_channels and x.dim() == 4 and seen == x.shape[1]:
                 raise _wrong_channels(module.in_channels, x, _where(running))
         _check_fits(module, inputs, names[module], x)
 

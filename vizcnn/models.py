@@ -209,9 +209,16 @@ class ModelInfo:
             return int(text)
         if self.classes is not None and text in self.classes:
             return self.classes.index(text)
-        known = f"known classes: {', '.join(self.classes)}" if self.classes else \
-            "give a class index"
-        raise BadArgument(f"unknown class {text!r}", known)
+        raise BadArgument(f"unknown class {text!r}", self._class_hint(text))
+
+    def _class_hint(self, text: str) -> str:
+        if not self.classes:
+            return "give a class index"
+        if len(self.classes) <= 12:
+            return f"known classes: {', '.join(self.classes)}"
+        close = difflib.get_close_matches(text, self.classes, n=3, cutoff=0.5)
+        guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        return f"{guess}give an index or one of the {len(self.classes)} class names"
 
 
 _INFO_ATTRIBUTE = "_vizcnn_info"
