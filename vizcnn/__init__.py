@@ -2,7 +2,7 @@
 
 Everything the README shows is reachable from here (and ``vizcnn.render`` for figures)."""
 
-from vizcnn.data.shapes import SHAPE_CLASSES, ShapesDataset, held_out_image
+from vizcnn.data.shapes import SHAPE_CLASSES, SHAPE_CONCEPTS, ShapesDataset, held_out_image
 from vizcnn.deconv import Deconvnet, Patches, RectificationWarning, TopPatches, top_patches
 from vizcnn.errors import (
     BadArgument,
@@ -41,6 +41,7 @@ from vizcnn.probes.occlusion import OcclusionMaps, occlusion
 from vizcnn.receptive import ReceptiveField, receptive_field, receptive_fields
 from vizcnn.scan import TopK, scan_topk
 from vizcnn.summary import LayerSummary, format_summary, summarize
+from vizcnn.units import ChannelStats, Dissection, channel_stats, dissect
 
 __version__ = "0.1.0"
 
@@ -48,13 +49,16 @@ __all__ = [
     "DEMO_PREPROCESSING",
     "IMAGENET_PREPROCESSING",
     "SHAPE_CLASSES",
+    "SHAPE_CONCEPTS",
     "AdversarialResult",
     "AssumedPreprocessingWarning",
     "BadArgument",
     "BadCheckpoint",
     "BadImage",
     "BadOutput",
+    "ChannelStats",
     "Deconvnet",
+    "Dissection",
     "ExciteResult",
     "InvarianceResult",
     "LayerNotFound",
@@ -73,6 +77,8 @@ __all__ = [
     "VizCNNError",
     "activations",
     "capture",
+    "channel_stats",
+    "dissect",
     "excite",
     "fgsm",
     "format_summary",

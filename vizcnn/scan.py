@@ -46,6 +46,7 @@ __all__ = [
     "TopK",
     "images_at",
     "input_batches",
+    "open_data",
     "scan_topk",
 ]
 
@@ -156,7 +157,7 @@ class ImageFolder(Dataset):
         return load_image(self.paths[index])
 
 
-def _open_data(data: Any) -> Any:
+def open_data(data: Any) -> Any:
     """A data argument as something iterable: ``"shapes:N"`` becomes the first N held-out demo
     images, a folder path an ``ImageFolder``; anything else is returned as it is."""
     if isinstance(data, (str, os.PathLike)):
@@ -254,7 +255,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
     i % world == rank.
     """
     rank, world = shard
-    data = _open_data(data)
+    data = open_data(data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
             raise BadArgument(f"a tensor data set must be (N, C, H, W), got {tuple(data.shape)}")
@@ -331,7 +332,7 @@ def _loader_batch(model: nn.Module, images: Any) -> torch.Tensor:
 def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tensor:
     """The model inputs (P, C, H, W) of the given data-set indices, in that order (repeats
     allowed): by indexing where the data can be indexed, else by one pass over it."""
-    data = _open_data(data)
+    data = open_data(data)
     wanted = {int(i) for i in indices}
     found: dict[int, torch.Tensor] = {}
     if isinstance(data, torch.Tensor):
@@ -449,7 +450,7 @@ def scan_topk(
         model = copy.deepcopy(model).to(device)
     source = _describe(data)
     identity = _data_identity(data) if state_path is not None else ""
-    data = _open_data(data)
+    data = open_data(data)
     shard = _shard()
     if state_path is not None and shard[1] > 1:
         state_path = Path(state_path) / f"rank{shard[0]}"

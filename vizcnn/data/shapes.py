@@ -26,6 +26,7 @@ __all__ = [
     "BACKGROUNDS",
     "HELD_OUT_SEED",
     "SHAPE_CLASSES",
+    "SHAPE_CONCEPTS",
     "TRAIN_SEED",
     "ShapeSample",
     "ShapesDataset",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 SHAPE_CLASSES = ("circle", "ring", "square", "frame", "triangle", "star", "cross", "crescent")
+SHAPE_CONCEPTS = (*SHAPE_CLASSES, "background")  # what a concept mask of the shapes indexes
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes")
 TRAIN_SEED = 0  # the demo network was trained on this seed only
 HELD_OUT_SEED = 1  # never used in training: accuracy reports, `shapes:INDEX` in the CLI
@@ -63,7 +65,10 @@ class ShapesDataset(Dataset):
     """An indexable, seeded data set of shape images.
 
     ``dataset[i]`` is ``(image, label, box)``: image uint8 (3, H, W) (or what ``transform``
-    makes of it), label an int, box a long tensor (top, left, bottom, right).
+    makes of it), label an int, box a long tensor (top, left, bottom, right). With
+    ``masks=True`` it is ``(image, label, mask)``: mask a long (H, W) map of concept indices
+    into ``SHAPE_CONCEPTS`` (the shape's class where it covers at least half a pixel, else
+    "background"), as Network Dissection (``vizcnn.dissect``) reads it.
     ``dataset.render(i)`` gives the full ``ShapeSample`` as NumPy arrays.
 
     Args:
@@ -73,11 +78,12 @@ class ShapesDataset(Dataset):
         backgrounds: which of ``BACKGROUNDS`` to draw from.
         clutter: add up to three small distractor strokes and dots behind the shape.
         transform: applied to the uint8 (3, H, W) tensor, e.g. a model's preprocessing.
+        masks: items carry a concept mask instead of the box.
     """
 
     def __init__(self, length: int = 2000, seed: int = TRAIN_SEED, image_size: int = 64,
                  backgrounds: Sequence[str] = BACKGROUNDS, clutter: bool = True,
-                 transform=None):
+                 transform=None, masks: bool = False):
         unknown = [b for b in backgrounds if b not in BACKGROUNDS]
         if unknown or not backgrounds:
             raise BadArgument(f"unknown backgrounds {unknown}", f"use some of {BACKGROUNDS}")
@@ -87,6 +93,7 @@ class ShapesDataset(Dataset):
             raise BadArgument(f"length must be >= 0, not {length}")
         self.length, self.seed, self.image_size = length, seed, image_size
         self.backgrounds, self.clutter, self.transform = tuple(backgrounds), clutter, transform
+        self.masks = masks
 
     def __len__(self) -> int:
         return self.length
@@ -96,13 +103,25 @@ class ShapesDataset(Dataset):
         image = torch.from_numpy(sample.image).permute(2, 0, 1).contiguous()
         if self.transform is not None:
             image = self.transform(image)
+        if self.masks:
+            concept = torch.full(sample.mask.shape, len(SHAPE_CLASSES), dtype=torch.long)
+            concept[torch.from_numpy(sample.mask >= 0.5)] = sample.label
+            return image, sample.label, concept
         return image, sample.label, torch.tensor(sample.box)
+
+    def label(self, index: int) -> int:
+        """The class of image ``index``, without drawing it (the first draw of its seed)."""
+        self._check_index(index)
+        return int(np.random.default_rng([self.seed, int(index)]).integers(len(SHAPE_CLASSES)))
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= int(index) < self.length:
+            raise IndexError(f"shapes index {index} is outside 0..{self.length - 1}")
 
     def render(self, index: int) -> ShapeSample:
         """Draw image ``index`` (0 <= index < len)."""
         index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(f"shapes index {index} is outside 0..{self.length - 1}")
+        self._check_index(index)
         rng = np.random.default_rng([self.seed, index])
         size = self.image_size
         label = int(rng.integers(len(SHAPE_CLASSES)))

@@ -1,0 +1,143 @@
+"""Channel statistics and Network Dissection (vizcnn.units) against brute force: every
+activation map of every image, counted in plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+import vizcnn
+from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CONCEPTS, ShapesDataset
+from vizcnn.units import IOU_CUTOFF, channel_stats, dissect
+
+
+def _all_maps(model, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """(N, C, h, w), one image at a time (no batching shared with the code under test)."""
+    return torch.cat([vizcnn.activations(model, images[n:n + 1], [layer])[layer]
+                      for n in range(len(images))])
+
+
+def test_channel_stats_equal_brute_force(demo):
+    data = ShapesDataset(48, seed=HELD_OUT_SEED)
+    both = channel_stats(demo, data, ["features.3", "features.10"], batch_size=20,
+                         progress=False)
+    stats = both["features.10"]
+    images = torch.cat([vizcnn.preprocess(demo, data.render(i).image) for i in range(48)])
+    # conv2's maxima as the conv gives them, before the in-place ReLU that follows it runs
+    conv2 = _all_maps(demo, images, "features.3").amax((2, 3))
+    torch.testing.assert_close(both["features.3"].maxima, conv2, rtol=1e-5, atol=1e-5)
+    assert bool((conv2 < 0).any())
+    maps = _all_maps(demo, images, "features.10").numpy()
+    maxima = maps.max(axis=(2, 3))  # (N, C)
+    labels = np.array([data.render(i).label for i in range(48)])
+    assert torch.equal(stats.indices, torch.arange(48))
+    assert np.array_equal(stats.labels.numpy(), labels)
+    np.testing.assert_allclose(stats.maxima.numpy(), maxima, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.fire_rate.numpy(), (maxima > 0).mean(axis=0), atol=1e-6)
+    assert np.array_equal(stats.dead.numpy(), ~(maxima > 0).any(axis=0))
+    for channel in (0, 7, 50):
+        means = [np.maximum(maxima[labels == k, channel], 0).mean() for k in range(8)]
+        np.testing.assert_allclose(stats.class_means(8)[channel].numpy(), means, rtol=1e-5)
+        top = max(means)
+        rest = (sum(means) - top) / 7
+        expected = 0.0 if top + rest == 0 else (top - rest) / (top + rest)
+        assert float(stats.selectivity(8)[channel]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["features.3", "features.8"])
+def test_dissection_equals_brute_force_iou(demo, layer):
+    count = 32
+    data = ShapesDataset(count, seed=HELD_OUT_SEED, masks=True)
+    # one image per pass, as the brute force runs: a unit within float noise of the
+    # threshold must fall on the same side in both
+    result = dissect(demo, data, [layer], SHAPE_CONCEPTS, batch_size=1, progress=False)[layer]
+    images = torch.cat([vizcnn.preprocess(demo, data.render(i).image) for i in range(count)])
+    maps = _all_maps(demo, images, layer)
+    # the threshold: the m-th largest of all activations of the channel, m = 0.5 % of them
+    values = maps.transpose(0, 1).flatten(1).numpy()
+    m = math.ceil(0.005 * values.shape[1])
+    thresholds = -np.sort(-values, axis=1)[:, m - 1]
+    np.testing.assert_array_equal(result.thresholds.numpy(), thresholds)
+    masks = np.stack([data[i][2].numpy() for i in range(count)])
+    kinds = len(SHAPE_CONCEPTS)
+    for channel in (0, 5, 17):
+        inter, union = np.zeros(kinds), np.zeros(kinds)
+        for n in range(count):
+            up = F.interpolate(maps[n:n + 1], size=(64, 64), mode="bilinear",
+                               align_corners=False)[0, channel].numpy()
+            above = up > thresholds[channel]
+            for k in range(kinds):
+                concept = masks[n] == k
+                inter[k] += (above & concept).sum()
+                union[k] += (above | concept).sum()
+        expected = np.where(union > 0, inter / np.maximum(union, 1), 0)
+        np.testing.assert_allclose(result.iou[channel].numpy(), expected, rtol=1e-5, atol=1e-7)
+        name, value = result.label(channel)
+        best = int(expected.argmax())
+        assert name == (SHAPE_CONCEPTS[best] if expected[best] >= IOU_CUTOFF else "no concept")
+
+
+def test_deep_demo_layers_have_shape_detectors(demo):
+    """Layer 4 of the trained network holds channels whose top activations cover a shape
+    (IoU >= 0.04), many more and better ones than layer 1 (whose units see 7 x 7 pixels)."""
+    data = ShapesDataset(300, seed=HELD_OUT_SEED, masks=True)
+    results = dissect(demo, data, ["features.0", "features.8"], SHAPE_CONCEPTS,
+                      progress=False)
+    shapes = set(SHAPE_CONCEPTS[:-1])
+    deep = [results["features.8"].label(c)[0] for c in range(128)]
+    shallow = [results["features.0"].label(c)[0] for c in range(48)]
+    assert sum(label in shapes for label in deep) >= 5 * max(1, sum(label in shapes
+                                                                    for label in shallow))
+    assert results["features.0"].iou.max() < results["features.8"].iou.max() / 2
+
+
+class _Items(Dataset):
+    """A data set of (image tensor, label, mask) items, for a network unlike ours."""
+
+    def __init__(self, count: int):
+        generator = torch.Generator().manual_seed(5)
+        self.images = torch.rand(count, 3, 29, 29, generator=generator)
+        self.labels = torch.randint(0, 3, (count,), generator=generator)
+        self.masks = torch.randint(0, 3, (count, 29, 29), generator=generator)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index], self.masks[index]
+
+
+def test_other_networks_labels_and_masks_from_items():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.PReLU(5), nn.MaxPool2d(3, 2, ceil_mode=True),
+                        nn.Conv2d(5, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.rand(1, 3, 29, 29))  # settle the lazy head
+    data = _Items(20)
+    stats = channel_stats(net, data, ["3"], batch_size=7, progress=False)["3"]
+    assert torch.equal(stats.labels, data.labels)
+    brute = torch.cat([net[:4](data.images[n:n + 1]).amax((2, 3)) for n in range(20)])
+    torch.testing.assert_close(stats.maxima, brute.detach(), rtol=1e-5, atol=1e-6)
+    result = dissect(net, data, ["3"], ["a", "b", "c"], progress=False)["3"]
+    assert result.iou.shape == (4, 3) and bool((result.iou >= 0).all())
+
+
+def test_dissection_mistakes(demo):
+    plain = ShapesDataset(8, seed=HELD_OUT_SEED)  # items carry boxes, not masks
+    with pytest.raises(vizcnn.BadArgument, match="items are \\(image, label, mask\\)"):
+        dissect(demo, plain, ["features.3"], SHAPE_CONCEPTS, progress=False)
+    masked = ShapesDataset(8, seed=HELD_OUT_SEED, masks=True)
+    with pytest.raises(vizcnn.BadArgument, match="only 3 concepts"):
+        dissect(demo, masked, ["features.3"], ["a", "b", "c"], progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="quantile"):
+        dissect(demo, masked, ["features.3"], SHAPE_CONCEPTS, quantile=2, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="no spatial output"):
+        dissect(demo, masked, ["classifier.1"], SHAPE_CONCEPTS, progress=False)
+    with pytest.raises(vizcnn.BadArgument, match="no labels"):
+        channel_stats(demo, torch.randn(4, 3, 64, 64), ["features.3"],
+                      progress=False)["features.3"].class_means()

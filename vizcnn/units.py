@@ -1,0 +1,292 @@
+"""What each channel of a layer does over a data set: how strongly and how often it fires, how
+class-selective it is (Morcos et al. 2018), and which concept it detects (Network Dissection,
+Bau et al. 2017).
+
+- ``channel_stats``: one forward pass over the data keeps, per image and channel, the strongest
+  activation (N x C numbers per layer) and the image's label where the data has labels.
+- ``dissect``: two passes. The first finds each channel's threshold T, the value that 0.5 % of
+  all its activations (every position of every image) exceed; the second upsamples each map to
+  the image (bilinear), keeps where it exceeds T, and compares that region with every concept's
+  mask by intersection over union, summed over the data set. The best concept labels the
+  channel where its IoU reaches 0.04, the paper's cut-off.
+
+Data with labels: items ``(image, label, ...)`` of a torch Dataset, ``shapes:N``, or a folder
+with one sub-folder per class. Data with concept masks: items ``(image, label, mask)`` whose
+mask is an (H, W) integer map of concept indices at the model input's size, as
+``ShapesDataset(..., masks=True)`` gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vizcnn.checks import feature_maps, positive_int
+from vizcnn.errors import BadArgument
+from vizcnn.geometry import traced_names
+from vizcnn.hooks import forward_to, model_device, preserved_state, strongest_units
+from vizcnn.layers import resolve_layer
+from vizcnn.scan import ImageFolder, input_batches, open_data
+
+__all__ = ["IOU_CUTOFF", "ChannelStats", "Dissection", "channel_stats", "dissect"]
+
+IOU_CUTOFF = 0.04  # Network Dissection: a channel detects a concept from this IoU on
+TOP_QUANTILE = 0.005  # ... with its map thresholded at its top 0.5 % of activations
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per image and channel of one layer, the strongest activation over a data set.
+
+    Attributes:
+        layer: the layer's name.
+        maxima: (N, C) each image's strongest activation of each channel.
+        indices: (N,) the data-set index of each row (unreadable images are left out).
+        labels: (N,) each image's class, or None where the data has no labels.
+    """
+
+    layer: str
+    maxima: torch.Tensor
+    indices: torch.Tensor
+    labels: torch.Tensor | None
+
+    @property
+    def fire_rate(self) -> torch.Tensor:
+        """(C,) the fraction of images where the channel's strongest activation is above 0."""
+        return (self.maxima > 0).float().mean(dim=0)
+
+    @property
+    def dead(self) -> torch.Tensor:
+        """(C,) bool: never above 0 on any image."""
+        return ~(self.maxima > 0).any(dim=0)
+
+    def class_means(self, classes: int | None = None) -> torch.Tensor:
+        """(C, K) the mean strongest activation, rectified (what the next layer sees), over
+        the images of each class; NaN for a class without images."""
+        if self.labels is None:
+            raise BadArgument("the data has no labels", "give data with (image, label) items")
+        count = classes or int(self.labels.max()) + 1
+        rectified = self.maxima.clamp_min(0.0).double()
+        sums = torch.zeros(count, rectified.shape[1], dtype=torch.float64,
+                           device=rectified.device)
+        sums.index_add_(0, self.labels, rectified)
+        sizes = torch.bincount(self.labels, minlength=count).double()
+        return (sums / sizes[:, None]).T.float()
+
+    def selectivity(self, classes: int | None = None) -> torch.Tensor:
+        """(C,) class selectivity (mu_max - mu_rest) / (mu_max + mu_rest) (Morcos et al.
+        2018): mu_max the largest class mean, mu_rest the mean of the other classes' means;
+        0 for a channel that never fires."""
+        means = self.class_means(classes).nan_to_num(0.0)
+        top = means.max(dim=1).values
+        rest = (means.sum(dim=1) - top) / max(means.shape[1] - 1, 1)
+        total = top + rest
+        return torch.where(total > 0, (top - rest) / total.clamp_min(1e-12),
+                           torch.zeros_like(total))
+
+
+def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
+                  batch_size: int = 64, progress: bool = True) -> dict[str, ChannelStats]:
+    """``ChannelStats`` of each layer over ``data`` (anything ``scan_topk`` takes), from one
+    forward pass per batch that stops at the deepest layer."""
+    names = _layers(model, layers)
+    positive_int(batch_size, "batch_size")
+    opened = open_data(data)
+    maxima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    indices: list[int] = []
+    for batch_indices, _, outputs in _passes(model, opened, names, batch_size, progress,
+                                             "statistics", _strongest):
+        indices += batch_indices
+        for name in names:
+            maxima[name].append(outputs[name])
+    if not indices:
+        raise BadArgument("no readable image in the data")
+    labels = _labels(opened, indices)
+    order = torch.tensor(indices)
+    return {name: ChannelStats(name, torch.cat(maxima[name]), order,
+                               None if labels is None else labels.to(maxima[name][0].device))
+            for name in names}
+
+
+# --------------------------------------------------------------------------- dissection
+
+
+@dataclass(frozen=True)
+class Dissection:
+    """Network Dissection of one layer: each channel's IoU with every concept.
+
+    Attributes:
+        layer: the layer's name.
+        concepts: the concept names, indexed as in the masks.
+        thresholds: (C,) each channel's top-quantile activation T.
+        iou: (C, K) intersection over union of {upsampled map > T} and each concept's mask,
+            summed over the data set.
+    """
+
+    layer: str
+    concepts: tuple[str, ...]
+    thresholds: torch.Tensor
+    iou: torch.Tensor
+
+    @property
+    def best(self) -> torch.Tensor:
+        """(C,) each channel's best concept."""
+        return self.iou.argmax(dim=1)
+
+    def label(self, channel: int) -> tuple[str, float]:
+        """(concept, IoU) of a channel's best concept, or ("no concept", IoU) below 0.04."""
+        concept = int(self.best[channel])
+        value = float(self.iou[channel, concept])
+        return (self.concepts[concept] if value >= IOU_CUTOFF else "no concept"), value
+
+
+def dissect(model: nn.Module, data: Any, layers: str | Sequence[str],
+            concepts: Sequence[str], *, quantile: float = TOP_QUANTILE, batch_size: int = 64,
+            progress: bool = True) -> dict[str, Dissection]:
+    """Label each channel of each conv layer with the concept its strongest activations
+    cover (Network Dissection). ``data`` items are ``(image, label, mask)`` with an (H, W)
+    integer mask of concept indices into ``concepts``, at the model input's size."""
+    names = _layers(model, layers)
+    positive_int(batch_size, "batch_size")
+    if not 0 < quantile < 1:
+        raise BadArgument(f"quantile must be in (0, 1), got {quantile!r}")
+    opened = open_data(data)
+    count = len(opened) if hasattr(opened, "__len__") else None
+    if count is None:
+        raise BadArgument("dissection needs a data set with a length (it reads it twice)")
+    thresholds = _thresholds(model, opened, names, quantile, count, batch_size, progress)
+    kinds = len(concepts)
+    inter: dict[str, torch.Tensor] = {}
+    area: dict[str, torch.Tensor] = {}
+    concept_area = None
+    for indices, batch, outputs in _passes(model, opened, names, batch_size, progress,
+                                           "dissection"):
+        masks = _masks(opened, indices, batch.shape[-2:], kinds).to(batch.device)
+        one_hot = F.one_hot(masks, kinds).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+        concept_area = one_hot.sum((0, 2, 3)) + (0 if concept_area is None else concept_area)
+        for name in names:
+            up = F.interpolate(outputs[name], size=batch.shape[-2:], mode="bilinear",
+                               align_corners=False)
+            above = (up > thresholds[name].view(1, -1, 1, 1)).float()  # (B, C, H, W)
+            inter[name] = inter.get(name, 0) + torch.einsum("bchw,bkhw->ck", above, one_hot)
+            area[name] = area.get(name, 0) + above.sum((0, 2, 3))
+    results = {}
+    for name in names:
+        union = area[name][:, None] + concept_area[None, :] - inter[name]
+        iou = torch.where(union > 0, inter[name] / union.clamp_min(1), torch.zeros_like(union))
+        results[name] = Dissection(name, tuple(concepts), thresholds[name], iou)
+    return results
+
+
+def _thresholds(model, data, names, quantile, count, batch_size, progress
+                ) -> dict[str, torch.Tensor]:
+    """(C,) per layer: the m-th largest activation of each channel over every position of
+    every image, m = ceil(quantile x positions), kept as a running top-m."""
+    kept: dict[str, torch.Tensor] = {}
+    for _, _, outputs in _passes(model, data, names, batch_size, progress, "thresholds"):
+        for name in names:
+            maps = outputs[name]
+            values = maps.transpose(0, 1).flatten(1)  # (C, B h w)
+            m = max(1, math.ceil(quantile * count * maps.shape[-2] * maps.shape[-1]))
+            merged = values if name not in kept else torch.cat([kept[name], values], dim=1)
+            kept[name] = merged.topk(min(m, merged.shape[1]), dim=1).values
+    return {name: values[:, -1] for name, values in kept.items()}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise BadArgument("no layer given", "give at least one layer")
+    for name in names:
+        resolve_layer(model, name)
+    return names
+
+
+def _strongest(name: str, output: Any) -> torch.Tensor:
+    """(B, C) each image's strongest activation per channel (or the features of a linear
+    layer), taken before any later in-place op can change the output."""
+    output = feature_maps(output, name, flat_ok=True)
+    return output.clone() if output.dim() == 2 else strongest_units(output)[0]
+
+
+def _copy(name: str, output: Any) -> torch.Tensor:
+    return feature_maps(output, name).clone()  # an in-place ReLU after the layer must not reach it
+
+
+def _passes(model, data, names, batch_size, progress, what, on_output=_copy):
+    """(indices, batch, {layer: on_output(layer, output)}) per batch of ``data``, forward
+    passes stopping at the deepest layer, in eval mode without gradients."""
+    traced, size = None, None
+    total = len(data) if hasattr(data, "__len__") else None
+    with (tqdm(total=total, desc=what, unit="img", disable=not progress) as bar,
+          preserved_state(model, eval_mode=True), torch.no_grad()):
+        for indices, batch, skipped in input_batches(model, data, batch_size):
+            bar.update(len(indices) + len(skipped))
+            if not len(batch):
+                continue
+            batch = batch.to(model_device(model))
+            if traced is None or batch.shape[-2:] != size:
+                size = batch.shape[-2:]
+                traced = traced_names(model, tuple(size), names)
+            yield indices, batch, forward_to(model, batch, names, traced, on_output)
+
+
+def _labels(data: Any, indices: list[int]) -> torch.Tensor | None:
+    """(N,) the class of each data-set index, or None where the data has no labels."""
+    from vizcnn.data.shapes import ShapesDataset
+
+    if isinstance(data, ShapesDataset):
+        return torch.tensor([data.label(i) for i in indices])
+    if isinstance(data, ImageFolder):
+        parts = [path.relative_to(data.root).parts for path in data.paths]
+        if not all(len(p) > 1 for p in parts):
+            return None  # a flat folder
+        classes = sorted({p[0] for p in parts})
+        return torch.tensor([classes.index(parts[i][0]) for i in indices])
+    if not hasattr(data, "__getitem__"):
+        return None
+    labels = [_item_part(data[i], 1) for i in indices]
+    if any(label is None for label in labels):
+        return None
+    return torch.tensor([int(label) for label in labels])
+
+
+def _masks(data: Any, indices: list[int], size: torch.Size, kinds: int) -> torch.Tensor:
+    """(B, H, W) long concept masks of the given data-set indices."""
+    masks = []
+    for index in indices:
+        mask = _item_part(data[index], 2)
+        if mask is None or getattr(mask, "ndim", 0) != 2:
+            raise BadArgument("dissection needs data whose items are (image, label, mask) "
+                              "with an (H, W) mask", "e.g. ShapesDataset(..., masks=True)")
+        mask = torch.as_tensor(mask).long()
+        if tuple(mask.shape) != tuple(size):
+            raise BadArgument(f"a mask is {tuple(mask.shape)}, the model input is "
+                              f"{tuple(size)}", "give masks at the model input's size")
+        if mask.min() < 0 or mask.max() >= kinds:
+            raise BadArgument(f"a mask holds concept {int(mask.max())}, but only {kinds} "
+                              "concepts are named")
+        masks.append(mask)
+    return torch.stack(masks)
+
+
+def _item_part(item: Any, position: int) -> Any:
+    """Element ``position`` of an ``(image, label, mask)`` item, or None (an integer for the
+    label: a 0-dim tensor or an int)."""
+    if not isinstance(item, (tuple, list)) or len(item) <= position:
+        return None
+    part = item[position]
+    if position == 1 and not (isinstance(part, int) or (
+            isinstance(part, torch.Tensor) and part.dim() == 0)):
+        return None
+    return part
