@@ -69,8 +69,8 @@ def test_dissection_equals_brute_force_iou(demo, layer):
     for channel in (0, 5, 17):
         inter, union = np.zeros(kinds), np.zeros(kinds)
         for n in range(count):
-            up = F.interpolate(maps[n:n + 1], size=(64, 64), mode="bilinear",
-                               align_corners=False)[0, channel].numpy()
+            up = F.interpolate(maps[n:n + 1, channel:channel + 1], size=(64, 64),
+                               mode="bilinear", align_corners=False)[0, 0].numpy()
             above = up > thresholds[channel]
             for k in range(kinds):
                 concept = masks[n] == k
