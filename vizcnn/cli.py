@@ -276,6 +276,19 @@ def _occlusion(args: argparse.Namespace) -> None:
                            output=parse_selector(args.output)), args.out)
 
 
+def _gallery(args: argparse.Namespace) -> None:
+    from vizcnn.render.gallery import write_gallery
+
+    model = _load(args)
+    channels = None
+    if args.channels:
+        channels = parse_channels(args.channels, 1 << 30)  # a narrower layer shows fewer
+    index = write_gallery(model, args.data, args.out, layers=args.layer, k=args.k,
+                          channels=channels, batch_size=args.batch_size,
+                          figures=not args.no_figures, command=args.command_line)
+    print(f"wrote {index}")
+
+
 def _eps(text: str) -> float:
     """--eps: a number in 0-1 pixel units, or N/255."""
     from vizcnn.errors import BadArgument
@@ -344,6 +357,8 @@ EXAMPLES = {
                     "vizcnn adversarial demo shapes:0 --method pgd --eps 8/255 --out pgd.png"],
     "excite": ["vizcnn excite demo shapes:1 --layer features.6 --out excite.png"],
     "invariance": ["vizcnn invariance demo shapes:1 --out fig5.png"],
+    "gallery": ["vizcnn gallery demo shapes:200 --layer features.6 --layer features.8 "
+                "--channels 0-15 --out site"],
     "demo": ["vizcnn demo --out demo-out"],
     "train-demo": ["vizcnn train-demo --epochs 2 --per-epoch 2000 --out runs/quick"],
 }
@@ -491,6 +506,25 @@ def _add_invariance(commands) -> None:
     _add_output_option(inv)
 
 
+def _add_gallery(commands) -> None:
+    gallery = _command(commands, "gallery", "a browsable static site of every layer and "
+                       "channel: top-k projections and patches, statistics, concept labels",
+                       _gallery)
+    _add_model_options(gallery)
+    gallery.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N (with "
+                         "concept masks: channels get Network Dissection labels)")
+    _add_input_options(gallery)
+    gallery.add_argument("--layer", action="append", metavar="L", help="layer to show "
+                         "(repeatable; default: every conv layer, or every residual block)")
+    gallery.add_argument("--channels", metavar="LIST", help="channels shown per layer, e.g. "
+                         "0-15 or 3,7,9-11 (default: all; a layer shows those it has)")
+    gallery.add_argument("--k", type=int, default=9, help="top images per channel (9)")
+    gallery.add_argument("--batch-size", type=int, default=64)
+    gallery.add_argument("--no-figures", action="store_true",
+                         help="leave the paper figures out of the index")
+    gallery.add_argument("--out", required=True, help="the site's folder (replaced whole)")
+
+
 def _add_demo(commands) -> None:
     demo = _command(commands, "demo", "figures and a report of the bundled demo network", _demo)
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -512,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for add in (_add_summary, _add_activations, _add_filters, _add_maps, _add_deconv, _add_topk,
-                _add_occlusion, _add_adversarial, _add_excite, _add_invariance, _add_demo,
-                _add_train_demo):
+                _add_occlusion, _add_adversarial, _add_excite, _add_invariance, _add_gallery,
+                _add_demo, _add_train_demo):
         add(commands)
     return parser
 
@@ -525,9 +559,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vizcnn`` console script; returns the exit code."""
+    import shlex
     import warnings
 
     args = build_parser().parse_args(argv)
+    args.command_line = "vizcnn " + shlex.join(sys.argv[1:] if argv is None else argv)
     run: Callable[[argparse.Namespace], None] = args.run
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning

@@ -1,0 +1,131 @@
+"""The gallery (vizcnn.render.gallery): a static site whose every link resolves inside it, whose
+numbers and pictures are those of the API, on the demo network and on torchvision's."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import vizcnn
+from vizcnn.render.gallery import write_gallery
+from vizcnn.render.grid import image_tiles, projection_tiles
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("href", "src") and value is not None:
+                self.targets.append(value)
+
+
+def check_links(site: Path) -> int:
+    """Every href and src of every page resolves to a file of the site; no URL leaves it.
+    Returns the number of pages."""
+    pages = sorted(site.rglob("*.html"))
+    for page in pages:
+        parser = _Links()
+        text = page.read_text()
+        parser.feed(text)
+        assert not re.search(r"(https?:)?//", text), page  # no CDN, no web fonts
+        for target in parser.targets:
+            assert not target.startswith(("/", "http", "data:")), (page, target)
+            resolved = (page.parent / target.split("#")[0]).resolve()
+            assert resolved.is_file(), (page, target)
+            assert site.resolve() in resolved.parents, (page, target)
+    return len(pages)
+
+
+def _png(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def demo_site(tmp_path_factory):
+    demo = vizcnn.load_model("demo")
+    out = tmp_path_factory.mktemp("gallery") / "site"
+    index = write_gallery(demo, "shapes:80", out, layers=["features.3", "features.8"],
+                          channels=list(range(6)), figures=False, progress=False)
+    return demo, out, index
+
+
+def test_demo_site_has_every_page_and_no_broken_link(demo_site):
+    _, site, index = demo_site
+    assert index == site / "index.html"
+    assert check_links(site) == 1 + 2 + 2 * 6  # index, two layer pages, six channels each
+    text = index.read_text()
+    assert "<td>demo</td>" in text and "features.3" in text and "features.8" in text
+    assert not list(site.parent.glob(".site*"))  # no temporary folder left beside it
+
+
+def test_channel_pages_show_the_apis_top_patches(demo_site):
+    demo, site, _ = demo_site
+    top = vizcnn.scan_topk(demo, "shapes:80", ["features.8"], progress=False)
+    patches = vizcnn.top_patches(demo, top, "shapes:80", "features.8", [2, 5])
+    mean, std = vizcnn.render.panels.display_normalisation(demo)
+    folder = site / "img" / "layer2_features.8"
+    for row, channel in enumerate((2, 5)):
+        projections = projection_tiles(patches.projections[row])
+        crops = image_tiles(patches.images[row], mean, std)
+        for j in range(9):
+            assert np.array_equal(_png(folder / f"p{channel}_{j}.png"), projections[j])
+            assert np.array_equal(_png(folder / f"i{channel}_{j}.png"), crops[j])
+        page = (site / "layer2_features.8" / f"{channel}.html").read_text()
+        first = int(top.indices["features.8"][channel, 0])
+        assert f"../img/data/{first}.png" in page
+
+
+def test_cards_carry_the_statistics_of_a_brute_force_pass(demo_site):
+    demo, site, _ = demo_site
+    data = vizcnn.ShapesDataset(80, seed=1)
+    x = torch.cat([vizcnn.preprocess(demo, data.render(i).image) for i in range(80)])
+    maxima = torch.cat([vizcnn.activations(demo, x[n:n + 1], ["features.3"])["features.3"]
+                        .amax((2, 3)) for n in range(80)])
+    page = (site / "layer1_features.3.html").read_text()
+    for channel in range(6):
+        card = re.search(rf'data-channel="{channel}" data-strongest="([^"]+)" '
+                         r'data-fires="([^"]+)"', page)
+        assert float(card.group(1)) == pytest.approx(float(maxima[:, channel].max()), rel=1e-5)
+        assert float(card.group(2)) == pytest.approx(float((maxima[:, channel] > 0)
+                                                           .float().mean()), abs=1e-6)
+
+
+def test_concept_labels_reach_the_index_and_the_cards(demo_site):
+    _, site, index = demo_site
+    text = index.read_text()
+    assert "concept detectors" in text
+    channel_page = (site / "layer2_features.8" / "0.html").read_text()
+    assert "Network Dissection: best concept" in channel_page
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "resnet18"])
+def test_torchvision_nets_build_and_pass_the_link_checker(arch, tmp_path, photo):
+    model = vizcnn.load_model(f"torchvision:{arch}")
+    vizcnn.with_model_info(model, preprocessing=vizcnn.Preprocessing(resize=(96, 96),
+                                                                      crop=None))
+    crops = [np.ascontiguousarray(photo[y:y + 150, x:x + 150]) for y in (0, 100, 200)
+             for x in (0, 150, 300)]
+    layers = None if arch == "resnet18" else ["features.3", "features.10"]
+    index = write_gallery(model, crops, tmp_path / "site", layers=layers, k=3,
+                          channels=[0, 1, 2], figures=False, progress=False)
+    assert check_links(index.parent) >= 3
+    if arch == "resnet18":  # the block outputs, where a residual net's features form
+        assert (index.parent / "layer8_layer4.1.html").is_file()
+
+
+def test_gallery_refuses_to_replace_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(vizcnn.BadArgument, match="not a vizcnn gallery output"):
+        write_gallery(vizcnn.load_model("demo"), "shapes:4", foreign, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"

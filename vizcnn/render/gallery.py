@@ -1,0 +1,371 @@
+"""The gallery: a static site of every layer and channel of a model, browsable offline.
+
+``write_gallery(model, data, out)`` scans the data for each channel's top-k images, projects
+them with the deconvnet, gathers each channel's statistics (and its Network Dissection label
+where the data carries concept masks), and writes:
+
+- ``index.html``: the model, the layer table, the first-layer filters and, for a classifier,
+  the paper's figures for a few images of the data;
+- ``<layer>.html``: one card per channel (strongest projection beside its patch), sortable by
+  channel, strongest activation, how often it fires and class selectivity, dead channels
+  hideable;
+- ``<layer>/<channel>.html``: the filter, the top-k projections beside their patches, where
+  the units sit in their images, the histogram of the channel's strongest activation per
+  image, and, with labels, the mean per class and the selectivity index.
+
+Plain HTML and CSS from jinja2 templates with a few lines of inline JavaScript; every link is
+relative, nothing leaves the site. The site is written to a temporary folder beside ``out``
+and moved into place whole (``vizcnn.io``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+from torch import nn
+from tqdm import tqdm
+
+from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
+from vizcnn.deconv import top_patches
+from vizcnn.errors import BadArgument, VizCNNError
+from vizcnn.io import atomic_path, check_replaceable, writable_parent
+from vizcnn.layers import list_layers, resolve_layer
+from vizcnn.models import model_info
+from vizcnn.render.figures import save_figure
+from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
+from vizcnn.render.panels import display_normalisation, filters_panel
+from vizcnn.scan import images_at, open_data, scan_topk
+from vizcnn.summary import summarize
+from vizcnn.units import channel_stats, dissect
+
+__all__ = ["default_layers", "write_gallery"]
+
+HISTOGRAM_BINS = 24
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Every conv layer; for a residual network (torchvision's ``layerN.M`` blocks) every
+    block output instead, where the features a person looks at are formed."""
+    blocks = [name for name in list_layers(model) if re.fullmatch(r"layer\d+\.\d+", name)]
+    return blocks or list_layers(model, "conv")
+
+
+def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
+                  layers: list[str] | None = None, k: int = 9,
+                  channels: list[int] | None = None, batch_size: int = 64,
+                  concepts: list[str] | None = None, figures: bool = True,
+                  progress: bool = True, command: str | None = None) -> Path:
+    """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
+    of its ``index.html``.
+
+    Args:
+        model: the network (left as it was).
+        data: what ``scan_topk`` takes; ``"shapes:N"`` also brings the shapes' concept masks.
+        layers: the layers shown (default: ``default_layers``).
+        k: top images per channel.
+        channels: the channels shown per layer (default: all).
+        concepts: concept names when the data's items are ``(image, label, mask)``.
+        figures: draw the paper's figures (occlusion, invariance, adversarial) for a classifier.
+        command: how the site was made, shown on the index (the CLI passes its command line).
+    """
+    out = Path(out)
+    writable_parent(check_replaceable(out, "index.html", "gallery"))
+    layers = list(layers) if layers else default_layers(model)
+    if not layers:
+        raise BadArgument("the model has no conv layer to show", "give the layers")
+    for name in layers:
+        resolve_layer(model, name)
+    source = str(data) if isinstance(data, (str, os.PathLike)) else None
+    data, concepts = _with_masks(data, concepts)
+    stages = ["scan", "statistics", "dissection", "projections", "pages"]
+    with tqdm(total=len(stages), desc="gallery", unit="stage", disable=not progress) as bar:
+        top = scan_topk(model, data, layers, k=k, batch_size=batch_size, progress=False)
+        bar.update()
+        stats = channel_stats(model, data, layers, batch_size=batch_size, progress=False)
+        size = tuple(images_at(model, data, [_first_index(top, layers)]).shape[-2:])
+        rows = {row.name: row for row in summarize(model, size, layers)}
+        bar.update()
+        spatial = [name for name in layers if rows[name].output_shape
+                   and len(rows[name].output_shape) == 3]
+        dissections = (dissect(model, data, spatial, concepts, batch_size=batch_size,
+                               progress=False) if concepts and spatial else {})
+        bar.update()
+        patches = {name: top_patches(model, top, data, name, _chosen(channels, top, name))
+                   for name in layers}
+        bar.update()
+        with atomic_path(out) as site:
+            site.mkdir()
+            _Site(model, data, site, layers, size, rows, top, stats, dissections, patches,
+                  command, figures, source or top.source).write()
+        bar.update()
+    return out / "index.html"
+
+
+def _with_masks(data: Any, concepts: list[str] | None) -> tuple[Any, list[str] | None]:
+    """``shapes:N`` as the shapes with their concept masks; other data as given."""
+    opened = open_data(data)
+    if isinstance(opened, ShapesDataset) and concepts is None:
+        return (ShapesDataset(opened.length, seed=opened.seed, image_size=opened.image_size,
+                              masks=True), list(SHAPE_CONCEPTS))
+    return data, concepts
+
+
+def _first_index(top: Any, layers: list[str]) -> int:
+    """A data-set index the scan kept (to learn the model input's size)."""
+    for name in layers:
+        filled = top.indices[name][top.indices[name] >= 0]
+        if filled.numel():
+            return int(filled[0])
+    raise BadArgument("the scan holds no image")
+
+
+def _chosen(channels: list[int] | None, top: Any, name: str) -> list[int]:
+    count = top.values[name].shape[0]
+    return list(range(count)) if channels is None else [c for c in channels if c < count]
+
+
+class _Site:
+    """Writes the pages and images of one gallery into ``root``."""
+
+    def __init__(self, model, data, root: Path, layers, size, rows, top, stats, dissections,
+                 patches, command, figures, source):
+        self.model, self.data, self.root, self.layers = model, data, root, layers
+        self.source = source
+        self.size, self.rows = size, rows
+        self.top, self.stats, self.dissections, self.patches = top, stats, dissections, patches
+        self.command, self.figures = command, figures
+        self.info = model_info(model)
+        self.mean, self.std = display_normalisation(model)
+        self.env = Environment(loader=PackageLoader("vizcnn.render", "templates"),
+                               autoescape=select_autoescape(["html"]))
+
+    def write(self) -> None:
+        (self.root / "style.css").write_text(
+            (Path(__file__).parent / "templates" / "style.css").read_text())
+        (self.root / "img").mkdir()
+        whole = self._whole_images()
+        for number, name in enumerate(self.layers):
+            self._layer(number, name, whole)
+        self._index()
+
+    # ------------------------------------------------------------------ pages
+
+    def _index(self) -> None:
+        filters = "img/filters.png"
+        save_figure(filters_panel(self.model).figure, self.root / filters, dpi=110)
+        figures, notes = self._figures()
+        labelled = self.stats[self.layers[0]].labels is not None
+        facts = [("model", self.info.spec or type(self.model).__name__),
+                 ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
+                 ("input size", "x".join(map(str, self.size))),
+                 ("data", f"{self.source}: {self.top.count} images"
+                  + (f", {len(self.top.skipped)} unreadable" if self.top.skipped else "")),
+                 ("made by", self.command or "vizcnn.render.write_gallery"),
+                 ("date", datetime.date.today().isoformat()),
+                 ("vizcnn", _version())]
+        if labelled:
+            facts.insert(4, ("labels", "yes: class means and selectivity on channel pages"))
+        layers = []
+        for number, name in enumerate(self.layers):
+            row, stats = self.rows.get(name), self.stats[name]
+            size, jump = row.field.describe() if row is not None and row.field else ("-", "-")
+            layers.append({
+                "name": name, "page": _layer_page(number, name),
+                "kind": type(resolve_layer(self.model, name)).__name__,
+                "shape": "x".join(map(str, row.output_shape)) if row and row.output_shape else "-",
+                "size": size, "jump": jump, "channels": stats.maxima.shape[1],
+                "dead": int(stats.dead.sum()), "concepts": self._concept_counts(name)})
+        self._render("index.html", self.root / "index.html",
+                     title=f"vizcnn gallery: {self.info.spec or type(self.model).__name__}",
+                     facts=facts, layers=layers, filters=filters, figures=figures, notes=notes,
+                     concepts=bool(self.dissections))
+
+    def _layer(self, number: int, name: str, whole: dict[int, str]) -> None:
+        folder = self.root / _layer_folder(number, name)
+        folder.mkdir()
+        images = self.root / "img" / _layer_folder(number, name)
+        images.mkdir()
+        patches, stats = self.patches[name], self.stats[name]
+        labelled = stats.labels is not None
+        selectivity = stats.selectivity(self._classes()).cpu() if labelled else None
+        strongest = stats.maxima.max(dim=0).values.cpu()
+        fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
+        projections = [projection_tiles(p) for p in patches.projections]
+        crops = [image_tiles(i, self.mean, self.std) for i in patches.images]
+        cards = []
+        shown = list(patches.channels)
+        for row, channel in enumerate(shown):
+            for j in range(projections[row].shape[0]):
+                if int(patches.indices[row, j]) < 0:
+                    continue
+                _png(images / f"p{channel}_{j}.png", projections[row][j])
+                _png(images / f"i{channel}_{j}.png", crops[row][j])
+            label = self._label(name, channel)
+            cards.append({
+                "channel": channel, "page": f"{_layer_folder(number, name)}/{channel}.html",
+                "projection": f"img/{_layer_folder(number, name)}/p{channel}_0.png",
+                "patch": f"img/{_layer_folder(number, name)}/i{channel}_0.png",
+                "strongest": float(strongest[channel]), "fires": float(fires[channel]),
+                "selectivity": float(selectivity[channel]) if labelled else 0.0,
+                "dead": bool(dead[channel]), "label": label})
+            self._channel(number, name, row, shown, whole, label)
+        page = self.rows.get(name)
+        self._render("layer.html", self.root / _layer_page(number, name), layer=name,
+                     kind=type(resolve_layer(self.model, name)).__name__,
+                     shape="x".join(map(str, page.output_shape)) if page and page.output_shape
+                     else "-", cards=cards, labelled=labelled,
+                     previous=_layer_page(number - 1, self.layers[number - 1]) if number else None,
+                     next=_layer_page(number + 1, self.layers[number + 1])
+                     if number + 1 < len(self.layers) else None)
+
+    def _channel(self, number: int, name: str, row: int, shown: list[int],
+                 whole: dict[int, str], label: str | None) -> None:
+        patches, stats = self.patches[name], self.stats[name]
+        channel = shown[row]
+        folder = _layer_folder(number, name)
+        height, width = self.size
+        tiles = []
+        for j in range(patches.indices.shape[1]):
+            index = int(patches.indices[row, j])
+            if index < 0:
+                continue
+            top_, left, bottom, right = patches.boxes[row, j].tolist()
+            tiles.append({
+                "projection": f"../img/{folder}/p{channel}_{j}.png",
+                "patch": f"../img/{folder}/i{channel}_{j}.png",
+                "image": f"../{whole[index]}", "index": index,
+                "title": f"image {index}, activation {float(patches.values[row, j]):.4g}",
+                "box": [round(100 * top_ / height, 2), round(100 * left / width, 2),
+                        round(100 * (bottom - top_) / height, 2),
+                        round(100 * (right - left) / width, 2)]})
+        maxima = stats.maxima[:, channel].cpu().numpy()
+        counts, edges = np.histogram(maxima, bins=HISTOGRAM_BINS)
+        class_means, selectivity = None, None
+        if stats.labels is not None:
+            means = stats.class_means(self._classes())[channel].cpu().nan_to_num(0.0)
+            scale = 160 / max(float(means.max()), 1e-12)
+            class_means = [(self.info.class_name(i), float(v), round(float(v) * scale, 1))
+                           for i, v in enumerate(means)]
+            selectivity = float(stats.selectivity(self._classes())[channel])
+        filter_image, norms = self._filter(number, name, channel)
+        dissection = None
+        if name in self.dissections:
+            concept, iou = self.dissections[name].label(channel)
+            dissection = f"{concept} (IoU {iou:.3f})"
+        self._render(
+            "channel.html", self.root / folder / f"{channel}.html", layer=name,
+            channel=channel, layer_page=f"../{_layer_page(number, name)}", label=label,
+            previous=f"{shown[row - 1]}.html" if row else None,
+            next=f"{shown[row + 1]}.html" if row + 1 < len(shown) else None,
+            strongest=float(maxima.max()), fires=float((maxima > 0).mean()),
+            images=len(maxima), dead=not bool((maxima > 0).any()), dissection=dissection,
+            filter_image=filter_image and f"../{filter_image}", norms=norms, tiles=tiles,
+            histogram=[round(100 * c / max(counts.max(), 1), 1) for c in counts],
+            low=float(edges[0]), high=float(edges[-1]), class_means=class_means,
+            selectivity=selectivity)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _render(self, template: str, path: Path, **values: Any) -> None:
+        path.write_text(self.env.get_template(template).render(**values))
+
+    def _classes(self) -> int | None:
+        return len(self.info.classes) if self.info.classes else None
+
+    def _whole_images(self) -> dict[int, str]:
+        """Each image that is in some channel's top k, written once: {index: path}."""
+        wanted = sorted({int(i) for p in self.patches.values() for i in p.indices.flatten()
+                         if int(i) >= 0})
+        (self.root / "img" / "data").mkdir()
+        paths = {}
+        for start in range(0, len(wanted), 64):
+            chunk = wanted[start:start + 64]
+            tiles = image_tiles(images_at(self.model, self.data, chunk), self.mean, self.std)
+            for index, tile in zip(chunk, tiles, strict=True):
+                paths[index] = f"img/data/{index}.png"
+                _png(self.root / paths[index], tile)
+        return paths
+
+    def _filter(self, number: int, name: str, channel: int
+                ) -> tuple[str | None, list[float]]:
+        """The filter as an RGB tile (3-channel convs), else its weight norm per input channel
+        as bar heights in percent; (None, []) for a layer without one filter per channel."""
+        module = resolve_layer(self.model, name)
+        if not isinstance(module, nn.Conv2d) or channel >= module.out_channels:
+            return None, []
+        weight = module.weight.detach()[channel:channel + 1]
+        if weight.shape[1] == 3:
+            path = f"img/{_layer_folder(number, name)}/f{channel}.png"
+            _png(self.root / path, filter_grid(weight, mode="rgb", padding=0))
+            return path, []
+        norms = weight[0].flatten(1).norm(dim=1)
+        return None, [round(100 * float(v) / max(float(norms.max()), 1e-12), 1) for v in norms]
+
+    def _label(self, name: str, channel: int) -> str | None:
+        if name not in self.dissections:
+            return None
+        concept, _ = self.dissections[name].label(channel)
+        return None if concept == "no concept" else concept
+
+    def _concept_counts(self, name: str) -> str:
+        if name not in self.dissections:
+            return ""
+        result = self.dissections[name]
+        counts = Counter(result.label(c)[0] for c in range(len(result.thresholds)))
+        counts.pop("no concept", None)
+        return ", ".join(f"{n} {concept}" for concept, n in counts.most_common()) or "none"
+
+    def _figures(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """Fig. 7, Fig. 5 and an adversarial panel for two images of the data, where the
+        model is a classifier whose normalisation is known."""
+        if not self.figures:
+            return [], []
+        from vizcnn.render import panels
+
+        indices = [int(i) for i in self.top.indices[self.layers[-1]][:, 0][:2] if int(i) >= 0]
+        images = list(image_tiles(images_at(self.model, self.data, indices), self.mean,
+                                  self.std))
+        recipes = [("Fig. 7: occlusion", "fig7_occlusion.png",
+                    lambda: panels.occlusion_panel(self.model, images, progress=False)),
+                   ("Fig. 5: invariance", "fig5_invariance.png",
+                    lambda: panels.invariance_panel(self.model, images)),
+                   ("The smallest change that flips the decision (L-BFGS)",
+                    "adversarial_lbfgs.png",
+                    lambda: panels.adversarial_panel(self.model, images[0], method="lbfgs"))]
+        drawn, notes = [], []
+        for title, file, draw in recipes:
+            try:
+                save_figure(draw().figure, self.root / "img" / file, dpi=110)
+                drawn.append((title, f"img/{file}"))
+            except VizCNNError as error:
+                notes.append(f"{title}: not drawn ({error})")
+        return drawn, notes
+
+
+def _layer_folder(number: int, name: str) -> str:
+    return f"layer{number + 1}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+
+
+def _layer_page(number: int, name: str) -> str:
+    return f"{_layer_folder(number, name)}.html"
+
+
+def _png(path: Path, rgb: np.ndarray) -> None:
+    """An RGB uint8 array as a PNG (OpenCV writes BGR)."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+        raise BadArgument(f"cannot write '{path}'")
+
+
+def _version() -> str:
+    from vizcnn import __version__
+
+    return __version__
+
