@@ -4,6 +4,10 @@ modules and ``--arch helpers:...`` import this as ``helpers``."""
 
 from __future__ import annotations
 
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -135,3 +139,34 @@ class TupleNet(nn.Module):
 def tuple_net(**kwargs) -> nn.Module:
     torch.manual_seed(4)
     return TupleNet().eval()
+
+
+# --------------------------------------------------------------------------- the gallery
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("href", "src") and value is not None:
+                self.targets.append(value)
+
+
+def check_links(site: Path) -> int:
+    """Every href and src of every page resolves to a file of the site; no URL leaves it.
+    Returns the number of pages."""
+    pages = sorted(site.rglob("*.html"))
+    for page in pages:
+        parser = _Links()
+        text = page.read_text()
+        parser.feed(text)
+        assert not re.search(r"(https?:)?//", text), page  # no CDN, no web fonts
+        for target in parser.targets:
+            assert not target.startswith(("/", "http", "data:")), (page, target)
+            resolved = (page.parent / target.split("#")[0]).resolve()
+            assert resolved.is_file(), (page, target)
+            assert site.resolve() in resolved.parents, (page, target)
+    return len(pages)

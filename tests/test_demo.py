@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_links
 
 import vizcnn
 from vizcnn.data.shapes import SHAPE_CLASSES
@@ -83,6 +84,12 @@ def test_demo_writes_figures_and_report(tmp_path):
     assert "fig7_occlusion.png" in names
     for name in ("adversarial_lbfgs.png", "excite_features.6.png", "fig5_invariance.png"):
         assert name in names
+    index = tmp_path / "demo" / "gallery" / "index.html"
+    assert index in files
+    # a page for every channel of the 5 conv layers (48 + 96 + 128 + 128 + 96), one per
+    # layer, the index; every link inside the site
+    assert check_links(index.parent) == 496 + 5 + 1
+    assert "concept detectors" in index.read_text()
     report = (tmp_path / "demo" / "report.txt").read_text()
     assert "held-out accuracy" in report and "features.10" in report
     run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output

@@ -5,8 +5,9 @@ run leaves nothing half-written): the first-layer filters, feature-map grids of 
 for a few held-out shapes images, Zeiler & Fergus Fig. 2 for every conv layer (the top-9
 held-out images of 16 channels, their deconvnet projections beside the image patches), Fig. 7
 (occlusion maps of three held-out images), an adversarial panel (L-BFGS), an excite panel,
-Fig. 5 (invariance to translation, scale and rotation), and a text report with the held-out
-accuracy and the layer summary.
+Fig. 5 (invariance to translation, scale and rotation), a text report with the held-out
+accuracy and the layer summary, and the gallery (``gallery/index.html``): a page for every
+channel of the 5 conv layers over 2,000 held-out images, with Network Dissection labels.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vizcnn.layers import list_layers
 from vizcnn.models import load_model
 from vizcnn.render import panels
 from vizcnn.render.figures import save_figure
+from vizcnn.render.gallery import write_gallery
 from vizcnn.scan import scan_topk
 from vizcnn.summary import format_summary, summarize
 from vizcnn.train import predict, render_batch
@@ -42,6 +44,7 @@ PROBE_IMAGE = 1  # the held-out image of the adversarial and excite panels
 EXCITE_LAYER = "features.6"  # conv3; the panel excites its strongest feature map
 INVARIANCE_IMAGES = (0, 1, 2, 3)
 INVARIANCE_LAYERS = ("features.1", "classifier.2")  # layer 1 and the hidden FC layer, after ReLU
+GALLERY_DATA = "shapes:2000"  # the gallery: every channel of the 5 conv layers over these
 
 
 def _figures(model, conv_layers: list[str]) -> Iterator[tuple[str, Figure]]:
@@ -95,7 +98,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     # the bar is closed before any error or Ctrl-C message reaches the terminal
-    with (tqdm(total=2 * len(conv_layers) + 6, desc="vizcnn demo", disable=not progress) as bar,
+    with (tqdm(total=2 * len(conv_layers) + 7, desc="vizcnn demo", disable=not progress) as bar,
           atomic_path(out_dir) as staging):
         staging.mkdir()
         for name, figure in _figures(model, conv_layers):
@@ -103,8 +106,12 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
             bar.update()
         (staging / "report.txt").write_text(_report(model))
         bar.update()
+        write_gallery(model, GALLERY_DATA, staging / "gallery", progress=False,
+                      command="vizcnn demo")
+        bar.update()
         written = sorted(p.name for p in staging.iterdir())
     if progress:
         print(f"demo written in {time.perf_counter() - started:.1f} s")
-    return [out_dir / name for name in written]
+    return [out_dir / name for name in written if name != "gallery"] + [
+        out_dir / "gallery" / "index.html"]
 

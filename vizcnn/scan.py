@@ -43,8 +43,10 @@ from vizcnn.models import preprocess
 
 __all__ = [
     "ImageFolder",
+    "InMemory",
     "TopK",
     "images_at",
+    "in_memory",
     "input_batches",
     "open_data",
     "scan_topk",
@@ -151,6 +153,14 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def label(self, index: int) -> int | None:
+        """The class of image ``index``: its sub-folder's rank among the sub-folders (the
+        ImageFolder layout), or None for an image directly in the root."""
+        classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths
+                          if len(p.relative_to(self.root).parts) > 1})
+        parts = self.paths[index].relative_to(self.root).parts
+        return classes.index(parts[0]) if len(parts) > 1 else None
+
     def __getitem__(self, index: int) -> torch.Tensor:
         from vizcnn.data.images import load_image
 
@@ -226,6 +236,49 @@ def _digest_item(digest: Any, item: Any) -> None:
 
 def _bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class InMemory(Dataset):
+    """A data set read once and kept as model inputs: items ``(input, label, mask)`` (label
+    and mask None where the data has none), indexed as the original data set."""
+
+    def __init__(self, inputs: torch.Tensor, labels: list[Any], masks: list[Any]):
+        self.inputs, self.labels, self.masks = inputs, labels, masks
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        return self.inputs[index], self.labels[index], self.masks[index]
+
+
+def in_memory(model: nn.Module, data: Any, budget: int = 512 * 2**20) -> Any:
+    """``data`` read once into memory as ``InMemory``, when it is an indexable data set whose
+    model inputs fit in ``budget`` bytes and whose every item reads cleanly; else ``data``
+    itself. Several passes over the same images (a gallery's scan, statistics and
+    dissection) then decode and preprocess each image once."""
+    opened = open_data(data)
+    if not (isinstance(opened, Dataset) and hasattr(opened, "__len__")) or not len(opened):
+        return data
+    items = []
+    try:
+        first = opened[0]
+        size = _as_input(model, _first(first)).numel() * 4
+        if size * len(opened) > budget:
+            return data
+        for index in range(len(opened)):
+            item = first if index == 0 else opened[index]
+            parts = item if isinstance(item, (tuple, list)) else (item,)
+            label = (opened.label(index) if hasattr(opened, "label")
+                     else parts[1] if len(parts) > 1 else None)
+            items.append((_as_input(model, parts[0]), label,
+                          parts[2] if len(parts) > 2 else None))
+    except BadImage:
+        return data  # an unreadable image: the passes skip it one by one, as always
+    inputs = torch.stack([x for x, _, _ in items])
+    if not bool(finite_images(inputs).all()):
+        return data
+    return InMemory(inputs, [label for _, label, _ in items], [mask for _, _, mask in items])
 
 
 def _first(item: Any) -> Any:

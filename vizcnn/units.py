@@ -33,7 +33,7 @@ from vizcnn.errors import BadArgument
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import forward_to, model_device, preserved_state, strongest_units
 from vizcnn.layers import resolve_layer
-from vizcnn.scan import ImageFolder, input_batches, open_data
+from vizcnn.scan import input_batches, open_data
 
 __all__ = ["IOU_CUTOFF", "ChannelStats", "Dissection", "channel_stats", "dissect"]
 
@@ -262,21 +262,16 @@ def _passes(model, data, names, batch_size, progress, what, on_output=_copy):
 
 
 def _labels(data: Any, indices: list[int]) -> torch.Tensor | None:
-    """(N,) the class of each data-set index, or None where the data has no labels."""
-    from vizcnn.data.shapes import ShapesDataset
-
-    if isinstance(data, ShapesDataset):
-        return torch.tensor([data.label(i) for i in indices])
-    if isinstance(data, ImageFolder):
-        parts = [path.relative_to(data.root).parts for path in data.paths]
-        if not all(len(p) > 1 for p in parts):
-            return None  # a flat folder
-        classes = sorted({p[0] for p in parts})
-        return torch.tensor([classes.index(parts[i][0]) for i in indices])
-    if not hasattr(data, "__getitem__"):
+    """(N,) the class of each data-set index, or None where the data has no labels: from the
+    data set's ``label(i)`` (the shapes; a folder in the ImageFolder layout), else from its
+    items ``(image, label, ...)``."""
+    if hasattr(data, "label"):
+        labels = [data.label(i) for i in indices]
+    elif hasattr(data, "__getitem__"):
+        labels = [_item_part(data[i], 1) for i in indices]
+    else:
         return None
-    labels = [_item_part(data[i], 1) for i in indices]
-    if any(label is None for label in labels):
+    if not labels or any(label is None for label in labels):
         return None
     return torch.tensor([int(label) for label in labels])
 

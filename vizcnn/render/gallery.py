@@ -42,7 +42,7 @@ from vizcnn.models import model_info
 from vizcnn.render.figures import save_figure
 from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
 from vizcnn.render.panels import display_normalisation, filters_panel
-from vizcnn.scan import images_at, open_data, scan_topk
+from vizcnn.scan import images_at, in_memory, open_data, scan_topk
 from vizcnn.summary import summarize
 from vizcnn.units import channel_stats, dissect
 
@@ -85,6 +85,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         resolve_layer(model, name)
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
     data, concepts = _with_masks(data, concepts)
+    data = in_memory(model, data)  # read and preprocess each image once for every pass
     stages = ["scan", "statistics", "dissection", "projections", "pages"]
     with tqdm(total=len(stages), desc="gallery", unit="stage", disable=not progress) as bar:
         top = scan_topk(model, data, layers, k=k, batch_size=batch_size, progress=False)
@@ -337,9 +338,8 @@ class _Site:
                     lambda: panels.occlusion_panel(self.model, images, progress=False)),
                    ("Fig. 5: invariance", "fig5_invariance.png",
                     lambda: panels.invariance_panel(self.model, images)),
-                   ("The smallest change that flips the decision (L-BFGS)",
-                    "adversarial_lbfgs.png",
-                    lambda: panels.adversarial_panel(self.model, images[0], method="lbfgs"))]
+                   ("An adversarial example (PGD, 8/255)", "adversarial_pgd.png",
+                    lambda: panels.adversarial_panel(self.model, images[0], method="pgd"))]
         drawn, notes = [], []
         for title, file, draw in recipes:
             try:
