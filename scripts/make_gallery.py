@@ -1,8 +1,11 @@
 """Write the committed pictures in gallery/ (importable: ``make_gallery(out_dir)``).
 
-- ``gallery/demo/``: what ``vizcnn demo`` writes (first-layer filters, feature maps of every
-  conv layer, Fig. 2 (top-9 projections and patches) of every conv layer, Fig. 7, the
-  adversarial, excite and Fig. 5 panels, the report) for the bundled demo network;
+- ``gallery/demo/``: the figures and the report that ``vizcnn demo`` writes (first-layer
+  filters, feature maps of every conv layer, Fig. 2 of every conv layer, Fig. 7, the
+  adversarial, excite and Fig. 5 panels) for the bundled demo network. The demo's gallery site
+  itself (about 10,000 files) is not committed: three screenshots of it are,
+  ``gallery/gallery_index.png``, ``gallery_layer.png`` and ``gallery_channel.png``, taken by
+  headless Chromium (Debian's ``chromium`` and ``chromium-driver``, through Selenium).
 - ``gallery/receptive_fields.png``: the receptive fields of AlexNet (analytic, a chain) and
   ResNet18 (gradient, a residual graph) on scikit-image's photograph of Chelsea the cat. Fields
   do not depend on the weights, so no weights are downloaded.
@@ -11,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -25,9 +30,12 @@ LAYERS = {
     "alexnet": ["features.0", "features.3", "features.6", "features.10", "features.12"],
     "resnet18": ["conv1", "layer1", "layer2", "layer3", "layer4"],
 }
+SHOWN_LAYER = "layer4_features.8"  # the gallery pages in the screenshots
+SHOWN_CHANNEL = 12  # a ring detector of layer 4
 
 
 def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
+    out_dir = Path(out_dir)
     photo = cv2.resize(skimage.data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
     fig = Figure(figsize=(8.6, 3.4), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -37,8 +45,39 @@ def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
         receptive_field_boxes(photo, fields, ax=ax)
         method = {field.method for field in fields.values()}
         ax.set_title(f"{arch}: centre unit per layer ({'/'.join(sorted(method))})", fontsize=9)
-    written = [save_figure(fig, Path(out_dir) / "receptive_fields.png", dpi=150)]
-    return written + [str(path) for path in run_demo(Path(out_dir) / "demo", progress=False)]
+    written = [save_figure(fig, out_dir / "receptive_fields.png", dpi=150)]
+    with tempfile.TemporaryDirectory() as scratch:
+        files = run_demo(Path(scratch) / "demo", progress=False)
+        shutil.rmtree(out_dir / "demo", ignore_errors=True)
+        (out_dir / "demo").mkdir(parents=True)
+        for path in files:
+            if path.name != "index.html":
+                shutil.copy(path, out_dir / "demo" / path.name)
+                written.append(str(out_dir / "demo" / path.name))
+        written += screenshots(Path(scratch) / "demo" / "gallery", out_dir)
+    return written
+
+
+def screenshots(site: Path, out_dir: Path) -> list[str]:
+    """The gallery's index, a layer page and a channel page, as a person sees them."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options,
+                              service=webdriver.ChromeService(shutil.which("chromedriver")))
+    pages = {"gallery_index.png": site / "index.html",
+             "gallery_layer.png": site / f"{SHOWN_LAYER}.html",
+             "gallery_channel.png": site / SHOWN_LAYER / f"{SHOWN_CHANNEL}.html"}
+    try:
+        for name, page in pages.items():
+            driver.get(page.as_uri())
+            driver.save_screenshot(str(out_dir / name))
+    finally:
+        driver.quit()
+    return [str(out_dir / name) for name in pages]
 
 
 if __name__ == "__main__":

@@ -101,3 +101,29 @@ def test_gallery_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(vizcnn.BadArgument, match="not a vizcnn gallery output"):
         write_gallery(vizcnn.load_model("demo"), "shapes:4", foreign, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_gallery_leaves_no_partial_site_and_resumes(tmp_path, capsys,
+                                                                monkeypatch):
+    from vizcnn.cli import main
+    from vizcnn.render import gallery
+
+    out = tmp_path / "site"
+    argv = ["gallery", "demo", "shapes:40", "--layer", "features.3", "--channels", "0-2",
+            "--no-figures", "--out", str(out)]
+    original = gallery._Site._layer
+
+    def interrupted(self, *args):
+        original(self, *args)  # some pages are written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery._Site, "_layer", interrupted)
+    assert main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.scan-state"]  # no site part
+    monkeypatch.setattr(gallery._Site, "_layer", original)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "resuming the scan saved in" in printed and f"wrote {out / 'index.html'}" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+    assert check_links(out) == 1 + 1 + 3

@@ -277,15 +277,30 @@ def _occlusion(args: argparse.Namespace) -> None:
 
 
 def _gallery(args: argparse.Namespace) -> None:
+    import shutil
+    from pathlib import Path
+
     from vizcnn.render.gallery import write_gallery
 
-    model = _load(args)
     channels = None
     if args.channels:
         channels = parse_channels(args.channels, 1 << 30)  # a narrower layer shows fewer
-    index = write_gallery(model, args.data, args.out, layers=args.layer, k=args.k,
-                          channels=channels, batch_size=args.batch_size,
-                          figures=not args.no_figures, command=args.command_line)
+    model = _load(args)
+    out = Path(args.out)
+    state = out.parent / f".{out.name}.scan-state"
+    if state.exists():
+        print(f"resuming the scan saved in {state}")
+    try:
+        index = write_gallery(model, args.data, out, layers=args.layer, k=args.k,
+                              channels=channels, batch_size=args.batch_size,
+                              figures=not args.no_figures, command=args.command_line,
+                              state_path=state)
+    except KeyboardInterrupt:
+        if state.exists():
+            print(f"scan state saved in {state}; run the same command again to resume",
+                  file=sys.stderr)
+        raise
+    shutil.rmtree(state, ignore_errors=True)
     print(f"wrote {index}")
 
 

@@ -62,7 +62,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   layers: list[str] | None = None, k: int = 9,
                   channels: list[int] | None = None, batch_size: int = 64,
                   concepts: list[str] | None = None, figures: bool = True,
-                  progress: bool = True, command: str | None = None) -> Path:
+                  progress: bool = True, command: str | None = None,
+                  state_path: str | os.PathLike | None = None) -> Path:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
     of its ``index.html``.
 
@@ -75,6 +76,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         concepts: concept names when the data's items are ``(image, label, mask)``.
         figures: draw the paper's figures (occlusion, invariance, adversarial) for a classifier.
         command: how the site was made, shown on the index (the CLI passes its command line).
+        state_path: where the top-k scan saves its state, so that an interrupted gallery
+            resumes its scan (see ``scan_topk``).
     """
     out = Path(out)
     writable_parent(check_replaceable(out, "index.html", "gallery"))
@@ -88,7 +91,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     data = in_memory(model, data)  # read and preprocess each image once for every pass
     stages = ["scan", "statistics", "dissection", "projections", "pages"]
     with tqdm(total=len(stages), desc="gallery", unit="stage", disable=not progress) as bar:
-        top = scan_topk(model, data, layers, k=k, batch_size=batch_size, progress=False)
+        top = scan_topk(model, data, layers, k=k, batch_size=batch_size,
+                        state_path=state_path, progress=False)
         bar.update()
         stats = channel_stats(model, data, layers, batch_size=batch_size, progress=False)
         size = tuple(images_at(model, data, [_first_index(top, layers)]).shape[-2:])
