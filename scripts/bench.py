@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def photo_batch(count: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
               skimage.data.rocket(), *load_sample_images().images]
     rng = np.random.default_rng(seed)
-    steps = IMAGENET_PREPROCESSING
+    imagenet = IMAGENET_PREPROCESSING
     crops = []
     for _ in range(count):
         photo = photos[rng.integers(len(photos))]
@@ -59,8 +60,8 @@ def photo_batch(count: int, size: int = 224, seed: int = 0) -> torch.Tensor:
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         tensor = torch.tensor(np.ascontiguousarray(crop)).permute(2, 0, 1)
-        crops.append(Preprocessing(resize=(size, size), crop=None,
-                                                 mean=steps.mean, std=steps.std)(tensor))
+        crops.append(Preprocessing(resize=(size, size), crop=None, mean=imagenet.mean,
+                                   std=imagenet.std)(tensor))
     return torch.stack(crops)
 
 
@@ -388,7 +389,42 @@ def bench_adversarial(quick: bool) -> None:
           + ", ".join(f"{a} deg: {float(p):.3f}" for a, p in zip(angles, rotated, strict=True)))
 
 
+# --------------------------------------------------------------------------- gallery
+
+
+def bench_gallery(quick: bool) -> None:
+    """The whole gallery of the demo network (5 conv layers, 2,000 images) and of AlexNet
+    (5 conv layers, 500 photo crops at 224, random weights): seconds per stage, the site's
+    size, and the share of the page-writing stages."""
+    import json
+    import tempfile
+
+    from vizcnn.render.gallery import write_gallery
+
+    alexnet = vizcnn.with_model_info(_alexnet(), preprocessing=IMAGENET_PREPROCESSING)
+    runs = [("demo, shapes:2000", vizcnn.load_model("demo"), "shapes:2000" if not quick
+             else "shapes:300"),
+            ("AlexNet, photo crops", alexnet, photo_batch(100 if quick else 500))]
+    print(f"gallery: every channel of every conv layer, {torch.get_num_threads()} threads")
+    print(f"{'model, data':<22} {'total s':>8}  {'seconds per stage':<70} {'MB':>6} "
+          f"{'KB/ch':>6} {'pages %':>7}")
+    for label, model, data in runs:
+        with tempfile.TemporaryDirectory() as scratch:
+            index, seconds = _timed(write_gallery, model, data, Path(scratch) / "site",
+                                    progress=False)
+            site = index.parent
+            report = json.loads((site / "gallery.json").read_text())
+            size = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+        stages = report["seconds"]
+        pages = stages.get("pages", 0.0) + stages.get("figures", 0.0)
+        text = " ".join(f"{name} {value:.1f}" for name, value in stages.items())
+        print(f"{label:<22} {seconds:8.1f}  {text:<70} {size / 2**20:6.1f} "
+              f"{size / 2**10 / report['channels']:6.1f} {100 * pages / seconds:6.0f}%")
+    print("  pages %: the share of figures + pages (rendering and writing) in the total")
+
+
 SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
+            "gallery": bench_gallery,
             "adversarial": bench_adversarial}
 
 

@@ -21,8 +21,10 @@ and moved into place whole (``vizcnn.io``).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -88,30 +90,58 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         resolve_layer(model, name)
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
     data, concepts = _with_masks(data, concepts)
-    data = in_memory(model, data)  # read and preprocess each image once for every pass
-    stages = ["scan", "statistics", "dissection", "projections", "pages"]
-    with tqdm(total=len(stages), desc="gallery", unit="stage", disable=not progress) as bar:
-        top = scan_topk(model, data, layers, k=k, batch_size=batch_size,
+    clock = _Stages(progress)
+    with clock:
+        data = clock.run("reading", in_memory, model, data)  # each image read once
+        top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
                         state_path=state_path, progress=False)
-        bar.update()
-        stats = channel_stats(model, data, layers, batch_size=batch_size, progress=False)
+        stats = clock.run("statistics", channel_stats, model, data, layers,
+                          batch_size=batch_size, progress=False)
         size = tuple(images_at(model, data, [_first_index(top, layers)]).shape[-2:])
         rows = {row.name: row for row in summarize(model, size, layers)}
-        bar.update()
         spatial = [name for name in layers if rows[name].output_shape
                    and len(rows[name].output_shape) == 3]
-        dissections = (dissect(model, data, spatial, concepts, batch_size=batch_size,
-                               progress=False) if concepts and spatial else {})
-        bar.update()
-        patches = {name: top_patches(model, top, data, name, _chosen(channels, top, name))
-                   for name in layers}
-        bar.update()
+        dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
+                                 batch_size=batch_size, progress=False)
+                       if concepts and spatial else {})
+        patches = clock.run("projections", lambda: {
+            name: top_patches(model, top, data, name, _chosen(channels, top, name))
+            for name in layers})
         with atomic_path(out) as site:
             site.mkdir()
-            _Site(model, data, site, layers, size, rows, top, stats, dissections, patches,
-                  command, figures, source or top.source).write()
-        bar.update()
+            written = _Site(model, data, site, layers, size, rows, top, stats, dissections,
+                            patches, command, figures, source or top.source)
+            clock.run("figures", written.draw_figures)
+            clock.run("pages", written.write)
+            (site / "gallery.json").write_text(json.dumps(
+                {"seconds": clock.seconds, "layers": layers, "images": top.count,
+                 "channels": sum(len(p.channels) for p in patches.values())}, indent=2))
     return out / "index.html"
+
+
+class _Stages:
+    """Runs the gallery's stages with one tqdm step each and records their seconds."""
+
+    NAMES = ("reading", "scan", "statistics", "dissection", "projections", "figures", "pages")
+
+    def __init__(self, progress: bool):
+        self.bar = tqdm(total=len(self.NAMES), desc="gallery", unit="stage",
+                        disable=not progress)
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> _Stages:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def run(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        self.bar.set_postfix_str(name)
+        result = function(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - started, 3)
+        self.bar.update()
+        return result
 
 
 def _with_masks(data: Any, concepts: list[str] | None) -> tuple[Any, list[str] | None]:
@@ -151,11 +181,16 @@ class _Site:
         self.mean, self.std = display_normalisation(model)
         self.env = Environment(loader=PackageLoader("vizcnn.render", "templates"),
                                autoescape=select_autoescape(["html"]))
+        (root / "img").mkdir()
+        self.figures_drawn: tuple[list[tuple[str, str]], list[str]] | None = None
+
+    def draw_figures(self) -> None:
+        """The paper figures of the index (the slow part of the index, timed apart)."""
+        self.figures_drawn = self._figures()
 
     def write(self) -> None:
         (self.root / "style.css").write_text(
             (Path(__file__).parent / "templates" / "style.css").read_text())
-        (self.root / "img").mkdir()
         whole = self._whole_images()
         for number, name in enumerate(self.layers):
             self._layer(number, name, whole)
@@ -166,7 +201,7 @@ class _Site:
     def _index(self) -> None:
         filters = "img/filters.png"
         save_figure(filters_panel(self.model).figure, self.root / filters, dpi=110)
-        figures, notes = self._figures()
+        figures, notes = self.figures_drawn or self._figures()
         labelled = self.stats[self.layers[0]].labels is not None
         facts = [("model", self.info.spec or type(self.model).__name__),
                  ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
