@@ -51,6 +51,7 @@ from vizcnn.units import channel_stats, dissect
 __all__ = ["default_layers", "write_gallery"]
 
 HISTOGRAM_BINS = 24
+TILE = 128  # the largest side of a written tile, in pixels
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -238,6 +239,7 @@ class _Site:
         selectivity = stats.selectivity(self._classes()).cpu() if labelled else None
         strongest = stats.maxima.max(dim=0).values.cpu()
         fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
+        ext = _extension(tuple(patches.projections.shape[-2:]))
         projections = [projection_tiles(p) for p in patches.projections]
         crops = [image_tiles(i, self.mean, self.std) for i in patches.images]
         cards = []
@@ -246,13 +248,13 @@ class _Site:
             for j in range(projections[row].shape[0]):
                 if int(patches.indices[row, j]) < 0:
                     continue
-                _png(images / f"p{channel}_{j}.png", projections[row][j])
-                _png(images / f"i{channel}_{j}.png", crops[row][j])
+                _png(images / f"p{channel}_{j}{ext}", projections[row][j])
+                _png(images / f"i{channel}_{j}{ext}", crops[row][j])
             label = self._label(name, channel)
             cards.append({
                 "channel": channel, "page": f"{_layer_folder(number, name)}/{channel}.html",
-                "projection": f"img/{_layer_folder(number, name)}/p{channel}_0.png",
-                "patch": f"img/{_layer_folder(number, name)}/i{channel}_0.png",
+                "projection": f"img/{_layer_folder(number, name)}/p{channel}_0{ext}",
+                "patch": f"img/{_layer_folder(number, name)}/i{channel}_0{ext}",
                 "strongest": float(strongest[channel]), "fires": float(fires[channel]),
                 "selectivity": float(selectivity[channel]) if labelled else 0.0,
                 "dead": bool(dead[channel]), "label": label})
@@ -271,6 +273,7 @@ class _Site:
         patches, stats = self.patches[name], self.stats[name]
         channel = shown[row]
         folder = _layer_folder(number, name)
+        ext = _extension(tuple(patches.projections.shape[-2:]))
         height, width = self.size
         tiles = []
         for j in range(patches.indices.shape[1]):
@@ -279,8 +282,8 @@ class _Site:
                 continue
             top_, left, bottom, right = patches.boxes[row, j].tolist()
             tiles.append({
-                "projection": f"../img/{folder}/p{channel}_{j}.png",
-                "patch": f"../img/{folder}/i{channel}_{j}.png",
+                "projection": f"../img/{folder}/p{channel}_{j}{ext}",
+                "patch": f"../img/{folder}/i{channel}_{j}{ext}",
                 "image": f"../{whole[index]}", "index": index,
                 "title": f"image {index}, activation {float(patches.values[row, j]):.4g}",
                 "box": [round(100 * top_ / height, 2), round(100 * left / width, 2),
@@ -330,7 +333,7 @@ class _Site:
             chunk = wanted[start:start + 64]
             tiles = image_tiles(images_at(self.model, self.data, chunk), self.mean, self.std)
             for index, tile in zip(chunk, tiles, strict=True):
-                paths[index] = f"img/data/{index}.png"
+                paths[index] = f"img/data/{index}{_extension(self.size)}"
                 _png(self.root / paths[index], tile)
         return paths
 
@@ -373,8 +376,11 @@ class _Site:
         indices = [int(i) for i in self.top.indices[self.layers[-1]][:, 0][:2] if int(i) >= 0]
         images = list(image_tiles(images_at(self.model, self.data, indices), self.mean,
                                   self.std))
+        side = min(self.size)  # the occluder scales with the image: 16 px at 64, 56 at 224
         recipes = [("Fig. 7: occlusion", "fig7_occlusion.png",
-                    lambda: panels.occlusion_panel(self.model, images, progress=False)),
+                    lambda: panels.occlusion_panel(self.model, images, window=max(4, side // 4),
+                                                   stride=max(2, side // 16),
+                                                   progress=False)),
                    ("Fig. 5: invariance", "fig5_invariance.png",
                     lambda: panels.invariance_panel(self.model, images)),
                    ("An adversarial example (PGD, 8/255)", "adversarial_pgd.png",
@@ -397,9 +403,22 @@ def _layer_page(number: int, name: str) -> str:
     return f"{_layer_folder(number, name)}.html"
 
 
+def _extension(size: tuple[int, ...]) -> str:
+    """PNG for small tiles (exact pixels); JPEG (quality 90) above 64 px, where a projection's
+    fine noise would make PNGs of 20 KB and more each, thousands of them per site."""
+    return ".png" if max(size) <= 64 else ".jpg"
+
+
 def _png(path: Path, rgb: np.ndarray) -> None:
-    """An RGB uint8 array as a PNG (OpenCV writes BGR)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+    """An RGB uint8 array as an image file (PNG or JPEG by the suffix; OpenCV writes BGR), at
+    most ``TILE`` pixels on a side: pages show tiles at 128 px."""
+    if max(rgb.shape[:2]) > TILE:
+        scale = TILE / max(rgb.shape[:2])
+        rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
+                         interpolation=cv2.INTER_AREA)
+    quality = [cv2.IMWRITE_JPEG_QUALITY, 90] if path.suffix == ".jpg" else []
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                       quality):
         raise BadArgument(f"cannot write '{path}'")
 
 
