@@ -104,7 +104,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                    and len(rows[name].output_shape) == 3]
         dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
                                  batch_size=batch_size, progress=False)
-                       if concepts and spatial else {})
+                       if concepts and spatial else clock.skip("dissection", {}))
         patches = clock.run("projections", lambda: {
             name: top_patches(model, top, data, name, _chosen(channels, top, name))
             for name in layers})
@@ -135,6 +135,11 @@ class _Stages:
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.close()
+
+    def skip(self, name: str, result: Any) -> Any:
+        """A stage that has nothing to do (no concept masks: no dissection)."""
+        self.bar.update()
+        return result
 
     def run(self, name: str, function, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
