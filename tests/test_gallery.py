@@ -127,3 +127,15 @@ def test_interrupted_gallery_leaves_no_partial_site_and_resumes(tmp_path, capsys
     assert "resuming the scan saved in" in printed and f"wrote {out / 'index.html'}" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
     assert check_links(out) == 1 + 1 + 3
+
+
+def test_channels_a_layer_lacks_are_refused_before_the_scan(tmp_path, capsys):
+    from vizcnn.cli import main
+
+    code = main(["gallery", "demo", "shapes:20", "--layer", "features.3", "--channels",
+                 "500-501", "--no-figures", "--out", str(tmp_path / "site")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vizcnn:")]  # past the bar
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "'features.3' has none of the channels asked for: it has 96 channels" in err
+    assert list(tmp_path.iterdir()) == []  # no site, no scan state

@@ -44,7 +44,7 @@ from vizcnn.models import model_info
 from vizcnn.render.figures import save_figure
 from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
 from vizcnn.render.panels import display_normalisation, filters_panel
-from vizcnn.scan import images_at, in_memory, open_data, scan_topk
+from vizcnn.scan import images_at, in_memory, input_batches, open_data, scan_topk
 from vizcnn.summary import summarize
 from vizcnn.units import channel_stats, dissect
 
@@ -94,20 +94,20 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     clock = _Stages(progress)
     with clock:
         data = clock.run("reading", in_memory, model, data)  # each image read once
+        size = _input_size(model, data)
+        rows = {row.name: row for row in summarize(model, size, layers)}
+        shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the scan
         top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
                         state_path=state_path, progress=False)
         stats = clock.run("statistics", channel_stats, model, data, layers,
                           batch_size=batch_size, progress=False)
-        size = tuple(images_at(model, data, [_first_index(top, layers)]).shape[-2:])
-        rows = {row.name: row for row in summarize(model, size, layers)}
         spatial = [name for name in layers if rows[name].output_shape
                    and len(rows[name].output_shape) == 3]
         dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
                                  batch_size=batch_size, progress=False)
                        if concepts and spatial else clock.skip("dissection", {}))
         patches = clock.run("projections", lambda: {
-            name: top_patches(model, top, data, name, _chosen(channels, top, name))
-            for name in layers})
+            name: top_patches(model, top, data, name, shown[name]) for name in layers})
         with atomic_path(out) as site:
             site.mkdir()
             written = _Site(model, data, site, layers, size, rows, top, stats, dissections,
@@ -159,18 +159,28 @@ def _with_masks(data: Any, concepts: list[str] | None) -> tuple[Any, list[str] |
     return data, concepts
 
 
-def _first_index(top: Any, layers: list[str]) -> int:
-    """A data-set index the scan kept (to learn the model input's size)."""
-    for name in layers:
-        filled = top.indices[name][top.indices[name] >= 0]
-        if filled.numel():
-            return int(filled[0])
-    raise BadArgument("the scan holds no image")
+def _input_size(model: nn.Module, data: Any) -> tuple[int, int]:
+    """(H, W) of the model input, from the data's first readable image."""
+    for _, batch, _ in input_batches(model, data, 1):
+        if len(batch):
+            return tuple(batch.shape[-2:])
+    raise BadArgument("no readable image in the data")
 
 
-def _chosen(channels: list[int] | None, top: Any, name: str) -> list[int]:
-    count = top.values[name].shape[0]
-    return list(range(count)) if channels is None else [c for c in channels if c < count]
+def _chosen(channels: list[int] | None, row: Any) -> list[int]:
+    """The channels shown for a layer (its ``summarize`` row): all, or those of ``channels``
+    the layer has (layers differ in width); a one-line error when it has none of them."""
+    name = row.name
+    if not row.output_shape:
+        raise BadArgument(f"layer {name!r} gives no feature maps", "pick conv layers")
+    count = row.output_shape[0]
+    if channels is None:
+        return list(range(count))
+    chosen = [c for c in channels if 0 <= c < count]
+    if not chosen:
+        raise BadArgument(f"layer {name!r} has none of the channels asked for: it has {count} "
+                          f"channels (0-{count - 1})", "give channels it has (--channels)")
+    return chosen
 
 
 class _Site:
