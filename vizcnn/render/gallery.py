@@ -31,6 +31,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 from torch import nn
 from tqdm import tqdm
@@ -198,7 +199,7 @@ class _Site:
         self.env = Environment(loader=PackageLoader("vizcnn.render", "templates"),
                                autoescape=select_autoescape(["html"]))
         (root / "img").mkdir()
-        self.figures_drawn: tuple[list[tuple[str, str]], list[str]] | None = None
+        self.figures_drawn: tuple[list[tuple[str, str]], list[str]] = ([], [])
 
     def draw_figures(self) -> None:
         """The paper figures of the index (the slow part of the index, timed apart)."""
@@ -217,7 +218,7 @@ class _Site:
     def _index(self) -> None:
         filters = "img/filters.png"
         save_figure(filters_panel(self.model).figure, self.root / filters, dpi=110)
-        figures, notes = self.figures_drawn or self._figures()
+        figures, notes = self.figures_drawn
         labelled = self.stats[self.layers[0]].labels is not None
         facts = [("model", self.info.spec or type(self.model).__name__),
                  ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
@@ -251,6 +252,8 @@ class _Site:
         images.mkdir()
         patches, stats = self.patches[name], self.stats[name]
         labelled = stats.labels is not None
+        # per layer once: class means and selectivity of every channel
+        means = stats.class_means(self._classes()).cpu().nan_to_num(0.0) if labelled else None
         selectivity = stats.selectivity(self._classes()).cpu() if labelled else None
         strongest = stats.maxima.max(dim=0).values.cpu()
         fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
@@ -273,7 +276,8 @@ class _Site:
                 "strongest": float(strongest[channel]), "fires": float(fires[channel]),
                 "selectivity": float(selectivity[channel]) if labelled else 0.0,
                 "dead": bool(dead[channel]), "label": label})
-            self._channel(number, name, row, shown, whole, label)
+            self._channel(number, name, row, shown, whole, label,
+                          None if means is None else (means[channel], selectivity[channel]))
         page = self.rows.get(name)
         self._render("layer.html", self.root / _layer_page(number, name), layer=name,
                      kind=type(resolve_layer(self.model, name)).__name__,
@@ -284,7 +288,10 @@ class _Site:
                      if number + 1 < len(self.layers) else None)
 
     def _channel(self, number: int, name: str, row: int, shown: list[int],
-                 whole: dict[int, str], label: str | None) -> None:
+                 whole: dict[int, str], label: str | None,
+                 by_class: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """One channel's page; ``by_class``: its mean per class (K,) and selectivity, or None
+        without labels."""
         patches, stats = self.patches[name], self.stats[name]
         channel = shown[row]
         folder = _layer_folder(number, name)
@@ -307,12 +314,11 @@ class _Site:
         maxima = stats.maxima[:, channel].cpu().numpy()
         counts, edges = np.histogram(maxima, bins=HISTOGRAM_BINS)
         class_means, selectivity = None, None
-        if stats.labels is not None:
-            means = stats.class_means(self._classes())[channel].cpu().nan_to_num(0.0)
+        if by_class is not None:
+            means, selectivity = by_class[0], float(by_class[1])
             scale = 160 / max(float(means.max()), 1e-12)
             class_means = [(self.info.class_name(i), float(v), round(float(v) * scale, 1))
                            for i, v in enumerate(means)]
-            selectivity = float(stats.selectivity(self._classes())[channel])
         filter_image, norms = self._filter(number, name, channel)
         dissection = None
         if name in self.dissections:
