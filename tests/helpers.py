@@ -8,6 +8,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,3 +171,26 @@ def check_links(site: Path) -> int:
             assert resolved.is_file(), (page, target)
             assert site.resolve() in resolved.parents, (page, target)
     return len(pages)
+
+
+def shapes_folder(root: Path, count: int, size: int = 64, seed: int = 7) -> Path:
+    """``count`` shapes as PNG files in one sub-folder per class (named as the shapes, so
+    sorted folder order is not the demo's class order), their concept masks in the sibling
+    ``<root>-masks`` laid out as ``vizcnn.scan.MASKS_LAYOUT``. Returns the images' folder."""
+    import cv2
+
+    from vizcnn.data.shapes import SHAPE_CLASSES, SHAPE_CONCEPTS, ShapesDataset
+
+    data = ShapesDataset(count, seed=seed, image_size=size, masks=True)
+    masks = root.with_name(root.name + "-masks")
+    masks.mkdir(parents=True)
+    (masks / "concepts.txt").write_text("\n".join(SHAPE_CONCEPTS) + "\n")
+    for index in range(count):
+        image, label, mask = data[index]
+        name = f"{SHAPE_CLASSES[label]}/{index:04d}.png"
+        for folder in (root, masks):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), cv2.cvtColor(image.permute(1, 2, 0).numpy(),
+                                                   cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(masks / name), mask.numpy().astype(np.uint8))
+    return root

@@ -139,3 +139,93 @@ def test_channels_a_layer_lacks_are_refused_before_the_scan(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "'features.3' has none of the channels asked for: it has 96 channels" in err
     assert list(tmp_path.iterdir()) == []  # no site, no scan state
+
+
+def test_a_folder_with_sibling_masks_gets_labels_accuracy_and_concepts(tmp_path, capsys):
+    """A folder of shapes in class sub-folders (alphabetical: not the demo's class order)
+    with ``shapes-masks`` beside it: the CLI finds the masks, the index gives the accuracy of
+    a brute-force pass and the concepts, the channel pages name the classes by folder."""
+    from helpers import shapes_folder
+
+    from vizcnn.cli import main
+    from vizcnn.data.shapes import SHAPE_CLASSES
+
+    folder = shapes_folder(tmp_path / "shapes", 48)
+    out = tmp_path / "site"
+    assert main(["gallery", "demo", str(folder), "--layer", "features.8", "--channels", "0-3",
+                 "--no-figures", "--out", str(out)]) == 0
+    capsys.readouterr()
+    demo = vizcnn.load_model("demo")
+    paths = vizcnn.ImageFolder(folder).paths
+    with torch.no_grad():
+        predicted = [int(demo(vizcnn.preprocess(demo, p)).argmax()) for p in paths]
+    correct = sum(p == SHAPE_CLASSES.index(path.parent.name)
+                  for p, path in zip(predicted, paths, strict=True))
+    text = (out / "index.html").read_text()
+    assert f"{100 * correct / 48:.1f} % of 48 images" in text and "by name" in text
+    assert "9 (circle, ring, square, frame" in text and "concept detectors" in text
+    page = (out / "layer1_features.8" / "0.html").read_text()
+    assert "Network Dissection: best concept" in page
+    bar = '<span class="name">{}</span>'
+    assert page.index(bar.format("circle")) < page.index(bar.format("star"))  # sorted folders
+    assert check_links(out) == 1 + 1 + 4
+
+
+def test_folder_mask_mistakes_are_one_line(tmp_path, capsys):
+    from helpers import shapes_folder
+
+    from vizcnn.cli import main
+
+    folder = shapes_folder(tmp_path / "shapes", 6)
+    elsewhere = tmp_path / "empty-masks"
+    elsewhere.mkdir()
+    sorted(folder.with_name("shapes-masks").rglob("*.png"))[0].unlink()
+    for extra, message in ([[], "1 of 6 images have no mask"],
+                           [["--masks", str(elsewhere)], "concepts.txt' not found"]):
+        code = main(["gallery", "demo", str(folder), "--layer", "features.8", "--no-figures",
+                     "--out", str(tmp_path / "site"), *extra])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("vizcnn:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert "Traceback" not in err and not (tmp_path / "site").exists()
+    assert main(["gallery", "demo", str(folder), "--layer", "features.8", "--no-figures",
+                 "--no-masks", "--channels", "0", "--out", str(tmp_path / "site")]) == 0
+    assert "concept detectors" not in (tmp_path / "site" / "index.html").read_text()
+    with pytest.raises(vizcnn.BadArgument, match="masks= is for a folder of images"):
+        write_gallery(vizcnn.load_model("demo"), "shapes:4", tmp_path / "other",
+                      masks=tmp_path / "empty-masks", progress=False)
+
+
+def test_a_killed_gallery_leaves_the_earlier_site_whole(tmp_path, capsys):
+    """SIGKILL while the new site's pages are being written: the earlier site is untouched,
+    byte for byte; the next run clears what the killed one left and writes the site."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vizcnn.cli import main
+
+    out = tmp_path / "site"
+    argv = ["gallery", "demo", "shapes:40", "--layer", "features.3", "--layer", "features.8",
+            "--no-figures", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-m", "vizcnn.cli", *argv],
+                             env={**os.environ, "PYTHONPATH": str(root)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".site.*.partial/layer1_features.3/*.html")):
+        assert child.poll() is None and time.monotonic() < deadline  # still writing
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    assert list(tmp_path.glob(".site.*.partial"))  # the killed run's half site, apart
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+    assert check_links(out) == 1 + 2 + 96 + 128

@@ -141,3 +141,131 @@ def test_dissection_mistakes(demo):
     with pytest.raises(vizcnn.BadArgument, match="no labels"):
         channel_stats(demo, torch.randn(4, 3, 64, 64), ["features.3"],
                       progress=False)["features.3"].class_means()
+
+
+# --------------------------------------------------------------------------- folders with masks
+
+
+def test_a_folder_with_masks_dissects_as_its_items(demo, tmp_path):
+    """The same 32 shapes, once as (image, label, mask) items and once as PNG files with a
+    sibling masks folder (another order: by class folder): the same thresholds and IoUs."""
+    from helpers import shapes_folder
+
+    folder = shapes_folder(tmp_path / "shapes", 32)
+    masked = vizcnn.ImageFolder(folder, masks=vizcnn.scan.sibling_masks(folder))
+    assert masked.concepts == tuple(SHAPE_CONCEPTS)
+    items = ShapesDataset(32, seed=7, masks=True)
+    layer = "features.6"
+    ours = dissect(demo, masked, [layer], masked.concepts, batch_size=1, progress=False)[layer]
+    theirs = dissect(demo, items, [layer], SHAPE_CONCEPTS, batch_size=1,
+                     progress=False)[layer]
+    torch.testing.assert_close(ours.thresholds, theirs.thresholds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.iou, theirs.iou, rtol=1e-6, atol=1e-7)
+    assert float(ours.iou.max()) > 0
+
+
+def test_masks_follow_their_images_resize_and_crop():
+    """A 300 x 400 image of flat-coloured rectangles and its mask of rectangle indices,
+    through ImageNet's resize (shorter side 256, bilinear) and centre crop (224): wherever
+    the preprocessed image shows a rectangle's colour, the mask names that rectangle."""
+    colours = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10]])
+    mask = np.zeros((300, 400), np.int64)
+    mask[:, 130:] = 1
+    mask[170:, :] = 2
+    mask[40:120, 250:330] = 3
+    image = colours[mask].astype(np.uint8)
+    model = vizcnn.with_model_info(nn.Sequential(nn.Conv2d(3, 2, 3)),
+                                   preprocessing=vizcnn.Preprocessing())
+    x = vizcnn.preprocess(model, image)[0]
+    resized = vizcnn.scan.input_mask(model, image, torch.from_numpy(mask))
+    assert resized.shape == (224, 224) and resized.dtype == torch.long
+    recipe = vizcnn.IMAGENET_PREPROCESSING
+    mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)
+    pixels = ((x * std[:, None, None] + mean[:, None, None]) * 255).permute(1, 2, 0)
+    distance = (pixels[:, :, None, :] - torch.tensor(colours).float()).norm(dim=-1)
+    flat = distance.min(dim=-1).values < 3  # away from the blended edges
+    assert flat.float().mean() > 0.9
+    assert torch.equal(distance.argmin(dim=-1)[flat], resized[flat])
+    assert set(resized.unique().tolist()) == {0, 1, 2, 3}
+
+
+def test_folder_mask_mistakes(tmp_path):
+    from helpers import shapes_folder
+
+    folder = shapes_folder(tmp_path / "shapes", 4)
+    masks = folder.with_name("shapes-masks")
+    one = sorted(masks.rglob("*.png"))[0]
+    (masks / "concepts.txt").write_text("\n")
+    with pytest.raises(vizcnn.BadArgument, match="names no concept"):
+        vizcnn.ImageFolder(folder, masks=masks)
+    (masks / "concepts.txt").unlink()
+    with pytest.raises(vizcnn.BadArgument, match="concepts.txt' not found"):
+        vizcnn.ImageFolder(folder, masks=masks)
+    (masks / "concepts.txt").write_text("\n".join(SHAPE_CONCEPTS))
+    import cv2
+
+    cv2.imwrite(str(one), np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(vizcnn.BadArgument, match="not a single-channel"):
+        vizcnn.ImageFolder(folder, masks=masks)[0]
+    cv2.imwrite(str(one), np.zeros((10, 10), np.uint8))
+    with pytest.raises(vizcnn.BadArgument, match=r"is \(10, 10\), its image \(64, 64\)"):
+        vizcnn.ImageFolder(folder, masks=masks)[0]
+    one.unlink()
+    with pytest.raises(vizcnn.BadArgument, match="1 of 4 images have no mask"):
+        vizcnn.ImageFolder(folder, masks=masks)
+
+
+# --------------------------------------------------------------------------- accuracy, classes
+
+
+def _predicted(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(images[n:n + 1]).argmax(1) for n in range(len(images))])
+
+
+def test_accuracy_matches_folder_classes_to_the_models_by_name(demo, tmp_path):
+    from helpers import shapes_folder
+
+    from vizcnn.data.shapes import SHAPE_CLASSES
+
+    folder = vizcnn.ImageFolder(shapes_folder(tmp_path / "shapes", 40))
+    assert folder.classes != tuple(SHAPE_CLASSES)  # alphabetical, not the demo's order
+    images = torch.cat([vizcnn.preprocess(demo, path) for path in folder.paths])
+    truth = torch.tensor([SHAPE_CLASSES.index(p.parent.name) for p in folder.paths])
+    result = vizcnn.accuracy(demo, folder, batch_size=16)
+    assert (result.correct, result.total) == (int((_predicted(demo, images) == truth).sum()), 40)
+    assert "by name" in result.matched
+    shapes = ShapesDataset(40, seed=7)  # the same images, in the demo's class order
+    labels = torch.tensor([shapes.label(i) for i in range(40)])
+    drawn = torch.cat([vizcnn.preprocess(demo, shapes.render(i).image) for i in range(40)])
+    direct = vizcnn.accuracy(demo, shapes)
+    assert direct.correct == int((_predicted(demo, drawn) == labels).sum()) == result.correct
+    assert direct.matched == "the data's classes are the model's"
+
+
+def test_accuracy_mistakes(demo, tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs").mkdir()
+    import cv2
+
+    for name in ("cats/a.png", "dogs/b.png"):
+        cv2.imwrite(str(tmp_path / name), np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(vizcnn.BadArgument, match="class 'cats' is not one of the model's 8"):
+        vizcnn.accuracy(demo, str(tmp_path))
+    with pytest.raises(vizcnn.BadArgument, match="no labels"):
+        vizcnn.accuracy(demo, torch.randn(3, 3, 64, 64))
+
+
+def test_selectivity_counts_only_the_classes_the_data_has():
+    """Labels 0, 2 and 5 of 8 named classes: the other five classes have no mean, and do not
+    count as zero in mu_rest."""
+    maxima = torch.tensor([[1.0, 0.0], [3.0, -1.0], [2.0, 0.0], [6.0, 4.0]])
+    labels = torch.tensor([0, 2, 2, 5])
+    stats = vizcnn.units.ChannelStats("x", maxima, torch.arange(4), labels,
+                                      tuple("abcdefgh"))
+    assert stats.class_means().shape == (2, 8)
+    present = [[1.0, 2.5, 6.0], [0.0, 0.0, 4.0]]  # rectified means of classes 0, 2, 5
+    for channel, means in enumerate(present):
+        top = max(means)
+        rest = (sum(means) - top) / 2
+        assert float(stats.selectivity()[channel]) == pytest.approx((top - rest) / (top + rest))

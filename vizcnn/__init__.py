@@ -39,13 +39,16 @@ from vizcnn.probes.adversarial import (
 from vizcnn.probes.invariance import InvarianceResult, invariance
 from vizcnn.probes.occlusion import OcclusionMaps, occlusion
 from vizcnn.receptive import ReceptiveField, receptive_field, receptive_fields
-from vizcnn.scan import TopK, scan_topk
+from vizcnn.scan import ImageFolder, TopK, scan_topk
 from vizcnn.summary import LayerSummary, format_summary, summarize
-from vizcnn.units import ChannelStats, Dissection, channel_stats, dissect
+from vizcnn.units import Accuracy, ChannelStats, Dissection, accuracy, channel_stats, dissect
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accuracy",
+    "ImageFolder",
+    "accuracy",
     "DEMO_PREPROCESSING",
     "IMAGENET_PREPROCESSING",
     "SHAPE_CLASSES",

@@ -293,6 +293,7 @@ def _gallery(args: argparse.Namespace) -> None:
     try:
         index = write_gallery(model, args.data, out, layers=args.layer, k=args.k,
                               channels=channels, batch_size=args.batch_size,
+                              masks=False if args.no_masks else args.masks,
                               figures=not args.no_figures, command=args.command_line,
                               state_path=state)
     except KeyboardInterrupt:
@@ -535,9 +536,16 @@ def _add_gallery(commands) -> None:
                          "0-15 or 3,7,9-11 (default: all; a layer shows those it has)")
     gallery.add_argument("--k", type=int, default=9, help="top images per channel (9)")
     gallery.add_argument("--batch-size", type=int, default=64)
+    gallery.add_argument("--masks", metavar="DIR", help="concept masks of a folder DATA, for "
+                         "Network Dissection labels (default: DATA-masks beside it, if there); "
+                         "laid out as below")
+    gallery.add_argument("--no-masks", action="store_true", help="no concept labels")
     gallery.add_argument("--no-figures", action="store_true",
                          help="leave the paper figures out of the index")
     gallery.add_argument("--out", required=True, help="the site's folder (replaced whole)")
+    from vizcnn.scan import MASKS_LAYOUT
+
+    gallery.epilog = f"concept masks of a folder of images:\n{MASKS_LAYOUT}\n\n{gallery.epilog}"
 
 
 def _add_demo(commands) -> None:

@@ -129,17 +129,30 @@ class Preprocessing:
         repeat = channels // len(mean)
         return mean * repeat, std * repeat
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """image: uint8 (C, H, W) -> float32 (C, h, w), normalised (mean and std must be
-        known)."""
+    def geometry(self, image: torch.Tensor, interpolation: str | None = None) -> torch.Tensor:
+        """The resize and the centre crop alone: (C, H, W) -> (C, h, w), with the record's
+        interpolation or the one given ("nearest" for masks)."""
         exact = isinstance(self.resize, tuple) and tuple(image.shape[-2:]) == self.resize
         if self.resize is not None and not exact:  # resizing to the same size is not exact
             size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
-            mode = InterpolationMode(self.interpolation)
+            mode = InterpolationMode(interpolation or self.interpolation)
             image = TF.resize(image, size, interpolation=mode, antialias=True)
         if self.crop is not None:
             image = TF.center_crop(image, [self.crop] if isinstance(self.crop, int)
                                    else list(self.crop))
+        return image
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """An (H, W) map of integer labels (a concept mask) at its image's size -> (h, w)
+        long at the model input's size: the image's resize (nearest, so no label is blended
+        with another) and crop."""
+        # float32 holds every integer label below 2^24 exactly; integer resizing is patchy
+        return self.geometry(mask[None].float(), "nearest")[0].round().long()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """image: uint8 (C, H, W) -> float32 (C, h, w), normalised (mean and std must be
+        known)."""
+        image = self.geometry(image)
         if not self.known:
             raise BadArgument("this preprocessing does not know the model's mean and std",
                               "give mean= and std=, or use vizcnn.preprocess, which says what "

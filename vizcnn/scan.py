@@ -39,17 +39,20 @@ from vizcnn.hooks import (
 )
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import resolve_layer
-from vizcnn.models import preprocess
+from vizcnn.models import model_info, preprocess
 
 __all__ = [
+    "MASKS_LAYOUT",
     "ImageFolder",
     "InMemory",
     "TopK",
     "images_at",
     "in_memory",
     "input_batches",
+    "input_mask",
     "open_data",
     "scan_topk",
+    "sibling_masks",
 ]
 
 _FORMAT = 1  # version of the saved layout
@@ -137,9 +140,14 @@ class TopK:
 
 class ImageFolder(Dataset):
     """The image files under a folder, flat or in class sub-folders (ImageFolder layout),
-    sorted by path; ``dataset[i]`` is the uint8 image (3, H, W), read with OpenCV."""
+    sorted by path; ``dataset[i]`` is the uint8 image (3, H, W), read with OpenCV.
 
-    def __init__(self, root: str | os.PathLike):
+    With ``masks`` (a folder laid out as the images, see ``MASKS_LAYOUT``) every item is
+    ``(image, label, mask)`` instead: ``mask`` (H, W) long holds a concept index per pixel,
+    at the image's size, ``label`` is ``label(i)``, and ``concepts`` names the concepts.
+    """
+
+    def __init__(self, root: str | os.PathLike, masks: str | os.PathLike | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise BadArgument(f"'{root}' is not a folder", "give a folder of images, or "
@@ -149,22 +157,70 @@ class ImageFolder(Dataset):
         if not self.paths:
             raise BadArgument(f"no images in '{root}'",
                               f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+        relative = [p.relative_to(self.root).parts for p in self.paths]
+        self.classes: tuple[str, ...] = tuple(sorted({r[0] for r in relative if len(r) > 1}))
+        self.masks = None if masks is None else Path(masks)
+        self.concepts: tuple[str, ...] | None = None
+        if self.masks is not None:
+            self.concepts = _concepts(self.masks)
+            missing = [p for p in self.paths if not self.mask_path(p).is_file()]
+            if missing:
+                raise BadArgument(f"{len(missing)} of {len(self.paths)} images have no mask, "
+                                  f"e.g. '{self.mask_path(missing[0])}'",
+                                  "give every image a mask (see vizcnn gallery --help)")
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def mask_path(self, image: Path) -> Path:
+        """Where the mask of ``image`` lies: same relative path under ``masks``, ``.png``."""
+        return (self.masks / image.relative_to(self.root)).with_suffix(".png")
+
     def label(self, index: int) -> int | None:
-        """The class of image ``index``: its sub-folder's rank among the sub-folders (the
-        ImageFolder layout), or None for an image directly in the root."""
-        classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths
-                          if len(p.relative_to(self.root).parts) > 1})
+        """The class of image ``index``: its sub-folder's rank among the sub-folders
+        (``classes``, the ImageFolder layout), or None for an image directly in the root."""
         parts = self.paths[index].relative_to(self.root).parts
-        return classes.index(parts[0]) if len(parts) > 1 else None
+        return self.classes.index(parts[0]) if len(parts) > 1 else None
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from vizcnn.data.images import load_image
+    def __getitem__(self, index: int) -> Any:
+        from vizcnn.data.images import load_image, read_mask
 
-        return load_image(self.paths[index])
+        image = load_image(self.paths[index])
+        if self.masks is None:
+            return image
+        mask = read_mask(self.mask_path(self.paths[index]))
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise BadArgument(f"mask '{self.mask_path(self.paths[index])}' is "
+                              f"{tuple(mask.shape)}, its image {tuple(image.shape[-2:])}",
+                              "give each mask its image's size")
+        return image, self.label(index), mask
+
+
+MASKS_LAYOUT = """\
+photos/                 photos-masks/
+  beach/0001.jpg          concepts.txt       one concept name per line: line 1 is value 0
+  beach/0002.jpg          beach/0001.png     single-channel PNG (8 or 16 bit) at the
+  street/0001.jpg         beach/0002.png     image's size, each pixel the index of the
+                          street/0001.png    concept it shows"""
+
+
+def _concepts(masks: Path) -> tuple[str, ...]:
+    """The concept names of a masks folder, from its ``concepts.txt``."""
+    listing = masks / "concepts.txt"
+    if not listing.is_file():
+        raise BadArgument(f"'{listing}' not found",
+                          "a masks folder names its concepts in concepts.txt, one per line")
+    names = tuple(line.strip() for line in listing.read_text().splitlines() if line.strip())
+    if not names:
+        raise BadArgument(f"'{listing}' names no concept", "write one concept name per line")
+    return names
+
+
+def sibling_masks(folder: str | os.PathLike) -> Path | None:
+    """``FOLDER-masks`` beside an image folder, where it holds a ``concepts.txt``."""
+    folder = Path(folder).resolve()
+    candidate = folder.with_name(folder.name + "-masks")
+    return candidate if (candidate / "concepts.txt").is_file() else None
 
 
 def open_data(data: Any) -> Any:
@@ -240,10 +296,12 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 class InMemory(Dataset):
     """A data set read once and kept as model inputs: items ``(input, label, mask)`` (label
-    and mask None where the data has none), indexed as the original data set."""
+    and mask None where the data has none; the mask at the input's size), indexed as the
+    original data set; ``classes`` names the labels where the original did."""
 
-    def __init__(self, inputs: torch.Tensor, labels: list[Any], masks: list[Any]):
-        self.inputs, self.labels, self.masks = inputs, labels, masks
+    def __init__(self, inputs: torch.Tensor, labels: list[Any], masks: list[Any],
+                 classes: tuple[str, ...] | None = None):
+        self.inputs, self.labels, self.masks, self.classes = inputs, labels, masks, classes
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -271,14 +329,18 @@ def in_memory(model: nn.Module, data: Any, budget: int = 512 * 2**20) -> Any:
             parts = item if isinstance(item, (tuple, list)) else (item,)
             label = (opened.label(index) if hasattr(opened, "label")
                      else parts[1] if len(parts) > 1 else None)
+            mask = parts[2] if len(parts) > 2 else None
             items.append((_as_input(model, parts[0]), label,
-                          parts[2] if len(parts) > 2 else None))
+                          None if mask is None else input_mask(model, parts[0], mask)
+                          .to(torch.int32)))
     except BadImage:
         return data  # an unreadable image: the passes skip it one by one, as always
     inputs = torch.stack([x for x, _, _ in items])
     if not bool(finite_images(inputs).all()):
         return data
-    return InMemory(inputs, [label for _, label, _ in items], [mask for _, _, mask in items])
+    classes = getattr(opened, "classes", None)
+    return InMemory(inputs, [label for _, label, _ in items], [mask for _, _, mask in items],
+                    tuple(classes) if classes else None)
 
 
 def _first(item: Any) -> Any:
@@ -295,6 +357,19 @@ def _as_input(model: nn.Module, image: Any) -> torch.Tensor:
                               f"{tuple(image.shape)}")
         return image
     return preprocess(model, image)[0]
+
+
+def input_mask(model: nn.Module, image: Any, mask: Any) -> torch.Tensor:
+    """(h, w) long: the concept mask of ``image`` at the model input's size. A mask goes
+    through its image's resize (nearest) and crop, as the image does in ``preprocess``; the
+    mask of an image that is already a model input (a float tensor) is taken as it is."""
+    mask = torch.as_tensor(mask)
+    if mask.dim() != 2 or mask.is_floating_point() or mask.is_complex():
+        raise BadArgument(f"a mask must be an (H, W) map of integer concept indices, got "
+                          f"{tuple(mask.shape)} {mask.dtype}")
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        return mask.long()
+    return model_info(model).preprocessing.mask(mask)
 
 
 def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,

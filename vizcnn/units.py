@@ -31,11 +31,28 @@ from tqdm import tqdm
 from vizcnn.checks import feature_maps, positive_int
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import traced_names
-from vizcnn.hooks import forward_to, model_device, preserved_state, strongest_units
+from vizcnn.hooks import (
+    forward_to,
+    model_device,
+    preserved_state,
+    run_forward,
+    strongest_units,
+)
 from vizcnn.layers import resolve_layer
-from vizcnn.scan import input_batches, open_data
+from vizcnn.models import model_info
+from vizcnn.probes import class_scores
+from vizcnn.scan import input_batches, input_mask, open_data
 
-__all__ = ["IOU_CUTOFF", "ChannelStats", "Dissection", "channel_stats", "dissect"]
+__all__ = [
+    "IOU_CUTOFF",
+    "Accuracy",
+    "ChannelStats",
+    "Dissection",
+    "accuracy",
+    "channel_stats",
+    "data_classes",
+    "dissect",
+]
 
 IOU_CUTOFF = 0.04  # Network Dissection: a channel detects a concept from this IoU on
 TOP_QUANTILE = 0.005  # ... with its map thresholded at its top 0.5 % of activations
@@ -50,12 +67,14 @@ class ChannelStats:
         maxima: (N, C) each image's strongest activation of each channel.
         indices: (N,) the data-set index of each row (unreadable images are left out).
         labels: (N,) each image's class, or None where the data has no labels.
+        classes: the name of each class where the data names them (``data_classes``).
     """
 
     layer: str
     maxima: torch.Tensor
     indices: torch.Tensor
     labels: torch.Tensor | None
+    classes: tuple[str, ...] | None = None
 
     @property
     def fire_rate(self) -> torch.Tensor:
@@ -69,10 +88,11 @@ class ChannelStats:
 
     def class_means(self, classes: int | None = None) -> torch.Tensor:
         """(C, K) the mean strongest activation, rectified (what the next layer sees), over
-        the images of each class; NaN for a class without images."""
+        the images of each class; NaN for a class without images. K: ``classes``, else as
+        many as the data names, else the largest label + 1."""
         if self.labels is None:
             raise BadArgument("the data has no labels", "give data with (image, label) items")
-        count = classes or int(self.labels.max()) + 1
+        count = classes or (len(self.classes) if self.classes else int(self.labels.max()) + 1)
         rectified = self.maxima.clamp_min(0.0).double()
         sums = torch.zeros(count, rectified.shape[1], dtype=torch.float64,
                            device=rectified.device)
@@ -82,9 +102,11 @@ class ChannelStats:
 
     def selectivity(self, classes: int | None = None) -> torch.Tensor:
         """(C,) class selectivity (mu_max - mu_rest) / (mu_max + mu_rest) (Morcos et al.
-        2018): mu_max the largest class mean, mu_rest the mean of the other classes' means;
-        0 for a channel that never fires."""
-        means = self.class_means(classes).nan_to_num(0.0)
+        2018): mu_max the largest class mean, mu_rest the mean of the other classes' means,
+        over the classes that have images (a class the data lacks has no mean); 0 for a
+        channel that never fires."""
+        means = self.class_means(classes)
+        means = means[:, ~means.isnan().any(dim=0)]
         top = means.max(dim=1).values
         rest = (means.sum(dim=1) - top) / max(means.shape[1] - 1, 1)
         total = top + rest
@@ -110,9 +132,103 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
         raise BadArgument("no readable image in the data")
     labels = _labels(opened, indices)
     order = torch.tensor(indices)
+    classes = data_classes(opened) if labels is not None else None
     return {name: ChannelStats(name, torch.cat(maxima[name]), order,
-                               None if labels is None else labels.to(maxima[name][0].device))
+                               None if labels is None else labels.to(maxima[name][0].device),
+                               classes)
             for name in names}
+
+
+def data_classes(data: Any) -> tuple[str, ...] | None:
+    """The name of each label of a data set, where it names them: a folder's sub-folders,
+    the shapes, a torchvision data set's ``classes``; None otherwise."""
+    classes = getattr(open_data(data), "classes", None)
+    return tuple(str(name) for name in classes) if classes else None
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 accuracy of a classifier over labelled data.
+
+    Attributes:
+        correct: images whose most probable class is their label.
+        total: images counted (unreadable ones are left out).
+        matched: how the data's labels were matched to the model's outputs.
+    """
+
+    correct: int
+    total: int
+    matched: str
+
+    @property
+    def fraction(self) -> float:
+        return self.correct / self.total
+
+
+def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int = 64,
+             progress: bool = True) -> Accuracy:
+    """How often the model's most probable class is the image's label.
+
+    The labels are matched to the model's outputs by name where both the data and the model
+    name their classes (a folder ``cat/`` counts as the model's class "cat"), else taken as
+    output indices. ``output`` selects the class scores of a model with tuple or dict
+    outputs (see ``vizcnn.probes.class_scores``).
+
+    Raises:
+        BadArgument: the data has no labels, or names a class the model does not have.
+    """
+    positive_int(batch_size, "batch_size")
+    opened = open_data(data)
+    to_model, matched = _label_to_output(model, data_classes(opened))
+    correct = total = 0
+    with (tqdm(total=len(opened) if hasattr(opened, "__len__") else None, desc="accuracy",
+               unit="img", disable=not progress) as bar,
+          preserved_state(model, eval_mode=True), torch.no_grad()):
+        for indices, batch, skipped in input_batches(model, opened, batch_size):
+            bar.update(len(indices) + len(skipped))
+            if not len(batch):
+                continue
+            labels = _labels(opened, indices)
+            if labels is None:
+                raise BadArgument("the data has no labels",
+                                  "give a folder with a sub-folder per class, or (image, label) "
+                                  "items")
+            labels = labels if to_model is None else to_model[labels]
+            scores = class_scores(run_forward(model, batch.to(model_device(model))), output)
+            if int(labels.max()) >= scores.shape[1]:
+                raise BadArgument(f"the data has label {int(labels.max())}, the model only "
+                                  f"{scores.shape[1]} outputs", "give data of the model's classes")
+            correct += int((scores.argmax(dim=1).cpu() == labels).sum())
+            total += len(indices)
+    if not total:
+        raise BadArgument("no readable image in the data")
+    return Accuracy(correct, total, matched)
+
+
+def _label_to_output(model: nn.Module, names: tuple[str, ...] | None
+                     ) -> tuple[torch.Tensor | None, str]:
+    """(K,) the model's output index of each data class (None: the labels are the indices)
+    and how they were matched."""
+    known = model_info(model).classes
+    if not names or not known:
+        return None, "labels taken as the model's output indices"
+    if tuple(names) == tuple(known):
+        return None, "the data's classes are the model's"
+
+    def key(name: str) -> str:
+        return name.strip().lower().replace("_", " ")
+
+    index = {key(name): i for i, name in enumerate(known)}
+    missing = [name for name in names if key(name) not in index]
+    if missing:
+        raise BadArgument(f"the data's class {missing[0]!r} is not one of the model's "
+                          f"{len(known)} classes", "name the class folders as the model's "
+                          "classes")
+    return (torch.tensor([index[key(name)] for name in names]),
+            "the data's classes matched to the model's by name")
 
 
 # --------------------------------------------------------------------------- dissection
@@ -169,7 +285,7 @@ def dissect(model: nn.Module, data: Any, layers: str | Sequence[str],
     concept_area = torch.zeros(kinds, dtype=torch.float64)
     for indices, batch, outputs in _passes(model, opened, names, batch_size, progress,
                                            "dissection"):
-        masks = _masks(opened, indices, batch.shape[-2:], kinds)  # (B, H, W) on the CPU
+        masks = _masks(model, opened, indices, batch.shape[-2:], kinds)  # (B, H, W) on the CPU
         concept_area += torch.bincount(masks.flatten(), minlength=kinds).double()
         for name in names:
             _overlap(outputs[name], thresholds[name], masks, kinds, inter[name], area[name])
@@ -276,18 +392,21 @@ def _labels(data: Any, indices: list[int]) -> torch.Tensor | None:
     return torch.tensor([int(label) for label in labels])
 
 
-def _masks(data: Any, indices: list[int], size: torch.Size, kinds: int) -> torch.Tensor:
-    """(B, H, W) long concept masks of the given data-set indices."""
+def _masks(model: nn.Module, data: Any, indices: list[int], size: torch.Size,
+           kinds: int) -> torch.Tensor:
+    """(B, H, W) long concept masks of the given data-set indices, at the input's size."""
     masks = []
     for index in indices:
-        mask = _item_part(data[index], 2)
+        item = data[index]
+        mask = _item_part(item, 2)
         if mask is None or getattr(mask, "ndim", 0) != 2:
             raise BadArgument("dissection needs data whose items are (image, label, mask) "
                               "with an (H, W) mask", "e.g. ShapesDataset(..., masks=True)")
-        mask = torch.as_tensor(mask).long()
+        mask = input_mask(model, item[0], mask)
         if tuple(mask.shape) != tuple(size):
-            raise BadArgument(f"a mask is {tuple(mask.shape)}, the model input is "
-                              f"{tuple(size)}", "give masks at the model input's size")
+            raise BadArgument(f"a mask is {tuple(mask.shape)} after its image's resize and "
+                              f"crop, the model input is {tuple(size)}",
+                              "give each mask at its image's size")
         if mask.min() < 0 or mask.max() >= kinds:
             raise BadArgument(f"a mask holds concept {int(mask.max())}, but only {kinds} "
                               "concepts are named")

@@ -11,12 +11,13 @@ import cv2
 import numpy as np
 import torch
 
-from vizcnn.errors import BadImage
+from vizcnn.errors import BadArgument, BadImage
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "load_image",
     "read_image",
+    "read_mask",
     "to_rgb_uint8",
 ]
 
@@ -44,6 +45,31 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
         image = cv2.cvtColor(image, code)
     return to_rgb_uint8(image, name=str(path))
+
+
+def read_mask(path: str | os.PathLike) -> torch.Tensor:
+    """Read a concept mask: a single-channel 8- or 16-bit image whose every pixel is the index
+    of the concept it shows; returns (H, W) long.
+
+    Raises:
+        BadArgument: the file is missing, unreadable, or not single-channel integer values
+            (not ``BadImage``: a scan skips an unreadable image, but a mask is the user's
+            labelling, so a bad one stops the work).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadArgument(f"mask '{path}' not found",
+                          "every image needs a mask of the same name")
+    data = np.fromfile(path, dtype=np.uint8)
+    mask = _decode(data) if data.size else None
+    if mask is None:
+        raise BadArgument(f"cannot read mask '{path}': corrupt or not an image",
+                          "write masks as single-channel PNG files")
+    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
+        raise BadArgument(f"mask '{path}' is not a single-channel 8- or 16-bit image "
+                          f"(shape {mask.shape}, {mask.dtype})",
+                          "write one concept index per pixel, as a grayscale PNG")
+    return torch.from_numpy(mask.astype(np.int64))
 
 
 def _decode(data: np.ndarray) -> np.ndarray | None:

@@ -81,6 +81,8 @@ class ShapesDataset(Dataset):
         masks: items carry a concept mask instead of the box.
     """
 
+    classes = tuple(SHAPE_CLASSES)  # the name of each label
+
     def __init__(self, length: int = 2000, seed: int = TRAIN_SEED, image_size: int = 64,
                  backgrounds: Sequence[str] = BACKGROUNDS, clutter: bool = True,
                  transform=None, masks: bool = False):

@@ -2,9 +2,9 @@
 
 ``vizcnn.render.figures`` draws matplotlib Figures from results, ``vizcnn.render.grid`` makes
 uint8 image grids, and ``vizcnn.render.panels`` runs a probe and draws its figure in one call
-(the recipes the CLI and the demo use)."""
+(the recipes the CLI and the demo use); ``write_gallery`` writes the browsable site."""
 
-from vizcnn.render import figures, grid, panels
+from vizcnn.render import figures, gallery, grid, panels
 from vizcnn.render.figures import (
     adversarial_figure,
     excite_figure,
@@ -18,6 +18,7 @@ from vizcnn.render.figures import (
     save_figure,
     top_patches_figure,
 )
+from vizcnn.render.gallery import write_gallery
 from vizcnn.render.grid import feature_map_grid, filter_grid
 from vizcnn.render.panels import Panel
 
@@ -31,6 +32,7 @@ __all__ = [
     "figures",
     "filter_grid",
     "filters_figure",
+    "gallery",
     "grid",
     "invariance_figure",
     "occlusion_figure",
@@ -39,4 +41,5 @@ __all__ = [
     "receptive_field_boxes",
     "save_figure",
     "top_patches_figure",
+    "write_gallery",
 ]

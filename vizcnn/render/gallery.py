@@ -26,6 +26,7 @@ import os
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,24 @@ from tqdm import tqdm
 
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
 from vizcnn.deconv import top_patches
-from vizcnn.errors import BadArgument, VizCNNError
+from vizcnn.errors import BadArgument, BadOutput, VizCNNError
 from vizcnn.io import atomic_path, check_replaceable, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import model_info
 from vizcnn.render.figures import save_figure
 from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
 from vizcnn.render.panels import display_normalisation, filters_panel
-from vizcnn.scan import images_at, in_memory, input_batches, open_data, scan_topk
+from vizcnn.scan import (
+    ImageFolder,
+    images_at,
+    in_memory,
+    input_batches,
+    open_data,
+    scan_topk,
+    sibling_masks,
+)
 from vizcnn.summary import summarize
-from vizcnn.units import channel_stats, dissect
+from vizcnn.units import Accuracy, ChannelStats, accuracy, channel_stats, dissect
 
 __all__ = ["default_layers", "write_gallery"]
 
@@ -65,7 +74,8 @@ def default_layers(model: nn.Module) -> list[str]:
 def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   layers: list[str] | None = None, k: int = 9,
                   channels: list[int] | None = None, batch_size: int = 64,
-                  concepts: list[str] | None = None, figures: bool = True,
+                  concepts: list[str] | None = None,
+                  masks: str | os.PathLike | bool | None = None, figures: bool = True,
                   progress: bool = True, command: str | None = None,
                   state_path: str | os.PathLike | None = None) -> Path:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
@@ -74,10 +84,15 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     Args:
         model: the network (left as it was).
         data: what ``scan_topk`` takes; ``"shapes:N"`` also brings the shapes' concept masks.
+            With labels (a folder's class sub-folders, ``(image, label)`` items) the index
+            shows the accuracy and the channel pages the class means and selectivity.
         layers: the layers shown (default: ``default_layers``).
         k: top images per channel.
         channels: the channels shown per layer (default: all).
         concepts: concept names when the data's items are ``(image, label, mask)``.
+        masks: for a folder of images, the folder of their concept masks (laid out as
+            ``vizcnn.scan.MASKS_LAYOUT``); default: ``DATA-masks`` beside the folder where it
+            holds a ``concepts.txt``; False: no concept masks (also none for ``shapes:N``).
         figures: draw the paper's figures (occlusion, invariance, adversarial) for a classifier.
         command: how the site was made, shown on the index (the CLI passes its command line).
         state_path: where the top-k scan saves its state, so that an interrupted gallery
@@ -91,7 +106,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     for name in layers:
         resolve_layer(model, name)
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
-    data, concepts = _with_masks(data, concepts)
+    data, concepts = _with_masks(data, concepts, masks)
     clock = _Stages(progress)
     with clock:
         data = clock.run("reading", in_memory, model, data)  # each image read once
@@ -102,6 +117,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                         state_path=state_path, progress=False)
         stats = clock.run("statistics", channel_stats, model, data, layers,
                           batch_size=batch_size, progress=False)
+        score = clock.run("accuracy", _accuracy, model, data, stats[layers[0]], batch_size)
         spatial = [name for name in layers if rows[name].output_shape
                    and len(rows[name].output_shape) == 3]
         dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
@@ -112,7 +128,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         with atomic_path(out) as site:
             site.mkdir()
             written = _Site(model, data, site, layers, size, rows, top, stats, dissections,
-                            patches, command, figures, source or top.source)
+                            patches, command, figures, source or top.source, score)
             clock.run("figures", written.draw_figures)
             clock.run("pages", written.write)
             (site / "gallery.json").write_text(json.dumps(
@@ -124,7 +140,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
 class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
-    NAMES = ("reading", "scan", "statistics", "dissection", "projections", "figures", "pages")
+    NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "projections",
+             "figures", "pages")
 
     def __init__(self, progress: bool):
         self.bar = tqdm(total=len(self.NAMES), desc="gallery", unit="stage",
@@ -151,13 +168,38 @@ class _Stages:
         return result
 
 
-def _with_masks(data: Any, concepts: list[str] | None) -> tuple[Any, list[str] | None]:
-    """``shapes:N`` as the shapes with their concept masks; other data as given."""
+def _with_masks(data: Any, concepts: list[str] | None, masks: str | os.PathLike | bool | None
+                ) -> tuple[Any, list[str] | None]:
+    """The data with its concept masks, and the concepts' names: ``shapes:N`` as the shapes
+    with theirs, a folder with its masks folder (given, or ``DATA-masks`` beside it); other
+    data as given."""
     opened = open_data(data)
+    if masks is False:
+        return data, concepts
+    if isinstance(opened, ImageFolder):
+        folder = sibling_masks(opened.root) if masks in (None, True) else Path(masks)
+        if folder is None:
+            return data, concepts
+        masked = ImageFolder(opened.root, masks=folder)
+        return masked, list(concepts or masked.concepts)
+    if masks is not None:
+        raise BadArgument("masks= is for a folder of images",
+                          "give a data set whose items are (image, label, mask) instead")
     if isinstance(opened, ShapesDataset) and concepts is None:
         return (ShapesDataset(opened.length, seed=opened.seed, image_size=opened.image_size,
                               masks=True), list(SHAPE_CONCEPTS))
     return data, concepts
+
+
+def _accuracy(model: nn.Module, data: Any, stats: ChannelStats, batch_size: int
+              ) -> Accuracy | str | None:
+    """The model's accuracy on labelled data (None without labels), or why it has none."""
+    if stats.labels is None:
+        return None
+    try:
+        return accuracy(model, data, batch_size=batch_size, progress=False)
+    except VizCNNError as error:  # not a classifier, or not of the data's classes
+        return f"not measured: {error}"
 
 
 def _input_size(model: nn.Module, data: Any) -> tuple[int, int]:
@@ -188,9 +230,9 @@ class _Site:
     """Writes the pages and images of one gallery into ``root``."""
 
     def __init__(self, model, data, root: Path, layers, size, rows, top, stats, dissections,
-                 patches, command, figures, source):
+                 patches, command, figures, source, score):
         self.model, self.data, self.root, self.layers = model, data, root, layers
-        self.source = source
+        self.source, self.score = source, score
         self.size, self.rows = size, rows
         self.top, self.stats, self.dissections, self.patches = top, stats, dissections, patches
         self.command, self.figures = command, figures
@@ -200,6 +242,7 @@ class _Site:
                                autoescape=select_autoescape(["html"]))
         (root / "img").mkdir()
         self.figures_drawn: tuple[list[tuple[str, str]], list[str]] = ([], [])
+        self.writes: _Writes | None = None  # while the pages are written
 
     def draw_figures(self) -> None:
         """The paper figures of the index (the slow part of the index, timed apart)."""
@@ -208,10 +251,18 @@ class _Site:
     def write(self) -> None:
         (self.root / "style.css").write_text(
             (Path(__file__).parent / "templates" / "style.css").read_text())
-        whole = self._whole_images()
-        for number, name in enumerate(self.layers):
-            self._layer(number, name, whole)
-        self._index()
+        # thousands of small image files: OpenCV encodes and writes them without the GIL, so
+        # threads overlap them with the page rendering and with each other
+        pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)))
+        try:
+            self.writes = _Writes(pool)
+            whole = self._whole_images()
+            for number, name in enumerate(self.layers):
+                self._layer(number, name, whole)
+            self._index()
+            self.writes.wait()
+        finally:  # after Ctrl-C or a failed write: no more files into the site being dropped
+            pool.shutdown(cancel_futures=True)
 
     # ------------------------------------------------------------------ pages
 
@@ -223,13 +274,21 @@ class _Site:
         facts = [("model", self.info.spec or type(self.model).__name__),
                  ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
                  ("input size", "x".join(map(str, self.size))),
-                 ("data", f"{self.source}: {self.top.count} images"
-                  + (f", {len(self.top.skipped)} unreadable" if self.top.skipped else "")),
+                 ("data", f"{self.source} ({self.top.count:,} images"
+                  + (f", {len(self.top.skipped):,} unreadable" if self.top.skipped else "")
+                  + ")"),
                  ("made by", self.command or "vizcnn.render.write_gallery"),
                  ("date", datetime.date.today().isoformat()),
                  ("vizcnn", _version())]
         if labelled:
             facts.insert(4, ("labels", "yes: class means and selectivity on channel pages"))
+            facts.insert(5, ("accuracy", self.score if isinstance(self.score, str) else
+                             f"{100 * self.score.fraction:.1f} % of {self.score.total:,} "
+                             f"images ({self.score.matched})"))
+        if self.dissections:
+            concepts = next(iter(self.dissections.values())).concepts
+            facts.insert(4, ("concepts", f"{len(concepts)} ({', '.join(concepts)}): "
+                             "Network Dissection labels"))
         layers = []
         for number, name in enumerate(self.layers):
             row, stats = self.rows.get(name), self.stats[name]
@@ -253,8 +312,8 @@ class _Site:
         patches, stats = self.patches[name], self.stats[name]
         labelled = stats.labels is not None
         # per layer once: class means and selectivity of every channel
-        means = stats.class_means(self._classes()).cpu().nan_to_num(0.0) if labelled else None
-        selectivity = stats.selectivity(self._classes()).cpu() if labelled else None
+        means = stats.class_means().cpu().nan_to_num(0.0) if labelled else None
+        selectivity = stats.selectivity().cpu() if labelled else None
         strongest = stats.maxima.max(dim=0).values.cpu()
         fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
         ext = _extension(tuple(patches.projections.shape[-2:]))
@@ -266,8 +325,8 @@ class _Site:
             for j in range(projections[row].shape[0]):
                 if int(patches.indices[row, j]) < 0:
                     continue
-                _png(images / f"p{channel}_{j}{ext}", projections[row][j])
-                _png(images / f"i{channel}_{j}{ext}", crops[row][j])
+                self.writes.image(images / f"p{channel}_{j}{ext}", projections[row][j])
+                self.writes.image(images / f"i{channel}_{j}{ext}", crops[row][j])
             label = self._label(name, channel)
             cards.append({
                 "channel": channel, "page": f"{_layer_folder(number, name)}/{channel}.html",
@@ -317,7 +376,8 @@ class _Site:
         if by_class is not None:
             means, selectivity = by_class[0], float(by_class[1])
             scale = 160 / max(float(means.max()), 1e-12)
-            class_means = [(self.info.class_name(i), float(v), round(float(v) * scale, 1))
+            names = stats.classes or [self.info.class_name(i) for i in range(len(means))]
+            class_means = [(names[i], float(v), round(float(v) * scale, 1))
                            for i, v in enumerate(means)]
         filter_image, norms = self._filter(number, name, channel)
         dissection = None
@@ -341,9 +401,6 @@ class _Site:
     def _render(self, template: str, path: Path, **values: Any) -> None:
         path.write_text(self.env.get_template(template).render(**values))
 
-    def _classes(self) -> int | None:
-        return len(self.info.classes) if self.info.classes else None
-
     def _whole_images(self) -> dict[int, str]:
         """Each image that is in some channel's top k, written once: {index: path}."""
         wanted = sorted({int(i) for p in self.patches.values() for i in p.indices.flatten()
@@ -355,7 +412,7 @@ class _Site:
             tiles = image_tiles(images_at(self.model, self.data, chunk), self.mean, self.std)
             for index, tile in zip(chunk, tiles, strict=True):
                 paths[index] = f"img/data/{index}{_extension(self.size)}"
-                _png(self.root / paths[index], tile)
+                self.writes.image(self.root / paths[index], tile)
         return paths
 
     def _filter(self, number: int, name: str, channel: int
@@ -368,7 +425,7 @@ class _Site:
         weight = module.weight.detach()[channel:channel + 1]
         if weight.shape[1] == 3:
             path = f"img/{_layer_folder(number, name)}/f{channel}.png"
-            _png(self.root / path, filter_grid(weight, mode="rgb", padding=0))
+            self.writes.image(self.root / path, filter_grid(weight, mode="rgb", padding=0))
             return path, []
         norms = weight[0].flatten(1).norm(dim=1)
         return None, [round(100 * float(v) / max(float(norms.max()), 1e-12), 1) for v in norms]
@@ -416,6 +473,20 @@ class _Site:
         return drawn, notes
 
 
+class _Writes:
+    """Image files written by a thread pool; ``wait`` raises the first failed write."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool, self.pending = pool, []
+
+    def image(self, path: Path, rgb: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(_png, path, rgb))
+
+    def wait(self) -> None:
+        for future in self.pending:
+            future.result()
+
+
 def _layer_folder(number: int, name: str) -> str:
     return f"layer{number + 1}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
 
@@ -440,7 +511,7 @@ def _png(path: Path, rgb: np.ndarray) -> None:
     quality = [cv2.IMWRITE_JPEG_QUALITY, 90] if path.suffix == ".jpg" else []
     if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
                        quality):
-        raise BadArgument(f"cannot write '{path}'")
+        raise BadOutput(f"cannot write '{path}'", "check the disk space and the folder")
 
 
 def _version() -> str:
