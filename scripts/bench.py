@@ -175,10 +175,53 @@ def bench_scan(quick: bool) -> None:
         scan, forward = min(scan_seconds), min(forward_seconds)
         print(f"{label:<22} {len(images):>6} {scan:>8.2f} {forward:>9.2f} "
               f"{scan / forward:>5.2f}x {len(images) / scan:>9.0f}")
+    _bench_folder(quick)
     small, large = (_peak_memory(n) for n in (200, 2000))
     print(f"peak memory (VmHWM) of scan_topk(demo, 'shapes:N', 5 conv layers) in a fresh "
           f"process: N=200 {small / 2**20:.0f} MiB, N=2000 {large / 2**20:.0f} MiB "
           f"(+{(large / small - 1) * 100:.1f} %)")
+
+
+def _bench_folder(quick: bool) -> None:
+    """A folder of JPEG photographs (500 x 375): decoding alone with 0, 1 and 2 worker
+    processes, and the folder scan of AlexNet's features.10 against the forward pass on the
+    same images decoded beforehand."""
+    import tempfile
+
+    import cv2
+
+    from vizcnn.scan import input_batches
+
+    count = 100 if quick else 400
+    model = vizcnn.with_model_info(_alexnet(), preprocessing=IMAGENET_PREPROCESSING)
+    with tempfile.TemporaryDirectory() as folder:
+        rng = np.random.default_rng(1)
+        for i, crop in enumerate(photo_batch(count, size=375, seed=1)):
+            pixels = (crop * torch.tensor(IMAGENET_PREPROCESSING.std).view(3, 1, 1)
+                      + torch.tensor(IMAGENET_PREPROCESSING.mean).view(3, 1, 1))
+            image = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            image = cv2.resize(image, (500, 375))[:, ::-1 if rng.random() < 0.5 else 1]
+            cv2.imwrite(f"{folder}/{i:04d}.jpg", cv2.cvtColor(np.ascontiguousarray(image),
+                                                              cv2.COLOR_RGB2BGR))
+        decode = {}
+        for workers in (0, 1, 2):
+            _, seconds = _timed(lambda w=workers: [len(i) for i, _, _ in
+                                                   input_batches(model, folder, 32, workers=w)])
+            decode[workers] = count / seconds
+        print(f"folder of {count} JPEG photos (500 x 375), decoding only: "
+              + ", ".join(f"{w} workers {rate:.0f} img/s" for w, rate in decode.items())
+              + f"; 2 workers / 0: {decode[2] / decode[0]:.2f}x")
+        scans = {}
+        for workers in (0, 2):
+            _, seconds = _timed(vizcnn.scan_topk, model, folder, ["features.10"], k=9,
+                                batch_size=32, workers=workers, progress=False)
+            scans[workers] = count / seconds
+        decoded = torch.cat([x for _, x, _ in input_batches(model, folder, 32, workers=0)])
+        _, seconds = _timed(_bare_forward, _prefix(model, "features.10"), decoded, 32)
+        print(f"  folder scan, AlexNet features.10: 0 workers {scans[0]:.0f} img/s, 2 workers "
+              f"{scans[2]:.0f} img/s; forward alone on the decoded images {count / seconds:.0f} "
+              "img/s (on 2 cores decoding and the forward share the cores; on a GPU the "
+              "workers feed it)")
 
 
 def _shapes(count: int) -> torch.Tensor:

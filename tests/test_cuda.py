@@ -54,3 +54,23 @@ def test_deconv_and_scan_on_cuda():
     patches = vizcnn.top_patches(gpu_model, top_gpu, "shapes:300", "features.3", [0, 1])
     assert patches.projections.is_cuda and patches.projections.shape[:2] == (2, 9)
     assert all(not module._forward_hooks for module in gpu_model.modules())
+
+
+def test_folder_scan_with_workers_feeds_the_gpu(tmp_path):
+    """A folder on the GPU: decoded by workers (the default there) into pinned batches; the
+    same top-k as decoding in the main process on the CPU."""
+    import cv2
+
+    from vizcnn.scan import default_workers, input_batches
+
+    for index in range(24):
+        cv2.imwrite(str(tmp_path / f"{index:02d}.png"),
+                    cv2.cvtColor(held_out_image(index), cv2.COLOR_RGB2BGR))
+    gpu_model = vizcnn.load_model("demo", device="cuda")
+    assert default_workers(gpu_model, str(tmp_path)) >= 1
+    _, batch, _ = next(input_batches(gpu_model, str(tmp_path), 8))
+    assert batch.is_pinned()
+    on_gpu = vizcnn.scan_topk(gpu_model, str(tmp_path), ["features.10"], progress=False)
+    on_cpu = vizcnn.scan_topk(vizcnn.load_model("demo"), str(tmp_path), ["features.10"],
+                              workers=0, progress=False)
+    assert torch.equal(on_gpu.indices["features.10"], on_cpu.indices["features.10"])

@@ -249,3 +249,64 @@ def test_a_scan_across_processes_equals_one_process(demo, tmp_path):
     assert (single.values["features.11"] == 0).any()  # the tie-break is exercised
     assert merged.count == 70
     assert_same(merged, single)
+
+
+# --------------------------------------------------------------------------- decoding workers
+
+
+class _Noisy(Dataset):
+    """Float images of odd sizes (a size change closes a batch), one with a NaN and one that
+    cannot be read: the order, the batches and the skipped list must not depend on workers."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(3)
+        self.images = [torch.randn(3, 40 if i < 23 else 48, 40, generator=generator)
+                       for i in range(37)]
+        self.images[5][0, 3, 3] = float("nan")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if index == 11:
+            raise vizcnn.BadImage(f"image {index} is unreadable")
+        return self.images[index], index % 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_give_the_same_batches_skips_and_scan(demo, tmp_path, shapes200, workers):
+    from vizcnn.scan import in_memory, input_batches
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for index in range(40):
+        image = shapes200.render(index).image
+        cv2.imwrite(str(root / f"{index:02d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (root / "17_broken.png").write_bytes(b"not a png")
+    for data in (str(root), _Noisy()):
+        alone = list(input_batches(demo, data, 8, workers=0))
+        shared = list(input_batches(demo, data, 8, workers=workers))
+        assert [(i, s) for i, _, s in alone] == [(i, s) for i, _, s in shared]
+        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(alone, shared,
+                                                                     strict=True))
+    assert any("NaN" in line for _, _, skipped in alone for line in skipped)
+    top = scan_topk(demo, str(root), LAYERS, k=5, workers=0, progress=False)
+    assert_same(top, scan_topk(demo, str(root), LAYERS, k=5, workers=workers, progress=False))
+    assert len(top.skipped) == 1 and "17_broken.png" in top.skipped[0]
+    tidy = tmp_path / "tidy"
+    tidy.mkdir()
+    for path in sorted(root.glob("[0-9][0-9].png")):
+        (tidy / path.name).write_bytes(path.read_bytes())
+    read = [in_memory(demo, str(tidy), workers=w) for w in (0, workers)]
+    assert torch.equal(read[0].inputs, read[1].inputs) and read[0].labels == read[1].labels
+
+
+def test_workers_mistakes_are_one_line(demo, capsys, tmp_path):
+    from vizcnn.cli import main
+
+    with pytest.raises(vizcnn.BadArgument, match="workers must be a whole number"):
+        scan_topk(demo, "shapes:4", LAYERS, workers=-1, progress=False)
+    code = main(["topk", "demo", "shapes:4", "--layer", "features.3", "--workers", "-1",
+                 "--out", str(tmp_path / "top")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "workers must be a whole number" in err

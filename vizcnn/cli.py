@@ -54,6 +54,12 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
                         help="resize images to exactly H W (one number: square), no crop")
 
 
+def _add_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, metavar="N", help="processes that decode a "
+                        "folder's images while the model runs (default: the cores available "
+                        "with a GPU --device, else 0: the main process decodes)")
+
+
 def _add_output_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="INDEX|KEY",
                         help="for a model that returns a tuple or dict: which element holds "
@@ -230,7 +236,7 @@ def _topk(args: argparse.Namespace) -> None:
     model = _load(args)
     data = args.data
     # check DATA, the layers and --channels on one image, before the long scan
-    _, first, _ = next(input_batches(model, data, 1), (None, None, None))
+    _, first, _ = next(input_batches(model, data, 1, workers=0), (None, None, None))
     if first is None or not len(first):
         raise BadArgument(f"no readable image in {data}")
     maps = activations(model, first, args.layer)
@@ -242,7 +248,7 @@ def _topk(args: argparse.Namespace) -> None:
     rank = _join_torchrun()
     try:
         top = scan_topk(model, data, args.layer, k=args.k, batch_size=args.batch_size,
-                        state_path=state)
+                        state_path=state, workers=args.workers)
     except KeyboardInterrupt:
         print(f"scan state saved in {state}; run the same command again to resume",
               file=sys.stderr)
@@ -294,6 +300,7 @@ def _gallery(args: argparse.Namespace) -> None:
         index = write_gallery(model, args.data, out, layers=args.layer, k=args.k,
                               channels=channels, batch_size=args.batch_size,
                               masks=False if args.no_masks else args.masks,
+                              workers=args.workers,
                               figures=not args.no_figures, command=args.command_line,
                               state_path=state)
     except KeyboardInterrupt:
@@ -463,6 +470,7 @@ def _add_topk(commands) -> None:
     topk.add_argument("--channels", metavar="LIST", help="channels drawn in the figures, e.g. "
                       "0-15 (default), 3,7,9-11 or all; the scan keeps every channel")
     topk.add_argument("--batch-size", type=int, default=64)
+    _add_workers_option(topk)
     topk.add_argument("--format", default="png", choices=["png", "pdf", "svg"],
                       help="figure format (default png)")
     topk.add_argument("--out", required=True, help="output folder: topk/ (the saved scan) and "
@@ -536,6 +544,7 @@ def _add_gallery(commands) -> None:
                          "0-15 or 3,7,9-11 (default: all; a layer shows those it has)")
     gallery.add_argument("--k", type=int, default=9, help="top images per channel (9)")
     gallery.add_argument("--batch-size", type=int, default=64)
+    _add_workers_option(gallery)
     gallery.add_argument("--masks", metavar="DIR", help="concept masks of a folder DATA, for "
                          "Network Dissection labels (default: DATA-masks beside it, if there); "
                          "laid out as below")

@@ -370,7 +370,7 @@ def _passes(model, data, names, batch_size, progress, what, on_output=_copy):
             bar.update(len(indices) + len(skipped))
             if not len(batch):
                 continue
-            batch = batch.to(model_device(model))
+            batch = batch.to(model_device(model), non_blocking=True)
             if traced is None or batch.shape[-2:] != size:
                 size = batch.shape[-2:]
                 traced = traced_names(model, tuple(size), names)

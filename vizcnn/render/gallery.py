@@ -75,7 +75,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   layers: list[str] | None = None, k: int = 9,
                   channels: list[int] | None = None, batch_size: int = 64,
                   concepts: list[str] | None = None,
-                  masks: str | os.PathLike | bool | None = None, figures: bool = True,
+                  masks: str | os.PathLike | bool | None = None,
+                  workers: int | None = None, figures: bool = True,
                   progress: bool = True, command: str | None = None,
                   state_path: str | os.PathLike | None = None) -> Path:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
@@ -93,6 +94,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         masks: for a folder of images, the folder of their concept masks (laid out as
             ``vizcnn.scan.MASKS_LAYOUT``); default: ``DATA-masks`` beside the folder where it
             holds a ``concepts.txt``; False: no concept masks (also none for ``shapes:N``).
+        workers: processes that decode a folder's images (default: see
+            ``vizcnn.scan.default_workers``).
         figures: draw the paper's figures (occlusion, invariance, adversarial) for a classifier.
         command: how the site was made, shown on the index (the CLI passes its command line).
         state_path: where the top-k scan saves its state, so that an interrupted gallery
@@ -109,12 +112,12 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     data, concepts = _with_masks(data, concepts, masks)
     clock = _Stages(progress)
     with clock:
-        data = clock.run("reading", in_memory, model, data)  # each image read once
+        data = clock.run("reading", in_memory, model, data, workers=workers)  # read once
         size = _input_size(model, data)
         rows = {row.name: row for row in summarize(model, size, layers)}
         shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the scan
         top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
-                        state_path=state_path, progress=False)
+                        state_path=state_path, workers=workers, progress=False)
         stats = clock.run("statistics", channel_stats, model, data, layers,
                           batch_size=batch_size, progress=False)
         score = clock.run("accuracy", _accuracy, model, data, stats[layers[0]], batch_size)
@@ -204,7 +207,7 @@ def _accuracy(model: nn.Module, data: Any, stats: ChannelStats, batch_size: int
 
 def _input_size(model: nn.Module, data: Any) -> tuple[int, int]:
     """(H, W) of the model input, from the data's first readable image."""
-    for _, batch, _ in input_batches(model, data, 1):
+    for _, batch, _ in input_batches(model, data, 1, workers=0):
         if len(batch):
             return tuple(batch.shape[-2:])
     raise BadArgument("no readable image in the data")
