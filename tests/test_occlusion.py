@@ -233,3 +233,60 @@ def test_concatenation_and_functional_ops_stay_exact():
     assert (maps.prob[0] - probs).abs().max() <= 1e-5
     assert torch.equal(maps.label[0], labels)
     assert (maps.activation[0] - totals).abs().max() <= 1e-4 * totals.abs().max()
+
+
+def test_auto_races_the_engines_where_the_work_saved_is_small_and_stays_exact():
+    """The demo network: the incremental engine saves ~40 % of the multiply-adds only, so
+    "auto" times both engines on real batches and keeps the faster; every batch is exact
+    whichever engine ran it. A large saving (VGG16, a small window) skips the race."""
+    model = vizcnn.load_model("demo")
+    dataset = ShapesDataset(6, seed=HELD_OUT_SEED)
+    x = torch.cat([vizcnn.preprocess(model, dataset.render(i).image) for i in range(6)])
+    auto = occlusion(model, x, window=16, stride=8, batch_size=16, layer="features.10",
+                     progress=False)
+    assert auto.engine in ("incremental", "naive")
+    assert f"auto: {auto.engine}, the faster per position over 2 timed turns" in \
+        auto.engine_note
+    for engine in ("incremental", "naive"):
+        other = occlusion(model, x, window=16, stride=8, layer="features.10", engine=engine,
+                          progress=False)
+        assert (auto.prob - other.prob).abs().max() <= 1e-5
+        assert torch.equal(auto.label, other.label)
+        assert (auto.activation - other.activation).abs().max() <= 1e-4 * \
+            other.activation.abs().max()
+
+
+def test_auto_skips_the_race_where_the_incremental_engine_saves_most(vgg16):
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 128, 128)
+    maps = occlusion(vgg16, x, fill=0.0, window=4, stride=32, batch_size=4, progress=False)
+    share = float(maps.engine_note.split("auto: incremental (")[1].split("%")[0])
+    assert maps.engine == "incremental" and share <= 25 and "timed" not in maps.engine_note
+
+
+def test_default_batch_keeps_the_largest_map_within_the_budget(demo, vgg16):
+    from vizcnn.probes.occlusion import BATCH_BYTES, _batch_size
+
+    assert _batch_size(demo, torch.zeros(1, 3, 64, 64)) == 256  # 48 x 32 x 32 floats: cap
+    largest = 64 * 224 * 224 * 4  # VGG16's first convs at 224
+    assert _batch_size(vgg16, torch.zeros(1, 3, 224, 224)) == BATCH_BYTES // largest
+
+
+def test_drill_down_finds_a_dip_between_coarse_positions():
+    """A map whose dip sits between four coarse positions that agree with each other: the
+    corners alone would interpolate 0.67 there instead of 0.1; the centre checks find it and
+    refine around it until the interpolation agrees everywhere within the tolerance."""
+    from vizcnn.probes.occlusion import CHECK_TOLERANCE, _drill_down
+
+    ys, xs = torch.meshgrid(torch.arange(13.0), torch.arange(13.0), indexing="ij")
+    truth = 1 - 0.9 * torch.exp(-((ys - 5) ** 2 + (xs - 5) ** 2) / 2)
+    asked = []
+
+    def evaluate(indices):
+        asked.append(len(indices))
+        return truth.flatten()[indices], torch.zeros(len(indices), dtype=torch.long), None
+
+    prob, _, _, computed = _drill_down(evaluate, (13, 13), 2, 0.05, "cpu")
+    assert float(prob.view(13, 13)[5, 5]) == pytest.approx(0.1, abs=1e-6)
+    assert (prob - truth.flatten()).abs().max() <= 2 * CHECK_TOLERANCE
+    assert int(computed.sum()) == sum(asked) < 169  # some positions were interpolated
