@@ -92,6 +92,24 @@ def bench_deconv(quick: bool, image_counts: tuple[int, ...] = (64, 512)) -> None
     print("  speed-up: full-size projections (project_many, 16 channels per call); patches: "
           "receptive-field patches only (project_patches, all channels in one call, what "
           "Fig. 2 draws); distinct: images among the top-9 lists")
+    _bench_deconv_residual(quick)
+
+
+def _bench_deconv_residual(quick: bool) -> None:
+    """The autograd route on residual networks (random weights): top-9 of 16 channels of
+    block outputs, N photo crops at 224, against the same Captum loop."""
+    images = photo_batch(24 if quick else 64)
+    cases = [("resnet18", ["layer2.0", "layer2.1", "layer3.1", "layer4.1"]),
+             ("resnet50", ["layer2.3", "layer3.5"])]
+    for arch, layers in cases[:1] if quick else cases:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(arch).eval()
+        print(f"deconv: {arch} (random weights), top-9 of 16 channels, {len(images)} photo "
+              "crops at 224 x 224, the autograd route")
+        for layer in layers:
+            route = Deconvnet(model).project_patches(images[:1], layer, [0]).route
+            print(f"  {layer}: {route}")
+            _deconv_layer(model, images, layer, 16)
 
 
 def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
@@ -310,6 +328,10 @@ def bench_occlusion(quick: bool) -> None:
         print(f"  {arch}: naive vs exact max |dp| {naive_error:.1e}; approximate computed "
               f"{approx.computed} of {approx.prob.numel()} positions, reported deviation "
               f"{approx.max_deviation:.1e} on {approx.checked} re-checked")
+        ceiling = float(exact.engine_note.split("a ceiling of ")[1].split("x")[0])
+        print(f"  {arch}: exact engine {exact.engine_note}; against the naive engine it is "
+              f"{naive_seconds / exact_seconds:.1f}x, {naive_seconds / exact_seconds / ceiling:.0%}"
+              f" of that ceiling")
     bench_occlusion_prelu()
     bench_occlusion_demo(quick)
 
@@ -360,6 +382,7 @@ def bench_occlusion_demo(quick: bool) -> None:
                                   data_range=1.0, win_size=7) for n in range(count)]
     print(f"demo: ZFNetMini, {count} held-out shapes at 64 x 64, window 16, stride 4 "
           f"({exact.prob[0].numel()} positions each)")
+    print(f"  engine: {exact.engine_note}")
     print(f"  Captum best {captum_seconds:.2f} s; exact {exact_seconds:.2f} s "
           f"({captum_seconds / exact_seconds:.1f}x), max |dp| against the naive engine "
           f"{float((exact.prob - naive.prob).abs().max()):.1e}; approximate "

@@ -331,3 +331,123 @@ def test_bad_arguments_are_one_line_errors(alexnet):
     for error in (vizcnn.LayerNotFound("a", "b"), vizcnn.BadArgument("a", "b")):
         assert "\n" not in str(error)
     assert hooks_left(alexnet) == []
+
+
+# --------------------------------------------------------------------------- cropped autograd
+
+
+def captum_at(model: nn.Module, x: torch.Tensor, layer: str, channel: int, y: int, x_: int
+              ) -> torch.Tensor:
+    """Captum's NeuronDeconvolution at one given unit, times its activation."""
+    activation = vizcnn.activations(model, x, [layer])[layer][0, channel, y, x_]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gradient = NeuronDeconvolution(model, resolve_layer(model, layer)).attribute(
+            x, neuron_selector=(channel, y, x_))
+    return gradient * activation
+
+
+class _Branches(nn.Module):
+    """Not ours: a strided stem, an inception-like concatenation of four branches (1x1, 3x3,
+    5x5 convs and a 3x3 max pool, all keeping the size), a residual add around it and a
+    strided 1x1 projection; ReLU modules only, so Captum's rule is the paper's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU())
+        self.branches = nn.ModuleList([
+            nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 5, padding=2),
+            nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(8, 4, 1))])
+        self.relu = nn.ReLU()
+        self.down = nn.Conv2d(16, 12, 3, stride=2, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        stem = self.stem(x)
+        mixed = torch.cat([branch(stem) for branch in self.branches], dim=1)
+        return self.head(self.down(self.relu(mixed + torch.cat([stem, stem], dim=1))))
+
+
+@pytest.mark.parametrize("net_name", ["resnet18", "branches"])
+def test_cropped_autograd_projections_equal_captum(net_name, request):
+    """Units at every border and inside, each projected on its receptive field's crop, equal
+    Captum's whole-image projection; the result says the route was cropped."""
+    if net_name == "branches":
+        torch.manual_seed(9)
+        model, layers, size = _Branches().eval(), ["down"], (61, 70)
+    else:
+        model, layers, size = request.getfixturevalue("resnet18"), ["layer1.1", "layer2.1"], \
+            (112, 128)
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, *size)
+    net = Deconvnet(model)
+    for layer in layers:
+        height, width = vizcnn.activations(model, x[:1], [layer])[layer].shape[-2:]
+        units = [(0, 0), (0, width - 1), (height - 1, 0), (height - 1, width - 1),
+                 (height // 2, width // 2), (1, width // 2), (height // 2, width - 2)]
+        positions = torch.tensor(units * 2)
+        images = [0] * len(units) + [1] * len(units)
+        channels = [(3 * p) % 12 for p in range(len(positions))]
+        patches = net.project_patches(x, layer, channels, image_indices=images,
+                                      positions=positions)
+        assert patches.route == "autograd, cropped"
+        whole = net.project_many(x, layer, channels, image_indices=images, positions=positions)
+        for p, (y, x_) in enumerate(positions.tolist()):
+            reference = captum_at(model, x[images[p]:images[p] + 1], layer, channels[p], y, x_)
+            assert_close(whole[p:p + 1], reference)
+            top, left, bottom, right = patches.boxes[p].tolist()
+            assert torch.equal(patches.projections[p], whole[p, :, top:bottom, left:right])
+    assert hooks_left(model) == []
+
+
+def test_crops_are_refused_where_an_operation_is_not_local():
+    from vizcnn.geometry import crop_blocker
+
+    class Excite(nn.Module):  # squeeze-and-excitation: every unit sees the whole image
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Sigmoid())
+            self.out = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.out(y * self.gate(y))
+
+    model = Excite().eval()
+    assert crop_blocker(model, "conv", (40, 40)) is None
+    assert crop_blocker(model, "out", (40, 40)) == "adaptive_avg_pool2d"
+    ceil = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, ceil_mode=True),
+                         nn.Conv2d(4, 4, 3)).eval()
+    assert crop_blocker(ceil, "2", (41, 41)) == "a ceil-mode max_pool2d"
+    x = torch.randn(1, 3, 40, 40)
+    # Captum's rule here: the sigmoid keeps its gradient, as Captum leaves it unhooked
+    with pytest.warns(RectificationWarning, match="Sigmoid x1"):
+        patches = Deconvnet(model).project_patches(x, "out", [1], rectify="captum")
+    assert patches.route == "autograd"
+    strongest = vizcnn.activations(model, x, ["out"])["out"][0, 1]
+    reference = captum_at(model, x, "out", 1, *divmod(int(strongest.flatten().argmax()),
+                                                      strongest.shape[-1]))
+    top, left, bottom, right = patches.boxes[0].tolist()
+    assert_close(patches.projections[0:1], reference[:, :, top:bottom, left:right])
+
+
+def test_projections_sharing_an_image_share_its_forward_pass(resnet18):
+    """Fields wider than the image (layer3 at 64 x 80): no crop saves anything, so the
+    projections of each image run from one forward pass, backward one by one; they equal
+    Captum's, in both modes."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 64, 80)
+    net = Deconvnet(resnet18)
+    channels, images = [1, 5, 9, 2, 6], [0, 0, 0, 1, 1]
+    patches = net.project_patches(x, "layer3", channels, image_indices=images)
+    assert patches.route == "autograd, one forward pass per image"
+    projected = net.project_many(x, "layer3", channels, image_indices=images)
+    for p, (channel, image) in enumerate(zip(channels, images, strict=True)):
+        assert_close(projected[p:p + 1], captum_projection(resnet18, x[image:image + 1],
+                                                           "layer3", channel))
+    whole = net.project_many(x, "layer3", channels, image_indices=images, mode="map")
+    alone = torch.cat([net.project(x[i:i + 1], "layer3", c, mode="map")
+                       for c, i in zip(channels, images, strict=True)])
+    assert_close(whole, alone)
+    assert hooks_left(resnet18) == []

@@ -191,7 +191,7 @@ def test_folder_mask_mistakes_are_one_line(tmp_path, capsys):
     assert main(["gallery", "demo", str(folder), "--layer", "features.8", "--no-figures",
                  "--no-masks", "--channels", "0", "--out", str(tmp_path / "site")]) == 0
     assert "concept detectors" not in (tmp_path / "site" / "index.html").read_text()
-    with pytest.raises(vizcnn.BadArgument, match="masks= is for a folder of images"):
+    with pytest.raises(vizcnn.BadArgument, match="masks folder .* goes with a folder of images"):
         write_gallery(vizcnn.load_model("demo"), "shapes:4", tmp_path / "other",
                       masks=tmp_path / "empty-masks", progress=False)
 

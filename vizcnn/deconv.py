@@ -55,7 +55,15 @@ from vizcnn.checks import (
 )
 from vizcnn.crops import crop_batch, paste_batch
 from vizcnn.errors import BadArgument
-from vizcnn.geometry import Geometry, LayerCall, chain_calls, geometry_of, last_call, trace_calls
+from vizcnn.geometry import (
+    Geometry,
+    LayerCall,
+    chain_calls,
+    crop_blocker,
+    geometry_of,
+    last_call,
+    trace_calls,
+)
 from vizcnn.hooks import (
     forward_to,
     model_device,
@@ -427,11 +435,16 @@ class Patches:
             exclusive. A patch is the unit's receptive field (size s, at most the image size)
             moved inside the image where the field reaches past the border, so all patches have
             one size; every pixel the unit can see is inside its patch.
+        route: how they were computed: "explicit" or "autograd", and whether each unit ran
+            on a crop of the input that holds its receptive field ("cropped"), or on the
+            whole input ("one forward pass per image" where an image's projections share
+            it).
     """
 
     projections: torch.Tensor
     images: torch.Tensor
     boxes: torch.Tensor
+    route: str = ""
 
 
 class Deconvnet:
@@ -510,8 +523,8 @@ class Deconvnet:
         plan = _make_plan(self.model, x, layer, channels, image_indices, positions, mode,
                           route, rectify, batch_size)
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
-        for chunk, (crops, starts) in self._projected_chunks(plan):
-            paste_batch(crops, starts, (0, 0), result[chunk])
+        for rows, (crops, starts) in self._projected_chunks(plan):
+            _paste_rows(result, rows, crops, starts, (0, 0))
         return result
 
     def project_patches(
@@ -535,23 +548,24 @@ class Deconvnet:
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
         boxes = _patch_boxes(field_starts, patch, plan.x.shape[-2:])
         projections = plan.x.new_zeros(len(plan.channels), plan.x.shape[1], *patch)
-        for chunk, (projected, starts) in self._projected_chunks(plan):
-            paste_batch(projected, starts, boxes[chunk, :2], projections[chunk])
+        for rows, (projected, starts) in self._projected_chunks(plan):
+            _paste_rows(projections, rows, projected, starts, boxes[rows, :2])
         images = crop_batch(plan.x, plan.image_indices, boxes[:, :2], patch)
-        return Patches(projections, images, boxes)
+        return Patches(projections, images, boxes, plan.route)
 
     def _projected_chunks(self, plan: _Plan
-                          ) -> Iterator[tuple[slice, tuple[torch.Tensor, torch.Tensor]]]:
-        """Each chunk of ``plan``'s projections with its (crops (p, C_in, h, w), starts (p, 2))
-        in input coordinates; the whole-map forward passes, where the plan shares them, run
-        once before the first chunk."""
+                          ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """Each chunk of ``plan``'s projections, as its rows (p,) and its (crops (p, C_in, h,
+        w), starts (p, 2)) in input coordinates; the whole-map forward passes, where the plan
+        shares them, run once before the first chunk."""
         model = self.model
+        device = plan.x.device
         with preserved_state(model, eval_mode=True):
             if plan.chain is None:
                 for param in model.parameters():
                     param.requires_grad_(False)  # only the input's gradient is needed
-                for chunk in _chunks(len(plan.channels), plan.batch_size):
-                    yield chunk, _autograd(model, plan, chunk)
+                for rows in _autograd_groups(plan):
+                    yield rows, _autograd(model, plan, rows)
                 return
             with torch.no_grad():
                 whole = None
@@ -559,7 +573,8 @@ class Deconvnet:
                     whole = _whole_forward(plan.chain, plan.x[plan.distinct], plan.map_size,
                                            plan.batch_size)
                 for chunk in _chunks(len(plan.channels), plan.batch_size):
-                    yield chunk, _explicit(plan, whole, chunk)
+                    rows = torch.arange(chunk.start, chunk.stop, device=device)
+                    yield rows, _explicit(plan, whole, chunk)
 
 
 @dataclass(frozen=True)
@@ -580,11 +595,35 @@ class _Plan:
     batch_size: int
     distinct: torch.Tensor  # the distinct images, ascending
     distinct_rows: torch.Tensor  # (P,) each projection's row in ``distinct``
-    share_forward: bool  # "max" mode: crop the units from whole forward passes
+    share_forward: bool  # explicit "max" mode: crop the units from whole forward passes;
+    # uncropped autograd: one forward pass per distinct image
+    crops: _Crops | None  # autograd route, "max" mode: each unit on its field's crop
 
     @property
     def traced(self) -> list[str]:
         return [call.name for call in self.calls]
+
+    @property
+    def route(self) -> str:
+        if self.chain is not None:
+            return "explicit, cropped" if self.mode == "max" else "explicit"
+        if self.crops is not None:
+            return "autograd, cropped"
+        return "autograd, one forward pass per image" if self.share_forward else "autograd"
+
+
+@dataclass(frozen=True)
+class _Crops:
+    """The autograd route's crops: each projection runs on the input box ``starts`` (P, 2),
+    ``lengths`` (P, 2), which holds its unit's receptive field, starts at a multiple of the
+    layer's jump (so the crop's grid of units is the image's) and ends where the field ends
+    or at the image's border (so the model pads where it pads the image); ``units`` (P, 2)
+    is the unit's position in the crop's map. Boxes come in at most three lengths per axis
+    (at the start, inside, at the end), so projections of one length run as one batch."""
+
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    units: torch.Tensor
 
 
 def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, mode, route,
@@ -619,10 +658,45 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
         positions = _strongest(model, x, layer, calls, channels, image_indices)
     distinct, distinct_rows = torch.unique(image_indices, return_inverse=True)
     # whole forward passes pay off when many projections share an image
-    share_forward = (chain is not None and mode == "max" and len(distinct) *
-                     _cost(chain, map_size) < len(image_indices) * _cost(chain, (1, 1)))
+    crops = (_autograd_crops(model, layer, calls, tuple(x.shape[-2:]), positions)
+             if chain is None and mode == "max" and output.dim() == 4 else None)
+    if chain is not None:
+        share_forward = mode == "max" and (len(distinct) * _cost(chain, map_size)
+                                           < len(image_indices) * _cost(chain, (1, 1)))
+    else:  # uncropped autograd: one forward pass per image where images hold several
+        share_forward = crops is None and len(image_indices) >= 2 * len(distinct)
     return _Plan(x, layer, channels, image_indices, positions, mode, chain, calls, map_size,
-                 rectify, batch_size, distinct, distinct_rows, share_forward)
+                 rectify, batch_size, distinct, distinct_rows, share_forward, crops)
+
+
+def _autograd_crops(model: nn.Module, layer: str, calls, size: tuple[int, int],
+                    positions: torch.Tensor) -> _Crops | None:
+    """Each unit's crop (see ``_Crops``), or None where cropping is not exact (an operation
+    on the way that is not local, ``geometry.crop_blocker``) or saves nothing (the field
+    spans the image)."""
+    if crop_blocker(model, layer, size) is not None:
+        return None
+    field = receptive_fields(model, [layer], size, calls=calls)[layer]
+    if field.is_global:
+        return None
+    starts, lengths = [], []
+    for axis in range(2):
+        jump, offset, side = field.jump[axis], field.offset[axis], size[axis]
+        length = field.size[axis] + offset % jump  # from an aligned start to the field's end
+        if length >= side:
+            starts.append(torch.zeros_like(positions[:, axis]))
+            lengths.append(torch.full_like(positions[:, axis], side))
+            continue
+        aligned = (positions[:, axis] + offset // jump) * jump
+        last = (side - length) // jump * jump  # the last aligned start that fits
+        start = torch.where(aligned <= 0, 0, torch.where(aligned + length > side, last, aligned))
+        starts.append(start)
+        lengths.append(torch.where(aligned + length > side, side - last, length))
+    starts, lengths = torch.stack(starts, dim=1), torch.stack(lengths, dim=1)
+    if bool((lengths == torch.tensor(size, device=lengths.device)).all()):
+        return None
+    jumps = torch.tensor(field.jump, device=positions.device)
+    return _Crops(starts, lengths, positions - starts // jumps)
 
 
 def _image_indices(image_indices: Any, channels: torch.Tensor, count: int) -> torch.Tensor:
@@ -702,12 +776,45 @@ def _explicit(plan: _Plan, whole: _Forward | None, chunk: slice
     return projected, _starts(chain, positions)[0]
 
 
-def _autograd(model: nn.Module, plan: _Plan, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """The autograd route for the projections in ``chunk``: the model's own backward pass
-    with every nonlinearity rectified, one forward pass per projection."""
-    channels = plan.channels[chunk]
-    positions = plan.positions[chunk] if plan.positions is not None else None
-    x = plan.x[plan.image_indices[chunk]].detach().requires_grad_(True)
+def _autograd_groups(plan: _Plan) -> Iterator[torch.Tensor]:
+    """The rows of the autograd route's chunks: projections whose crops have one size (all,
+    uncropped), at most ``batch_size`` at once."""
+    device = plan.x.device
+    if plan.crops is None and plan.share_forward:  # the projections of one image at once
+        for row in range(len(plan.distinct)):
+            rows = (plan.distinct_rows == row).nonzero().flatten()
+            for chunk in _chunks(len(rows), plan.batch_size):
+                yield rows[chunk]
+        return
+    if plan.crops is None:
+        for chunk in _chunks(len(plan.channels), plan.batch_size):
+            yield torch.arange(chunk.start, chunk.stop, device=device)
+        return
+    lengths = plan.crops.lengths
+    for length in torch.unique(lengths, dim=0):
+        rows = (lengths == length).all(dim=1).nonzero().flatten()
+        for chunk in _chunks(len(rows), plan.batch_size):
+            yield rows[chunk]
+
+
+def _autograd(model: nn.Module, plan: _Plan, rows: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autograd route for the projections ``rows``: the model's own backward pass with
+    every nonlinearity rectified, one forward pass per projection, on its crop where the
+    plan has crops (returned with their starts in the input)."""
+    if plan.crops is None and plan.share_forward:
+        return _autograd_shared(model, plan, rows)
+    channels = plan.channels[rows]
+    positions = plan.positions[rows] if plan.positions is not None else None
+    starts = _zeros(len(rows), plan.x.device)
+    if plan.crops is None:
+        x = plan.x[plan.image_indices[rows]]
+    else:
+        starts = plan.crops.starts[rows]
+        length = tuple(plan.crops.lengths[rows[0]].tolist())
+        x = crop_batch(plan.x, plan.image_indices[rows], starts, length)
+        positions = plan.crops.units[rows]
+    x = x.detach().requires_grad_(True)
     unit = plan.mode == "max"
     with _rectified(model, plan.rectify):
         output = forward_to(model, x, [plan.layer], plan.traced)[plan.layer]
@@ -715,7 +822,29 @@ def _autograd(model: nn.Module, plan: _Plan, chunk: slice) -> tuple[torch.Tensor
         (grad,) = torch.autograd.grad(output, x, grad_outputs=signal)
     if unit:  # the unit's activation times its deconvnet image
         grad *= (signal * output.detach()).flatten(1).sum(1).view(-1, 1, 1, 1)
-    return grad, _zeros(len(channels), x.device)
+    return grad, starts
+
+
+def _autograd_shared(model: nn.Module, plan: _Plan, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autograd route for projections ``rows`` of one image whose fields span it (no
+    crop saves anything): one forward pass, then one backward pass per projection through
+    the kept graph. The forward pass is as dear as a backward one, so sharing it halves the
+    work when an image holds many projections (a top-9 scan's images hold several)."""
+    x = plan.x[plan.image_indices[rows[:1]]].detach().requires_grad_(True)
+    unit = plan.mode == "max"
+    grads = []
+    with _rectified(model, plan.rectify):
+        output = forward_to(model, x, [plan.layer], plan.traced)[plan.layer]
+        for k, row in enumerate(rows.tolist()):
+            positions = plan.positions[row:row + 1] if unit else None
+            signal = _select(output.detach(), plan.channels[row:row + 1], positions, unit=unit)
+            (grad,) = torch.autograd.grad(output, x, grad_outputs=signal,
+                                          retain_graph=k + 1 < len(rows))
+            if unit:
+                grad = grad * (signal * output.detach()).sum()
+            grads.append(grad)
+    return torch.cat(grads), _zeros(len(rows), x.device)
 
 
 def _chunks(count: int, size: int) -> Iterator[slice]:
@@ -737,6 +866,14 @@ def _select(output: torch.Tensor, channels: torch.Tensor, positions: torch.Tenso
         index = (rows, channels, positions[:, 0], positions[:, 1])
     signal[index] = 1.0 if unit else output[index]
     return signal
+
+
+def _paste_rows(out: torch.Tensor, rows: torch.Tensor, crops: torch.Tensor,
+                starts: torch.Tensor, targets: torch.Tensor | tuple) -> None:
+    """``paste_batch`` into the rows ``rows`` of ``out`` (any rows, not only a slice)."""
+    part = out[rows]
+    paste_batch(crops, starts, targets, part)
+    out[rows] = part
 
 
 def _zeros(count: int, device) -> torch.Tensor:
@@ -766,6 +903,7 @@ class TopPatches:
         projections: (C, k, C_in, s, s) each unit's projection inside its patch box.
         images: (C, k, C_in, s, s) the model input inside the same box (normalised).
         boxes: (C, k, 4) the patch boxes (top, left, bottom, right) in the input image.
+        route: how the projections were computed (see ``Patches.route``).
     """
 
     layer: str
@@ -775,6 +913,7 @@ class TopPatches:
     projections: torch.Tensor
     images: torch.Tensor
     boxes: torch.Tensor
+    route: str = ""
 
 
 def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
@@ -822,4 +961,4 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
 
     return TopPatches(layer, tuple(channels), top.values[layer][channels].clone(),
                       indices.clone(), spread(patches.projections, size),
-                      spread(patches.images, size), spread(patches.boxes, (4,)))
+                      spread(patches.images, size), spread(patches.boxes, (4,)), patches.route)

@@ -21,12 +21,15 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vizcnn.errors import BadArgument, VizCNNError
-from vizcnn.hooks import model_device, preserved_state, run_forward, scoped_hooks
+from vizcnn.hooks import forward_to, model_device, preserved_state, run_forward, scoped_hooks
+from vizcnn.layers import ACTIVATION_FUNCTIONS
 
 __all__ = [
     "Geometry",
+    "crop_blocker",
     "LayerCall",
     "Pair",
     "Trace",
@@ -254,3 +257,72 @@ def chain_calls(calls: list[LayerCall], end: int) -> list[LayerCall] | None:
     target = calls[end]
     same_tensor = previous.output is target.output
     return leaves if same_tensor and previous.output_version == target.output_version else None
+
+
+# --------------------------------------------------------------------------- locality
+
+# Functions that compute each output position from a window of positions (or from the same
+# position) of their inputs, with the same grid whatever the input size: a graph made of these
+# alone can run on a crop of the input and reproduce the full map's values wherever the crop
+# holds the whole receptive field (with the model's own padding at the image's border).
+_POINTWISE_FUNCTIONS = frozenset({
+    "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__rsub__",
+    "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "neg",
+    "clone", "contiguous", "clamp", "clamp_", "clamp_min", "clamp_min_",
+})
+_METADATA = frozenset({"dim", "size", "__get__", "numel", "__len__", "is_floating_point"})
+
+
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _not_local(name: str, args: tuple, kwargs: dict) -> str | None:
+    """Why one call is not local (a few words), or None when it is."""
+    if name in _METADATA or name in _POINTWISE_FUNCTIONS or name in ACTIVATION_FUNCTIONS:
+        return None
+    if name == "conv2d":
+        padding = _argument(args, kwargs, 4, "padding", 0)
+        return "a conv with padding given as a string" if isinstance(padding, str) else None
+    if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
+        ceil = _argument(args, kwargs, 5 if name != "avg_pool2d" else 4, "ceil_mode", False)
+        return f"a ceil-mode {name}" if ceil else None
+    if name == "batch_norm":  # eval mode with running statistics: a per-channel affine map
+        training = _argument(args, kwargs, 5, "training", False)
+        return "batch norm on batch statistics" if training else None
+    if name in ("dropout", "dropout2d", "feature_dropout", "alpha_dropout"):
+        return "dropout in training mode" if _argument(args, kwargs, 2, "training", True) \
+            else None
+    if name in ("cat", "concatenate", "concat"):
+        dim = _argument(args, kwargs, 1, "dim", 0)
+        return None if dim in (1, -3) else f"a concatenation along dim {dim}"
+    return name
+
+
+class _LocalityRecorder(TorchFunctionMode):
+    """Records the first call that is not local (see ``_not_local``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocker: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.blocker is None:
+            self.blocker = _not_local(getattr(func, "__name__", str(func)), args, kwargs)
+        return func(*args, **kwargs)
+
+
+def crop_blocker(model: nn.Module, layer: str, input_size: Pair) -> str | None:
+    """None when every operation from the input to ``layer`` is local (convs with zero
+    padding, max and average pools without ceil mode, batch norm in eval mode, elementwise
+    nonlinearities and arithmetic, residual adds, concatenation of channels); else the first
+    one that is not, in a few words. Where it is None, a unit of ``layer`` computed on a crop
+    of the input that holds its receptive field, aligned to the layer's jump, equals the unit
+    computed on the whole input."""
+    names = traced_names(model, input_size, [layer])
+    recorder = _LocalityRecorder()
+    x = zero_image(model, (1, input_channels(model), *input_size))
+    with preserved_state(model, eval_mode=True), torch.no_grad(), recorder:
+        forward_to(model, x, [layer], names)
+    return recorder.blocker

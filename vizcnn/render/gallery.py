@@ -186,7 +186,7 @@ def _with_masks(data: Any, concepts: list[str] | None, masks: str | os.PathLike 
         masked = ImageFolder(opened.root, masks=folder)
         return masked, list(concepts or masked.concepts)
     if masks is not None:
-        raise BadArgument("masks= is for a folder of images",
+        raise BadArgument("a masks folder (masks=, --masks) goes with a folder of images",
                           "give a data set whose items are (image, label, mask) instead")
     if isinstance(opened, ShapesDataset) and concepts is None:
         return (ShapesDataset(opened.length, seed=opened.seed, image_size=opened.image_size,
