@@ -225,7 +225,7 @@ def test_concatenation_and_functional_ops_stay_exact():
     model = Branches().eval()
     x = torch.randn(1, 3, 24, 28)
     maps = occlusion(model, x, fill=0.0, window=(6, 5), stride=(4, 3), layer="after",
-                     progress=False)
+                     engine="incremental", progress=False)
     assert maps.engine == "incremental"
     probs, labels, totals = naive_loop(model, x, (6, 5), (4, 3), int(maps.target[0]), "after",
                                        int(maps.channel[0]))

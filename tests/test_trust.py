@@ -387,7 +387,9 @@ def test_occlusion_stays_incremental_through_other_activations(monkeypatch):
     original = engine._Patched.full
     monkeypatch.setattr(engine._Patched, "full", lambda self: full.append(
         tuple(self.clean.shape)) or original(self))
-    fast = occlusion(model, x, window=6, stride=3, fill=0.0, layer="6", progress=False)
+    # the incremental engine itself: on a net this small "auto" may race it and pick naive
+    fast = occlusion(model, x, window=6, stride=3, fill=0.0, layer="6", engine="incremental",
+                     progress=False)
     assert fast.engine == "incremental" and all(len(shape) == 4 for shape in full)
     assert full and all(shape == (1, 8, 8, 8) for shape in full)  # only at the flatten
     naive = occlusion(model, x, window=6, stride=3, fill=0.0, layer="6", engine="naive",
