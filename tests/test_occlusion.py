@@ -290,3 +290,16 @@ def test_drill_down_finds_a_dip_between_coarse_positions():
     assert float(prob.view(13, 13)[5, 5]) == pytest.approx(0.1, abs=1e-6)
     assert (prob - truth.flatten()).abs().max() <= 2 * CHECK_TOLERANCE
     assert int(computed.sum()) == sum(asked) < 169  # some positions were interpolated
+
+
+def test_an_unfinished_race_says_both_engines_ran():
+    """One demo image, 49 positions: the first turn (32, incremental) and a naive one (17)
+    use them all before the race can end; the result names the engine that did the most and
+    says that both ran."""
+    model = vizcnn.load_model("demo")
+    x = vizcnn.preprocess(model, ShapesDataset(1, seed=HELD_OUT_SEED).render(0).image)
+    maps = occlusion(model, x, fill=0.0, window=16, stride=8, progress=False)
+    assert maps.engine == "incremental"
+    assert "both engines ran (positions: incremental 32, naive 17" in maps.engine_note
+    naive = occlusion(model, x, fill=0.0, window=16, stride=8, engine="naive", progress=False)
+    assert (maps.prob - naive.prob).abs().max() <= 1e-5

@@ -593,8 +593,14 @@ class _Race:
 
     def __init__(self):
         self.times: dict[str, list[float]] = {"incremental": [], "naive": []}
+        self.positions = {"incremental": 0, "naive": 0}  # computed by each while racing
         self.share: float | None = None
         self.winner: str | None = None
+
+    @property
+    def leader(self) -> str:
+        """The winner; before the race ends, the engine that computed the most positions."""
+        return self.winner or max(self.positions, key=self.positions.get)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -607,8 +613,9 @@ class _Race:
         runs = {name: len(values) for name, values in self.times.items()}
         return "naive" if runs["naive"] < runs["incremental"] else "incremental"
 
-    def record(self, engine: str, seconds: float, share: float | None) -> None:
+    def record(self, engine: str, seconds: float, share: float | None, positions: int) -> None:
         self.times[engine].append(seconds)
+        self.positions[engine] += positions
         if engine == "incremental" and self.share is None:
             self.share = share
             if share is not None and share <= _SURE_SHARE:
@@ -618,14 +625,17 @@ class _Race:
 
     @property
     def note(self) -> str:
-        winner = self.winner or "incremental"
         if not self.times["naive"]:
             why = (f"{self.share:.0%} of the naive engine's multiply-adds" if self.share
                    is not None else "one batch only")
-            return f"auto: {winner} ({why})"
+            return f"auto: {self.leader} ({why})"
         timed = ", ".join(f"{name} {1e3 * value:.2f} ms" for name, value in self.seconds.items())
-        return (f"auto: {winner}, the faster per position over {_ROUNDS} timed turns each "
-                f"({timed})")
+        if self.winner is None:
+            split = ", ".join(f"{name} {count}" for name, count in self.positions.items())
+            return (f"auto: too few positions to finish the race, so both engines ran "
+                    f"(positions: {split}; per position: {timed}); every position is exact")
+        return (f"auto: {self.winner}, the faster per position over {_ROUNDS} timed turns "
+                f"each ({timed})")
 
 
 class _AutoRun:
@@ -639,7 +649,7 @@ class _AutoRun:
 
     @property
     def engine(self) -> str:
-        return self.race.winner or "incremental"
+        return self.race.leader
 
     def __call__(self, corners: torch.Tensor, occluder: _Occluder, exact: bool = False):
         """Logits and totals at ``corners``, as the engines' runs give them; while the race
@@ -662,7 +672,7 @@ class _AutoRun:
         seconds = (time.perf_counter() - started) / len(corners)
         share = ((run.macs - macs) / max(run.full_macs * len(corners), 1)
                  if engine == "incremental" else None)
-        self.race.record(engine, seconds, share)
+        self.race.record(engine, seconds, share, len(corners))
         return result
 
 
