@@ -595,9 +595,9 @@ class _Plan:
     batch_size: int
     distinct: torch.Tensor  # the distinct images, ascending
     distinct_rows: torch.Tensor  # (P,) each projection's row in ``distinct``
-    share_forward: bool  # explicit "max" mode: crop the units from whole forward passes;
-    # uncropped autograd: one forward pass per distinct image
+    share_forward: bool  # explicit "max" mode: crop the units from whole forward passes
     crops: _Crops | None  # autograd route, "max" mode: each unit on its field's crop
+    per_image: bool  # uncropped autograd: one forward pass per distinct image
 
     @property
     def traced(self) -> list[str]:
@@ -609,7 +609,7 @@ class _Plan:
             return "explicit, cropped" if self.mode == "max" else "explicit"
         if self.crops is not None:
             return "autograd, cropped"
-        return "autograd, one forward pass per image" if self.share_forward else "autograd"
+        return "autograd, one forward pass per image" if self.per_image else "autograd"
 
 
 @dataclass(frozen=True)
@@ -660,13 +660,12 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
     # whole forward passes pay off when many projections share an image
     crops = (_autograd_crops(model, layer, calls, tuple(x.shape[-2:]), positions)
              if chain is None and mode == "max" and output.dim() == 4 else None)
-    if chain is not None:
-        share_forward = mode == "max" and (len(distinct) * _cost(chain, map_size)
-                                           < len(image_indices) * _cost(chain, (1, 1)))
-    else:  # uncropped autograd: one forward pass per image where images hold several
-        share_forward = crops is None and len(image_indices) >= 2 * len(distinct)
+    share_forward = (chain is not None and mode == "max" and len(distinct) *
+                     _cost(chain, map_size) < len(image_indices) * _cost(chain, (1, 1)))
+    # uncropped autograd: one forward pass per image where images hold several projections
+    per_image = chain is None and crops is None and len(image_indices) >= 2 * len(distinct)
     return _Plan(x, layer, channels, image_indices, positions, mode, chain, calls, map_size,
-                 rectify, batch_size, distinct, distinct_rows, share_forward, crops)
+                 rectify, batch_size, distinct, distinct_rows, share_forward, crops, per_image)
 
 
 def _autograd_crops(model: nn.Module, layer: str, calls, size: tuple[int, int],
@@ -780,7 +779,7 @@ def _autograd_groups(plan: _Plan) -> Iterator[torch.Tensor]:
     """The rows of the autograd route's chunks: projections whose crops have one size (all,
     uncropped), at most ``batch_size`` at once."""
     device = plan.x.device
-    if plan.crops is None and plan.share_forward:  # the projections of one image at once
+    if plan.per_image:  # the projections of one image at once
         for row in range(len(plan.distinct)):
             rows = (plan.distinct_rows == row).nonzero().flatten()
             for chunk in _chunks(len(rows), plan.batch_size):
@@ -802,7 +801,7 @@ def _autograd(model: nn.Module, plan: _Plan, rows: torch.Tensor
     """The autograd route for the projections ``rows``: the model's own backward pass with
     every nonlinearity rectified, one forward pass per projection, on its crop where the
     plan has crops (returned with their starts in the input)."""
-    if plan.crops is None and plan.share_forward:
+    if plan.per_image:
         return _autograd_shared(model, plan, rows)
     channels = plan.channels[rows]
     positions = plan.positions[rows] if plan.positions is not None else None
