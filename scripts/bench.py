@@ -83,33 +83,49 @@ def bench_deconv(quick: bool, image_counts: tuple[int, ...] = (64, 512)) -> None
     model = _alexnet()
     print(f"deconv: AlexNet (random weights), top-9 of N photo crops at 224 x 224, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'layer':<12} {'N':>4} {'distinct':>8} {'channels':>8} {'vizcnn s':>9} "
-          f"{'patches s':>9} {'captum s':>9} {'speed-up':>8} {'patches':>8} {'max rel diff':>12}")
+    _deconv_header()
     for count in (24,) if quick else image_counts:
         images = photo_batch(count)
         for layer in ["features.3", "features.10"]:
             _deconv_layer(model, images, layer, 32 if quick else None)
-    print("  speed-up: full-size projections (project_many, 16 channels per call); patches: "
-          "receptive-field patches only (project_patches, all channels in one call, what "
-          "Fig. 2 draws); distinct: images among the top-9 lists")
+    _deconv_legend()
     _bench_deconv_residual(quick)
 
 
+def _deconv_header() -> None:
+    print(f"{'layer':<12} {'N':>4} {'distinct':>8} {'channels':>8} {'vizcnn s':>9} "
+          f"{'patches s':>9} {'captum s':>9} {'+fwd s':>7} {'speed-up':>8} {'vs +fwd':>7} "
+          f"{'patches':>7} {'max rel diff':>12}")
+
+
+def _deconv_legend() -> None:
+    print("  vizcnn: full-size projections (project_many, 16 channels per call) and patches: "
+          "receptive-field patches only (project_patches, all channels in one call, what "
+          "Fig. 2 draws), both given the scan's activations, as top_patches does. captum: "
+          "NeuronDeconvolution per channel (its 9 images as one batch) times the scan's "
+          "activations; +fwd: plus the forward pass that recomputes them (the reference as "
+          "first measured). speed-up: captum / vizcnn; vs +fwd: (captum + fwd) / vizcnn; "
+          "patches: captum / patches. distinct: images among the top-9 lists")
+
+
 def _bench_deconv_residual(quick: bool) -> None:
-    """The autograd route on residual networks (random weights): top-9 of 16 channels of
-    block outputs, N photo crops at 224, against the same Captum loop."""
+    """Residual networks (random weights): top-9 of 16 channels of block outputs, N photo
+    crops at 224, against the same Captum loop; the route each layer took is printed."""
     images = photo_batch(24 if quick else 64)
-    cases = [("resnet18", ["layer2.0", "layer2.1", "layer3.1", "layer4.1"]),
-             ("resnet50", ["layer2.3", "layer3.5"])]
+    cases = [("resnet18", ["layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+                           "layer4.1"]),
+             ("resnet50", ["layer2.3", "layer3.0", "layer3.5"])]
     for arch, layers in cases[:1] if quick else cases:
         torch.manual_seed(0)
         model = torchvision.models.get_model(arch).eval()
         print(f"deconv: {arch} (random weights), top-9 of 16 channels, {len(images)} photo "
-              "crops at 224 x 224, the autograd route")
+              "crops at 224 x 224")
+        _deconv_header()
         for layer in layers:
-            route = Deconvnet(model).project_patches(images[:1], layer, [0]).route
-            print(f"  {layer}: {route}")
             _deconv_layer(model, images, layer, 16)
+    print("  routes: 'autograd, cropped' runs each unit's forward and backward pass on its "
+          "receptive field's crop; 'explicit graph, each unit's cone' goes down the traced "
+          "graph, each transposed conv on the unit's cone alone")
 
 
 def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
@@ -117,41 +133,51 @@ def _deconv_layer(model, images, layer: str, channels: int | None) -> None:
     channels = min(channels or 10**9, top.values[layer].shape[0])
     indices = top.indices[layer][:channels]  # (C, 9)
     positions = top.positions[layer][:channels]  # (C, 9, 2)
+    values = top.values[layer][:channels]  # (C, 9)
     pair_channels = torch.arange(channels).repeat_interleave(9)
     net = Deconvnet(model)
-    _, patch_seconds = _timed(net.project_patches, images, layer, pair_channels,
-                              image_indices=indices.flatten(), positions=positions.view(-1, 2))
+    net.project_many(images[:2], layer, [0, 1])  # the first call's one-off costs, untimed
+    patches, patch_seconds = _timed(net.project_patches, images, layer, pair_channels,
+                                    image_indices=indices.flatten(),
+                                    positions=positions.view(-1, 2),
+                                    activations=values.flatten())
     captum = _captum(model, layer)
-    vizcnn_seconds = captum_seconds = 0.0
+    vizcnn_seconds = captum_seconds = forward_seconds = 0.0
     worst = 0.0
     for start in range(0, channels, 16):
         chunk = slice(start, min(start + 16, channels))
-        ours, seconds = _timed(net.project_many, images, layer, pair_channels[chunk.start * 9:
-                                                                             chunk.stop * 9],
+        ours, seconds = _timed(net.project_many, images, layer,
+                               pair_channels[chunk.start * 9:chunk.stop * 9],
                                image_indices=indices[chunk].flatten(),
-                               positions=positions[chunk].reshape(-1, 2))
+                               positions=positions[chunk].reshape(-1, 2),
+                               activations=values[chunk].flatten())
         vizcnn_seconds += seconds
         for row, channel in enumerate(range(chunk.start, chunk.stop)):
-            reference, seconds = _timed(captum, images[indices[channel]], channel,
-                                        positions[channel])
+            x = images[indices[channel]]
+            gradient, seconds = _timed(captum, x, channel, positions[channel])
             captum_seconds += seconds
+            with torch.no_grad():  # what the reference first paid to know the activations
+                _, seconds = _timed(vizcnn.activations, model, x, [layer])
+            forward_seconds += seconds
+            reference = gradient * values[channel].view(-1, 1, 1, 1)
             mine = ours[row * 9:(row + 1) * 9]
             scale = reference.abs().amax(dim=(1, 2, 3)).clamp_min(1e-30)
             worst = max(worst, float(((mine - reference).abs().amax(dim=(1, 2, 3))
                                       / scale).max()))
     distinct = len(set(indices.flatten().tolist()))
+    with_forward = captum_seconds + forward_seconds
     print(f"{layer:<12} {len(images):>4} {distinct:>8} {channels:>8} {vizcnn_seconds:>9.2f} "
-          f"{patch_seconds:>9.2f} {captum_seconds:>9.2f} {captum_seconds / vizcnn_seconds:>7.1f}x "
-          f"{captum_seconds / patch_seconds:>7.1f}x {worst:>12.1e}")
+          f"{patch_seconds:>9.2f} {captum_seconds:>9.2f} {forward_seconds:>7.2f} "
+          f"{captum_seconds / vizcnn_seconds:>7.1f}x {with_forward / vizcnn_seconds:>6.1f}x "
+          f"{captum_seconds / patch_seconds:>6.1f}x {worst:>12.1e}   {patches.route}")
 
 
 def _captum(model, layer):
-    """Captum's NeuronDeconvolution at given units (one per image), times their activations:
-    the reference for vizcnn's "max" mode."""
+    """Captum's NeuronDeconvolution at given units (one per image): the deconvnet image of
+    each unit, which the reference multiplies by the unit's activation."""
     from captum.attr import NeuronDeconvolution
 
-    module = resolve_layer(model, layer)
-    deconvolution = NeuronDeconvolution(model, module)
+    deconvolution = NeuronDeconvolution(model, resolve_layer(model, layer))
 
     def project(x, channel, positions):
         rows = torch.arange(len(x))
@@ -161,10 +187,7 @@ def _captum(model, layer):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gradient = deconvolution.attribute(x, neuron_selector=unit)
-        with torch.no_grad():
-            activation = vizcnn.activations(model, x, [layer])[layer]
-        return gradient * unit(activation).view(-1, 1, 1, 1)
+            return deconvolution.attribute(x, neuron_selector=unit)
 
     return project
 

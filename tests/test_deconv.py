@@ -162,15 +162,19 @@ def test_equals_captum_on_chains(name, layers, size, request):
     assert_unchanged(model, before)
 
 
-def test_autograd_path_equals_captum_on_resnet18(resnet18):
+def test_both_routes_equal_captum_on_resnet18(resnet18):
+    """Residual adds: the explicit route goes down the traced graph, the autograd route
+    through the model's own backward pass; both equal Captum's."""
     torch.manual_seed(2)
     x = torch.randn(2, 3, 64, 80)
     net = Deconvnet(resnet18)
     for layer, channel in [("layer1", 3), ("layer2.1.conv1", 7), ("layer3", 11)]:
-        with pytest.raises(vizcnn.BadArgument, match="chain"):
-            net.project(x, layer, channel, route="explicit")
-        assert_close(net.project(x, layer, channel), captum_projection(resnet18, x, layer,
-                                                                        channel))
+        reference = captum_projection(resnet18, x, layer, channel)
+        assert reference.abs().max() > 0
+        for route in ("explicit", "autograd"):
+            assert_close(net.project(x, layer, channel, route=route), reference)
+        assert_close(net.project(x, layer, channel, mode="map", route="explicit"),
+                     net.project(x, layer, channel, mode="map", route="autograd"))
     assert hooks_left(resnet18) == []
 
 
@@ -368,10 +372,13 @@ class _Branches(nn.Module):
         return self.head(self.down(self.relu(mixed + torch.cat([stem, stem], dim=1))))
 
 
+@pytest.mark.parametrize(("route", "label"), [("autograd", "autograd, cropped"),
+                                              ("explicit", "explicit graph, each unit's cone")])
 @pytest.mark.parametrize("net_name", ["resnet18", "branches"])
-def test_cropped_autograd_projections_equal_captum(net_name, request):
-    """Units at every border and inside, each projected on its receptive field's crop, equal
-    Captum's whole-image projection; the result says the route was cropped."""
+def test_cropped_projections_equal_captum(net_name, route, label, request):
+    """Units at every border and inside, each projected on its receptive field's crop
+    (autograd) or down its cone (the explicit route on the traced graph), equal Captum's
+    whole-image projection; the result says which route ran."""
     if net_name == "branches":
         torch.manual_seed(9)
         model, layers, size = _Branches().eval(), ["down"], (61, 70)
@@ -389,9 +396,10 @@ def test_cropped_autograd_projections_equal_captum(net_name, request):
         images = [0] * len(units) + [1] * len(units)
         channels = [(3 * p) % 12 for p in range(len(positions))]
         patches = net.project_patches(x, layer, channels, image_indices=images,
-                                      positions=positions)
-        assert patches.route == "autograd, cropped"
-        whole = net.project_many(x, layer, channels, image_indices=images, positions=positions)
+                                      positions=positions, route=route)
+        assert patches.route == label
+        whole = net.project_many(x, layer, channels, image_indices=images, positions=positions,
+                                 route=route)
         for p, (y, x_) in enumerate(positions.tolist()):
             reference = captum_at(model, x[images[p]:images[p] + 1], layer, channels[p], y, x_)
             assert_close(whole[p:p + 1], reference)
@@ -440,14 +448,252 @@ def test_projections_sharing_an_image_share_its_forward_pass(resnet18):
     x = torch.randn(2, 3, 64, 80)
     net = Deconvnet(resnet18)
     channels, images = [1, 5, 9, 2, 6], [0, 0, 0, 1, 1]
-    patches = net.project_patches(x, "layer3", channels, image_indices=images)
+    patches = net.project_patches(x, "layer3", channels, image_indices=images,
+                                  route="autograd")
     assert patches.route == "autograd, one forward pass per image"
-    projected = net.project_many(x, "layer3", channels, image_indices=images)
+    projected = net.project_many(x, "layer3", channels, image_indices=images, route="autograd")
     for p, (channel, image) in enumerate(zip(channels, images, strict=True)):
         assert_close(projected[p:p + 1], captum_projection(resnet18, x[image:image + 1],
                                                            "layer3", channel))
-    whole = net.project_many(x, "layer3", channels, image_indices=images, mode="map")
-    alone = torch.cat([net.project(x[i:i + 1], "layer3", c, mode="map")
+    whole = net.project_many(x, "layer3", channels, image_indices=images, mode="map",
+                             route="autograd")
+    alone = torch.cat([net.project(x[i:i + 1], "layer3", c, mode="map", route="autograd")
                        for c, i in zip(channels, images, strict=True)])
     assert_close(whole, alone)
     assert hooks_left(resnet18) == []
+
+
+# --------------------------------------------------------------------------- the traced graph
+
+
+class _Unlike(nn.Module):
+    """Nothing like our networks: grouped and dilated convs, PReLU, a functional in-place
+    leaky ReLU, GELU, batch norm, a padded ceil-mode max pool, a subtraction, scaling by
+    numbers, an add of a map to itself, concatenations and eval-mode dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=1), nn.BatchNorm2d(8),
+                                  nn.PReLU(8))
+        self.pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.wide = nn.Conv2d(8, 4, 3, padding=1)
+        self.gelu = nn.GELU()
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Conv2d(24, 6, 3, stride=2)
+
+    def forward(self, x):
+        stem = self.pool(self.stem(x))
+        a = F.leaky_relu(self.grouped(stem), 0.1, inplace=True)
+        b = self.gelu(self.wide(stem))
+        return self.out(torch.cat([a - 0.5 * stem, b / 2, self.drop(b + b), a], dim=1))
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
+    """The model in eval mode with random batch-norm statistics (not the identity)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_graph_route_equals_autograd_on_a_network_unlike_ours():
+    """Every op the explicit graph route knows, at units on every border of an odd-sized
+    input, in both modes: the same numbers as the model's own rectified backward pass."""
+    model = _randomised(_Unlike(), 12)
+    torch.manual_seed(13)
+    x = torch.randn(3, 3, 67, 53)
+    net = Deconvnet(model)
+    before = snapshot(model)
+    height, width = vizcnn.activations(model, x[:1], ["out"])["out"].shape[-2:]
+    units = [(0, 0), (0, width - 1), (height - 1, 0), (height - 1, width - 1),
+             (height // 2, width // 2)]
+    positions = torch.tensor(units * 3)
+    images = [i for i in range(3) for _ in units]
+    channels = [p % 6 for p in range(len(positions))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RectificationWarning)
+        patches = net.project_patches(x, "out", channels, image_indices=images,
+                                      positions=positions)
+        assert patches.route == "explicit graph, each unit's cone"
+        for mode, where in (("max", positions), ("map", None)):
+            explicit = net.project_many(x, "out", channels, image_indices=images,
+                                        positions=where, mode=mode, route="explicit")
+            autograd = net.project_many(x, "out", channels, image_indices=images,
+                                        positions=where, mode=mode, route="autograd")
+            for p in range(len(channels)):
+                assert autograd[p].abs().max() > 0
+                assert_close(explicit[p], autograd[p])
+        whole = net.project_many(x, "out", channels, image_indices=images, positions=positions)
+    for p in range(len(channels)):
+        top, left, bottom, right = patches.boxes[p].tolist()
+        assert torch.equal(patches.projections[p], whole[p, :, top:bottom, left:right])
+    assert_unchanged(model, before)
+    assert hooks_left(model) == []
+
+
+class _Gated(nn.Module):
+    """Ops the explicit route cannot go down through: ``how`` picks one."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.GELU()
+        self.gate = nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        if self.how == "avg":
+            y = F.avg_pool2d(y, 2)
+        elif self.how == "gate":  # a map times a map
+            y = y * torch.sigmoid(self.gate(y))
+        elif self.how == "slice":
+            y = torch.cat([y[:, :2], y[:, 2:]], dim=1)
+        return self.out(y)
+
+
+@pytest.mark.parametrize(("how", "rectify", "blocker"), [
+    ("avg", "all", "avg_pool2d"), ("gate", "all", "mul"), ("slice", "all", "__getitem__"),
+    ("none", "captum", "gelu")])
+def test_graph_route_names_what_it_cannot_take(how, rectify, blocker):
+    """An op off the explicit route's list is named when the route is asked for, and "auto"
+    then takes the autograd route, whose numbers the explicit route would have had to match."""
+    model = _Gated(how).eval()
+    x = torch.randn(1, 3, 20, 22)
+    net = Deconvnet(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RectificationWarning)
+        with pytest.raises(vizcnn.BadArgument, match=blocker):
+            net.project(x, "out", 1, route="explicit", rectify=rectify)
+        patches = net.project_patches(x, "out", [1], rectify=rectify)
+        assert patches.route.startswith("autograd")
+        assert_close(net.project(x, "out", 1, rectify=rectify),
+                     net.project(x, "out", 1, rectify=rectify, route="autograd"))
+    assert hooks_left(model) == []
+
+
+@pytest.mark.parametrize("net_name", ["resnet18", "branches", "unlike"])
+def test_graph_fields_equal_receptive_fields(net_name, request):
+    """The traced graph's fields (which place the patches of its projections) are the
+    receptive fields that ``receptive_fields`` measures: size, offset and jump."""
+    from vizcnn.deconv_graph import record_graph
+    from vizcnn.geometry import trace_calls
+    from vizcnn.receptive import receptive_fields
+
+    cases = {"resnet18": (lambda: request.getfixturevalue("resnet18"),
+                          ["layer1.1", "layer2.1", "layer3.0"], (112, 128)),
+             "branches": (lambda: _Branches().eval(), ["down"], (61, 70)),
+             "unlike": (lambda: _randomised(_Unlike(), 12), ["out"], (67, 53))}
+    make, layers, size = cases[net_name]
+    model = make()
+    names = [call.name for call in trace_calls(model, size)]
+    for layer in layers:
+        graph = record_graph(model, torch.zeros(1, 3, *size), layer, names, rectify_all=True)
+        field = receptive_fields(model, [layer], size)[layer]
+        (first, extent), (second, _) = graph.field((0, 0)), graph.field((1, 1))
+        assert extent == field.size
+        assert first == field.offset
+        assert tuple(b - a for a, b in zip(first, second, strict=True)) == field.jump
+
+
+@pytest.mark.parametrize("route", ["explicit", "autograd"])
+def test_known_activations_give_the_same_projections(resnet18, route):
+    """A top-k scan's activations given with its positions: the same projections as when
+    the activations are recomputed, on both routes; on the explicit graph route no forward
+    pass goes past the last max pool (layer1 never sees the batch)."""
+    torch.manual_seed(14)
+    x = torch.randn(3, 3, 64, 80)
+    top = vizcnn.scan_topk(resnet18, x, ["layer3.0"], k=2, progress=False)
+    channels = torch.arange(6).repeat_interleave(2)
+    args = dict(image_indices=top.indices["layer3.0"][:6].flatten(),
+                positions=top.positions["layer3.0"][:6].reshape(-1, 2), route=route)
+    net = Deconvnet(resnet18)
+    computed = net.project_many(x, "layer3.0", channels, **args)
+    batches = []
+    handle = resnet18.layer1.register_forward_hook(
+        lambda module, inputs, output: batches.append(len(inputs[0])))
+    try:
+        known = net.project_many(x, "layer3.0", channels,
+                                 activations=top.values["layer3.0"][:6].flatten(), **args)
+    finally:
+        handle.remove()
+    for p in range(len(channels)):
+        assert computed[p].abs().max() > 0
+        assert_close(known[p], computed[p])
+    if route == "explicit":
+        assert batches and max(batches) == 1  # the trace and the probe, on one zero image
+    else:
+        assert max(batches) > 1
+
+
+def test_bad_activations_are_refused(resnet18):
+    x = torch.randn(2, 3, 64, 64)
+    net = Deconvnet(resnet18)
+    positions = torch.tensor([[0, 0], [1, 1]])
+    for kwargs, match in [(dict(positions=positions, activations=[1.0]), "1 activations"),
+                          (dict(positions=positions, activations=[1.0, float("nan")]),
+                           "not a finite"),
+                          (dict(activations=[1.0, 2.0]), "positions"),
+                          (dict(positions=positions, activations=[1.0, 2.0], mode="map"),
+                           "positions")]:
+        with pytest.raises(vizcnn.BadArgument, match=match):
+            net.project_many(x, "layer2", [0, 1], **kwargs)
+    assert hooks_left(resnet18) == []
+
+
+def test_top_patches_trusts_a_scan_of_these_weights_only(resnet18):
+    """top_patches projects with the scan's activations when the scan saw these weights, and
+    recomputes them otherwise: a TopK whose values were made up (another fingerprint) still
+    gives the model's true projections."""
+    import dataclasses
+
+    torch.manual_seed(15)
+    x = torch.randn(3, 3, 64, 64)
+    top = vizcnn.scan_topk(resnet18, x, ["layer3.1"], k=2, progress=False)
+    made_up = dataclasses.replace(top, fingerprint="someone else's",
+                                  values={"layer3.1": top.values["layer3.1"] * 5})
+    truth = vizcnn.top_patches(resnet18, top, x, "layer3.1", channels=[0, 3])
+    for other in (vizcnn.top_patches(resnet18, made_up, x, "layer3.1", channels=[0, 3]),):
+        assert_close(other.projections, truth.projections)
+    reference = captum_at(resnet18, x[int(top.indices["layer3.1"][3, 0])][None], "layer3.1", 3,
+                          *top.positions["layer3.1"][3, 0].tolist())
+    top_, left, bottom, right = truth.boxes[1, 0].tolist()
+    assert_close(truth.projections[1, 0], reference[0, :, top_:bottom, left:right])
+
+
+@pytest.mark.parametrize("net_name", ["resnet18", "branches"])
+def test_one_unit_in_several_images_equals_captum(net_name, request):
+    """The same channel and position in several images: the images share the signal down to
+    the first max pool (ResNet18's stem; in the branches net a pool inside one branch), then
+    part; each projection still equals Captum's for its own image."""
+    if net_name == "branches":
+        torch.manual_seed(9)
+        model, layer, size = _Branches().eval(), "down", (61, 70)
+    else:
+        model, layer, size = request.getfixturevalue("resnet18"), "layer3.0", (64, 80)
+    torch.manual_seed(16)
+    x = torch.randn(3, 3, *size)
+    weakest = vizcnn.activations(model, x, [layer])[layer].amin(dim=0)  # (C, h, w)
+    # strong units in all three images (a weak one's activation carries the rounding of the
+    # forward pass at another batch size, larger than the tolerance in relative terms)
+    strongest = weakest.flatten(1).max(dim=1)
+    first, second, third = strongest.values.argsort(descending=True)[:3].tolist()
+    width = weakest.shape[-1]
+
+    def unit(channel: int) -> list[int]:
+        return list(divmod(int(strongest.indices[channel]), width))
+
+    channels, images = [first] * 3 + [second] * 2 + [third], [0, 1, 2, 0, 2, 1]
+    positions = torch.tensor([unit(c) for c in channels])
+    projected = Deconvnet(model).project_many(x, layer, channels, image_indices=images,
+                                              positions=positions, route="explicit")
+    for p, (y, x_) in enumerate(positions.tolist()):
+        reference = captum_at(model, x[images[p]:images[p] + 1], layer, channels[p], y, x_)
+        assert reference.abs().max() > 0
+        assert_close(projected[p:p + 1], reference)
+    assert not torch.allclose(projected[0], projected[1])  # the switches differ

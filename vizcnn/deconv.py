@@ -54,7 +54,16 @@ from vizcnn.checks import (
     positive_int,
 )
 from vizcnn.crops import crop_batch, paste_batch
-from vizcnn.errors import BadArgument
+from vizcnn.deconv_graph import (
+    Graph,
+    activation_modules,
+    project_cones,
+    record_graph,
+    record_switches,
+    start_cone,
+    transposed_conv,
+)
+from vizcnn.errors import BadArgument, ModelError
 from vizcnn.geometry import (
     Geometry,
     LayerCall,
@@ -69,7 +78,6 @@ from vizcnn.hooks import (
     model_device,
     preserved_state,
     require_batch,
-    scoped_hooks,
     strongest_units,
 )
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, is_activation, resolve_layer
@@ -297,7 +305,8 @@ def _chain_backward(chain: list[_Link], forward: _Forward, signal: torch.Tensor,
         length = forward.lengths[index]
         if step.kind == "conv":
             # the padding takes no signal
-            signal = _outside(_transposed_conv(signal, step.module, step.geometry), mask, 0.0)
+            signal = _outside(transposed_conv(signal, step.module.weight, step.module.groups,
+                                                   step.geometry), mask, 0.0)
         elif step.kind == "pool":
             switches = forward.switches[index][rows].flatten(2)  # type: ignore[index]
             unpooled = signal.new_zeros(*signal.shape[:2], length[0] * length[1])
@@ -309,31 +318,6 @@ def _chain_backward(chain: list[_Link], forward: _Forward, signal: torch.Tensor,
         elif step.kind == "norm":
             signal = signal * _norm_scale(step.module)
     return signal
-
-
-def _transposed_conv(signal: torch.Tensor, module: nn.Conv2d, geometry: Geometry
-                     ) -> torch.Tensor:
-    """Filter with the transposed filters of ``module`` (no padding, no bias).
-
-    A strided transposed convolution is computed as one ordinary convolution with the
-    ``stride x stride`` phases of the kernel as output channels, interleaved by
-    ``pixel_shuffle``: the same sums, about 3.5x faster on the CPU than ``conv_transpose2d``
-    for AlexNet's 11x11 stride-4 conv1."""
-    weight, stride = module.weight, geometry.stride
-    if stride[0] != stride[1] or stride[0] == 1 or module.groups != 1 or \
-            geometry.dilation != (1, 1):
-        return F.conv_transpose2d(signal, weight, None, stride, 0, 0, module.groups,
-                                  geometry.dilation)
-    step = stride[0]
-    out_channels, in_channels, kh, kw = weight.shape  # the forward conv's (out, in, kh, kw)
-    taps = (-(-kh // step), -(-kw // step))  # kernel taps per phase
-    padded = F.pad(weight, (0, taps[1] * step - kw, 0, taps[0] * step - kh))
-    phases = padded.view(out_channels, in_channels, taps[0], step, taps[1], step)
-    phases = phases.permute(1, 3, 5, 0, 2, 4).flip(-1, -2)
-    phases = phases.reshape(in_channels * step * step, out_channels, *taps)
-    out = F.pixel_shuffle(F.conv2d(signal, phases, padding=(taps[0] - 1, taps[1] - 1)), step)
-    height, width = signal.shape[-2:]
-    return out[..., :(height - 1) * step + kh, :(width - 1) * step + kw]
 
 
 # --------------------------------------------------------------------------- the autograd route
@@ -383,16 +367,7 @@ def _rectified(model: nn.Module, rectify: Rectify) -> Iterator[_Rectifier]:
     """Rectify the model's nonlinearities for the block (as ``rectify`` says), then warn where
     the paper's rule and Captum's differ on this model."""
     mode = _Rectifier(rectify)
-
-    def enter(module, inputs):
-        mode.inside.append(module)
-
-    def leave(module, inputs, output):
-        mode.inside.pop()
-
-    activations = [module for module in model.modules() if is_activation(module)]
-    with (scoped_hooks(before=[(m, enter) for m in activations],
-                       after=[(m, leave) for m in activations]), mode):
+    with activation_modules(model, mode.inside), mode:
         yield mode
     _warn_rectification(model, mode.rectified, mode.passed, rectify)
 
@@ -494,6 +469,7 @@ class Deconvnet:
         *,
         image_indices: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        activations: torch.Tensor | None = None,
         mode: Mode = "max",
         route: Route = "auto",
         rectify: Rectify = "all",
@@ -514,6 +490,11 @@ class Deconvnet:
                 projection p uses image p, which needs P == N).
             positions: (P, 2) the (y, x) unit of each projection in "max" mode (default: the
                 strongest unit of the channel in that image, e.g. a top-k scan's positions).
+            activations: (P,) the activation of each projection's unit, where it is known
+                already (a top-k scan's values, with its positions): the projection is that
+                number times the unit's deconvnet image, and on the explicit route down a
+                traced graph the forward pass stops at the last max pool (its switches are
+                all the way down needs). Default: computed.
             mode, route, rectify: as in ``project``.
             batch_size: projections computed at once (bounds the memory).
 
@@ -521,7 +502,7 @@ class Deconvnet:
             (P, C_in, H, W) projections.
         """
         plan = _make_plan(self.model, x, layer, channels, image_indices, positions, mode,
-                          route, rectify, batch_size)
+                          route, rectify, batch_size, activations)
         result = plan.x.new_zeros(len(plan.channels), *plan.x.shape[1:])
         for rows, (crops, starts) in self._projected_chunks(plan):
             _paste_rows(result, rows, crops, starts, (0, 0))
@@ -535,6 +516,7 @@ class Deconvnet:
         *,
         image_indices: Sequence[int] | torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        activations: torch.Tensor | None = None,
         route: Route = "auto",
         rectify: Rectify = "all",
         batch_size: int = 64,
@@ -543,7 +525,7 @@ class Deconvnet:
         field, cut from the projection and from the input (see ``Patches``). This is what the
         Fig. 2 figure shows, and it never holds full-size projections in memory."""
         plan = _make_plan(self.model, x, layer, channels, image_indices, positions, "max",
-                          route, rectify, batch_size)
+                          route, rectify, batch_size, activations)
         field_size, field_starts = _field(self.model, plan)
         patch = (min(field_size[0], plan.x.shape[-2]), min(field_size[1], plan.x.shape[-1]))
         boxes = _patch_boxes(field_starts, patch, plan.x.shape[-2:])
@@ -561,6 +543,9 @@ class Deconvnet:
         model = self.model
         device = plan.x.device
         with preserved_state(model, eval_mode=True):
+            if plan.graph is not None:
+                yield from _explicit_graph(model, plan)
+                return
             if plan.chain is None:
                 for param in model.parameters():
                     param.requires_grad_(False)  # only the input's gradient is needed
@@ -598,6 +583,8 @@ class _Plan:
     share_forward: bool  # explicit "max" mode: crop the units from whole forward passes
     crops: _Crops | None  # autograd route, "max" mode: each unit on its field's crop
     per_image: bool  # uncropped autograd: one forward pass per distinct image
+    graph: Graph | None = None  # explicit route on the traced graph: its way, on a zero image
+    activations: torch.Tensor | None = None  # (P,) the units' activations, where given
 
     @property
     def traced(self) -> list[str]:
@@ -607,6 +594,8 @@ class _Plan:
     def route(self) -> str:
         if self.chain is not None:
             return "explicit, cropped" if self.mode == "max" else "explicit"
+        if self.graph is not None:
+            return "explicit graph, each unit's cone" if self.mode == "max" else "explicit graph"
         if self.crops is not None:
             return "autograd, cropped"
         return "autograd, one forward pass per image" if self.per_image else "autograd"
@@ -627,7 +616,7 @@ class _Crops:
 
 
 def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, mode, route,
-               rectify, batch_size) -> _Plan:
+               rectify, batch_size, activations=None) -> _Plan:
     """Check the arguments, trace the model, choose the route and find each projection's
     unit."""
     positive_int(batch_size, "batch_size")
@@ -644,28 +633,94 @@ def _make_plan(model: nn.Module, x, layer, channels, image_indices, positions, m
     output = feature_maps(calls[last_call(calls, layer)].output, layer, flat_ok=True)
     check_channels(channels, output.shape[1], layer)
     chain = None if route == "autograd" else _explicit_chain(calls, layer, rectify)
-    if route == "explicit" and chain is None:
-        raise BadArgument(f"the explicit deconvnet needs a chain of conv / activation / "
-                          f"max-pool layers up to {layer!r} (with rectify='captum': ReLU "
-                          "modules only)", "use route='autograd' (or 'auto')")
-    if chain is not None:
-        rectified = Counter(type(link.module).__name__ for link in chain if link.kind == "act")
-        _warn_rectification(model, rectified, Counter(), rectify)
+    graph = None
+    if chain is None and route != "autograd":
+        graph = _probe_graph(model, x, layer, calls, rectify)
+        if route == "explicit" and isinstance(graph, str):
+            raise BadArgument(f"the explicit deconvnet cannot go down through {graph} on the "
+                              f"way to {layer!r} (it takes convs, max pools, batch norm, "
+                              "nonlinearities, adds and concatenations; with rectify='captum' "
+                              "ReLU modules only)", "use route='autograd' (or 'auto')")
+        graph = None if isinstance(graph, str) else graph
+    if chain is not None or graph is not None:
+        acts = (Counter(type(link.module).__name__ for link in chain if link.kind == "act")
+                if chain is not None else graph.rectified)
+        _warn_rectification(model, acts, Counter(), rectify)
     map_size = tuple(output.shape[-2:]) if output.dim() == 4 else (1, 1)
+    if activations is not None:
+        activations = _checked_activations(activations, positions, mode, len(channels), x)
     if positions is not None:
         positions = _checked_positions(positions, len(channels), map_size, layer, x.device)
     elif mode == "max":
         positions = _strongest(model, x, layer, calls, channels, image_indices)
     distinct, distinct_rows = torch.unique(image_indices, return_inverse=True)
+    crops = None
+    if chain is None and route != "explicit" and mode == "max" and output.dim() == 4 and (
+            graph is None or _crops_pay(graph, positions, len(distinct), activations is not None,
+                                        tuple(x.shape[-2:]))):
+        crops = _autograd_crops(model, layer, calls, tuple(x.shape[-2:]), positions)
+        graph = None if crops is not None else graph
+    autograd = chain is None and graph is None
     # whole forward passes pay off when many projections share an image
-    crops = (_autograd_crops(model, layer, calls, tuple(x.shape[-2:]), positions)
-             if chain is None and mode == "max" and output.dim() == 4 else None)
     share_forward = (chain is not None and mode == "max" and len(distinct) *
                      _cost(chain, map_size) < len(image_indices) * _cost(chain, (1, 1)))
     # uncropped autograd: one forward pass per image where images hold several projections
-    per_image = chain is None and crops is None and len(image_indices) >= 2 * len(distinct)
+    per_image = autograd and crops is None and len(image_indices) >= 2 * len(distinct)
     return _Plan(x, layer, channels, image_indices, positions, mode, chain, calls, map_size,
-                 rectify, batch_size, distinct, distinct_rows, share_forward, crops, per_image)
+                 rectify, batch_size, distinct, distinct_rows, share_forward, crops, per_image,
+                 graph, activations)
+
+
+# Calibrated on ResNet18 and ResNet50 at 224 on 2 CPU cores (bench.py --section deconv): one op
+# of the way down for one group costs about as much as 25 M multiply-adds of a large conv (0.5
+# ms), and the autograd route's passes on crops run at about a third of the rate of the
+# transposed convs. With these the choice matched the faster route on every layer measured.
+_OP_OVERHEAD = 2.5e7
+_AUTOGRAD_SLOWDOWN = 3.0
+
+
+def _crops_pay(graph: Graph, positions: torch.Tensor, images: int, known: bool,
+               size: tuple[int, int]) -> bool:
+    """Whether the autograd route on receptive-field crops costs fewer multiply-adds than the
+    way down the traced graph, for projections at ``positions`` (P, 2) of ``images`` images.
+
+    Down the graph: each unit's cone, a fixed cost per op and group of projections at one
+    position (small cones make the way down overhead-bound), and one forward pass per image
+    (only to the last max pool when the activations are ``known``). On crops: a forward and a
+    backward pass (about as dear) per projection, on its field's crop."""
+    where, counts = torch.unique(positions, dim=0, return_counts=True)
+    full = graph.forward_cost()
+    down = crops = 0.0
+    for position, count in zip(where.tolist(), counts.tolist(), strict=True):
+        macs, field = graph.down_cost(tuple(position))
+        down += count * macs + len(graph.ops) * _OP_OVERHEAD
+        crops += count * 2.0 * _AUTOGRAD_SLOWDOWN * full * field[0] * field[1] / (
+            size[0] * size[1])
+    return crops < down + images * graph.forward_cost(upto_last_pool=known)
+
+
+def _checked_activations(activations: Any, positions, mode: Mode, count: int,
+                         x: torch.Tensor) -> torch.Tensor:
+    """(P,) finite activations, given with the positions they belong to, in "max" mode."""
+    if mode != "max" or positions is None:
+        raise BadArgument("activations= belong to given positions in \"max\" mode",
+                          "give positions= too, or leave activations out")
+    activations = torch.as_tensor(activations, dtype=x.dtype, device=x.device).flatten()
+    if len(activations) != count:
+        raise BadArgument(f"{len(activations)} activations for {count} channels")
+    if not bool(torch.isfinite(activations).all()):
+        raise BadArgument("an activation is not a finite number",
+                          "leave empty top-k slots out")
+    return activations
+
+
+def _probe_graph(model: nn.Module, x: torch.Tensor, layer: str, calls, rectify: Rectify
+                 ) -> Graph | str:
+    """The way to ``layer`` recorded on one zero image (see ``deconv_graph``), or the name of
+    the first op on it that the explicit route cannot go down through."""
+    with preserved_state(model, eval_mode=True):
+        return record_graph(model, torch.zeros_like(x[:1]), layer, [c.name for c in calls],
+                            rectify_all=rectify == "all")
 
 
 def _autograd_crops(model: nn.Module, layer: str, calls, size: tuple[int, int],
@@ -739,9 +794,15 @@ def _strongest(model, x, layer, calls, channels, image_indices) -> torch.Tensor:
 
 def _field(model: nn.Module, plan: _Plan) -> tuple[tuple[int, int], torch.Tensor]:
     """Receptive-field size and unclipped top-left corner (P, 2) of each projected unit:
-    from the explicit chain's geometry, else from ``receptive_fields``."""
+    from the explicit chain's geometry or the traced graph's, else from
+    ``receptive_fields``."""
     if plan.chain is not None:
         return _regions(plan.chain, (1, 1))[0], _starts(plan.chain, plan.positions)[0]
+    if plan.graph is not None:  # the first unit's field, moved by one jump per unit
+        (first, size), (second, _) = plan.graph.field((0, 0)), plan.graph.field((1, 1))
+        jump = torch.tensor([b - a for a, b in zip(first, second, strict=True)],
+                            device=plan.x.device)
+        return size, plan.positions * jump + torch.tensor(first, device=plan.x.device)
     field = receptive_fields(model, [plan.layer], tuple(plan.x.shape[-2:]),
                              calls=plan.calls)[plan.layer]
     if field.is_global:
@@ -768,11 +829,77 @@ def _explicit(plan: _Plan, whole: _Forward | None, chunk: slice
             return projected, _starts(chain, _zeros(len(channels), device))[0]
         forward = _crop_forward(chain, whole, rows, positions, (1, 1))
     rows = torch.arange(len(channels), device=device)
-    activation = forward.output[rows, channels, 0, 0]
+    activation = (forward.output[rows, channels, 0, 0] if plan.activations is None
+                  else plan.activations[chunk])
     signal = _select(forward.output, channels, _zeros(len(channels), device), unit=True)
     projected = _chain_backward(chain, forward, signal, rows)
     projected *= activation.view(-1, 1, 1, 1)
     return projected, _starts(chain, positions)[0]
+
+
+def _explicit_graph(model: nn.Module, plan: _Plan
+                    ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """The explicit route on the traced graph: one no-grad forward pass per batch of distinct
+    images records their switches, then their projections go down, at most ``batch_size`` at
+    once, those at one unit position as one group (their cones are the same boxes)."""
+    for chunk in _chunks(len(plan.distinct), plan.batch_size):
+        x = plan.x[plan.distinct[chunk]]
+        if plan.activations is None:
+            graph = record_graph(model, x, plan.layer, plan.traced,
+                                 rectify_all=plan.rectify == "all")
+            same = not isinstance(graph, str) and graph.same_way(plan.graph)
+        else:  # only the switches are needed
+            graph = record_switches(model, x, plan.graph, plan.layer, plan.traced)
+            same = graph is not None
+        if not same:
+            raise ModelError(f"the forward pass to {plan.layer!r} took another way on these "
+                             "images than on a zero image", "use route='autograd'")
+        images = plan.distinct_rows - chunk.start
+        rows = ((images >= 0) & (images < len(x))).nonzero().flatten()
+        if plan.mode == "max":  # neighbours in the order share positions
+            rows = rows[_position_order(plan.positions[rows])]
+        for part in _chunks(len(rows), plan.batch_size):
+            yield from _cones_down(graph, images, plan, rows[part])
+
+
+def _position_order(positions: torch.Tensor) -> torch.Tensor:
+    """(P,) the order that sorts ``positions`` (P, 2) row by row, then column by column."""
+    return torch.argsort(positions[:, 0] * (int(positions[:, 1].max()) + 1) + positions[:, 1],
+                         stable=True)
+
+
+def _cones_down(graph: Graph, images: torch.Tensor, plan: _Plan, rows: torch.Tensor
+                ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """The projections ``rows`` down the graph (``images[rows]``: their rows in its batch),
+    as their rows and (crops, starts (P, 2) in the input)."""
+    channels = plan.channels[rows]
+    if plan.mode == "map":
+        groups = [(torch.arange(len(rows)), None)]
+    else:
+        where, group = torch.unique(plan.positions[rows], dim=0, return_inverse=True)
+        groups = [((group == g).nonzero().flatten(), tuple(where[g].tolist()))
+                  for g in range(len(where))]
+    starts = []
+    for members, position in groups:
+        if position is None:
+            starts.append((members, start_cone(graph, images[rows[members]],
+                                               channels[members], None), None))
+            continue
+        # one signal per channel at this position until the way down meets a max pool
+        unique, shared = torch.unique(channels[members], return_inverse=True)
+        starts.append((members, start_cone(graph, None, unique, position), shared))
+    for members, cone in project_cones(graph, images[rows], starts):
+        signal = cone.signal
+        if plan.mode == "max":  # the unit's activation times its deconvnet image
+            if plan.activations is not None:
+                unit = plan.activations[rows[members]]
+            else:
+                at = plan.positions[rows[members]]
+                unit = graph.output[images[rows[members]], channels[members], at[:, 0],
+                                    at[:, 1]]
+            signal = signal * unit.view(-1, 1, 1, 1)
+        corner = torch.tensor(cone.start, device=signal.device).expand(len(members), 2)
+        yield rows[members], (signal, corner)
 
 
 def _autograd_groups(plan: _Plan) -> Iterator[torch.Tensor]:
@@ -820,7 +947,8 @@ def _autograd(model: nn.Module, plan: _Plan, rows: torch.Tensor
         signal = _select(output.detach(), channels, positions if unit else None, unit=unit)
         (grad,) = torch.autograd.grad(output, x, grad_outputs=signal)
     if unit:  # the unit's activation times its deconvnet image
-        grad *= (signal * output.detach()).flatten(1).sum(1).view(-1, 1, 1, 1)
+        known = None if plan.activations is None else plan.activations[rows]
+        grad *= _unit_activations(signal, output, known).view(-1, 1, 1, 1)
     return grad, starts
 
 
@@ -841,9 +969,19 @@ def _autograd_shared(model: nn.Module, plan: _Plan, rows: torch.Tensor
             (grad,) = torch.autograd.grad(output, x, grad_outputs=signal,
                                           retain_graph=k + 1 < len(rows))
             if unit:
-                grad = grad * (signal * output.detach()).sum()
+                known = None if plan.activations is None else plan.activations[row]
+                grad = grad * _unit_activations(signal, output, known).view(-1, 1, 1, 1)
             grads.append(grad)
     return torch.cat(grads), _zeros(len(rows), x.device)
+
+
+def _unit_activations(signal: torch.Tensor, output: torch.Tensor,
+                      known: torch.Tensor | None) -> torch.Tensor:
+    """(P,) the activation at each projection's unit: ``known`` where given, else read from
+    ``output`` where ``signal`` is 1."""
+    if known is not None:
+        return known
+    return (signal * output.detach()).flatten(1).sum(1)
 
 
 def _chunks(count: int, size: int) -> Iterator[slice]:
@@ -928,7 +1066,7 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
         channels: which channels (default: all).
         route, rectify: as in ``Deconvnet.project``.
     """
-    from vizcnn.scan import images_at
+    from vizcnn.scan import images_at, model_fingerprint
 
     if layer not in top.values:
         raise BadArgument(f"layer {layer!r} was not scanned",
@@ -947,9 +1085,13 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
     rows = torch.tensor([row_of[int(i)] for i in wanted])
     pair_channels = torch.tensor(channels).view(-1, 1).expand_as(indices)[filled]
     positions = top.positions[layer][channels][filled]
+    # the scan's activations, where it scanned these weights: no forward pass need recompute
+    known = (top.values[layer][channels][filled]
+             if top.fingerprint and top.fingerprint == model_fingerprint(model) else None)
     patches = Deconvnet(model).project_patches(x, layer, pair_channels, image_indices=rows,
-                                               positions=positions, route=route,
-                                               rectify=rectify, batch_size=batch_size)
+                                               positions=positions, activations=known,
+                                               route=route, rectify=rectify,
+                                               batch_size=batch_size)
     k = indices.shape[1]
     size = patches.projections.shape[1:]
 

@@ -621,7 +621,7 @@ def images_at(model: nn.Module, data: Any, indices: Sequence[int]) -> torch.Tens
 # --------------------------------------------------------------------------- the scan
 
 
-def _model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the model's parameter names, shapes and a few values of each."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -757,7 +757,7 @@ class _Scan:
         self.model, self.names, self.k = model, names, k
         self.source, self.identity, self.state_path = source, identity, state_path
         self.device = model_device(model)
-        self.fingerprint = _model_fingerprint(model)
+        self.fingerprint = model_fingerprint(model)
         state = (_resume(state_path, names, k, self.fingerprint, identity)
                  if state_path else None)
         self.kept = ({n: (state.values[n].to(self.device), state.indices[n].to(self.device),
