@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torchvision
 
 import vizcnn
 from vizcnn.data.shapes import held_out_image
@@ -53,6 +56,25 @@ def test_deconv_and_scan_on_cuda():
         assert torch.equal(top_gpu.indices[layer], top_cpu.indices[layer])
     patches = vizcnn.top_patches(gpu_model, top_gpu, "shapes:300", "features.3", [0, 1])
     assert patches.projections.is_cuda and patches.projections.shape[:2] == (2, 9)
+    assert all(not module._forward_hooks for module in gpu_model.modules())
+
+
+def test_residual_deconv_routes_on_cuda():
+    """ResNet18 (random weights) on the GPU: the traced-graph and autograd routes follow the
+    model's device and give the CPU's numbers."""
+    torch.manual_seed(0)
+    cpu_model = torchvision.models.resnet18().eval()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x = torch.randn(2, 3, 96, 112)
+    positions = torch.tensor([[0, 0], [2, 3], [5, 6]])
+    for route in ("explicit", "autograd"):
+        on_gpu = vizcnn.Deconvnet(gpu_model).project_many(
+            x.cuda(), "layer3", [1, 4, 4], image_indices=[0, 1, 0], positions=positions,
+            route=route)
+        assert on_gpu.is_cuda
+        on_cpu = vizcnn.Deconvnet(cpu_model).project_many(
+            x, "layer3", [1, 4, 4], image_indices=[0, 1, 0], positions=positions, route=route)
+        assert (on_gpu.cpu() - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max()
     assert all(not module._forward_hooks for module in gpu_model.modules())
 
 

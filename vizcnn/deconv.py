@@ -6,14 +6,18 @@ the forward pass, **rectify** the signal with a ReLU, **filter** with the transp
 bias). Unpooling is the exact adjoint of max pooling, so where overlapping windows (3x3, stride 2
 in AlexNet and ZF Net) pick the same input, their signals add.
 
-Two routes behind one interface, with the same numbers:
+Three routes behind one interface, with the same numbers:
 
 - **explicit**, for chains of conv / activation / max-pool / batch-norm / dropout layers (AlexNet,
   VGG, ZFNetMini): the three operations written out. In "max" mode a unit depends only on the pixels
   of its receptive field, so the forward pass and the projection run on that crop alone; each
   layer's crop is padded exactly as the layer pads its full map (zeros before a conv, -inf
   before a max pool), so cropping changes no number.
-- **autograd**, for any other network (residual adds, concatenations): the model's own backward
+- **explicit graph**, for residual and branching networks made of the ops ``deconv_graph``
+  knows (convs, max pools, eval-mode batch norm, nonlinearities, adds, concatenations): the
+  same three operations down a graph recorded in one no-grad forward pass, each transposed
+  conv kept to the unit's cone (see ``deconv_graph``).
+- **autograd**, for any other network: the model's own backward
   pass with every nonlinearity's backward replaced by a rectifier, ``grad_in = relu(grad_out)``.
   Nonlinearities are caught as functions (``F.relu``, ``torch.relu_``, ``F.prelu``, ``F.gelu``,
   ``Tensor.sigmoid``, ...; see ``layers.ACTIVATION_FUNCTIONS``) while the call runs, so modules,
@@ -410,10 +414,10 @@ class Patches:
             exclusive. A patch is the unit's receptive field (size s, at most the image size)
             moved inside the image where the field reaches past the border, so all patches have
             one size; every pixel the unit can see is inside its patch.
-        route: how they were computed: "explicit" or "autograd", and whether each unit ran
-            on a crop of the input that holds its receptive field ("cropped"), or on the
-            whole input ("one forward pass per image" where an image's projections share
-            it).
+        route: how they were computed: "explicit" (a chain), "explicit graph" (down a
+            traced graph, "each unit's cone") or "autograd", and whether each unit ran on a
+            crop of the input that holds its receptive field ("cropped"), or on the whole
+            input ("one forward pass per image" where an image's projections share it).
     """
 
     projections: torch.Tensor
@@ -447,8 +451,10 @@ class Deconvnet:
             mode: "max" keeps only the channel's strongest activation in each image (the
                 projection is that activation times the deconvnet image of the unit); "map"
                 keeps the whole channel as it is.
-            route: which implementation projects: "auto" (explicit for chains, autograd
-                otherwise), "explicit" or "autograd".
+            route: which implementation projects: "auto" (explicit for chains; for other
+                graphs explicit down the traced graph or autograd on crops, whichever needs
+                fewer multiply-adds, and autograd where the graph holds an op the explicit
+                route cannot take), "explicit" or "autograd".
             rectify: "all" (default, the paper's rule: rectify at every elementwise
                 nonlinearity, module or function) or "captum" (at ``nn.ReLU`` modules only,
                 the others keep their ordinary gradient, as Captum's NeuronDeconvolution).
