@@ -142,3 +142,32 @@ def test_bad_arguments(alexnet):
     assert vizcnn.receptive_field(alexnet, "features.10", 31).size == (163, 163)
     with pytest.raises(vizcnn.BadArgument, match="too small.*features.12"):
         vizcnn.receptive_field(alexnet, "features.12", 31)
+
+
+def test_a_global_mean_on_the_way_makes_the_field_global():
+    """A squeeze-and-excitation gate written as ``y.mean(dim=(2, 3))`` (not an adaptive pool):
+    every unit after it sees the whole input, and the layers before it keep their fields; the
+    deconvnet's patches then hold the whole image and equal the whole projection."""
+    import torch.nn.functional as F
+
+    class MeanGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.gate = nn.Conv2d(4, 4, 1)
+            self.out = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            y = F.gelu(self.conv(x))
+            return self.out(y * torch.sigmoid(self.gate(y.mean(dim=(2, 3), keepdim=True))))
+
+    torch.manual_seed(17)
+    model = MeanGate().eval()
+    fields = vizcnn.receptive_fields(model, ["conv", "out"], (20, 22))
+    assert fields["out"].is_global and fields["out"].size == (20, 22)
+    assert not fields["conv"].is_global and fields["conv"].size == (3, 3)
+    x = torch.randn(1, 3, 20, 22)
+    patches = vizcnn.Deconvnet(model).project_patches(x, "out", [1])
+    whole = vizcnn.Deconvnet(model).project_many(x, "out", [1])
+    assert patches.projections.shape[-2:] == (20, 22)
+    assert torch.equal(patches.projections, whole)

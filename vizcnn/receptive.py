@@ -156,6 +156,9 @@ class _LinearisedPools(TorchFunctionMode):
         "adaptive_max_pool2d_with_indices": F.adaptive_avg_pool2d,
     }
 
+    _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var",
+                             "logsumexp"})
+
     def __init__(self, identity_pools: list[bool] | None):
         super().__init__()
         self.identity_pools = identity_pools  # None: record them (the pass at input_size)
@@ -180,6 +183,8 @@ class _LinearisedPools(TorchFunctionMode):
                 return x
             self.resized = True
             return self._ADAPTIVE_AS_AVERAGE[name](x, output_size)
+        if name in self._REDUCTIONS and _reduces_space(args, kwargs):
+            self.resized = True  # a global mean (a squeeze-and-excitation gate): every unit after
         return func(*args, **kwargs)
 
     @staticmethod
@@ -191,6 +196,22 @@ class _LinearisedPools(TorchFunctionMode):
         out = average(x, kernel_size, stride if stride else kernel_size, padding,
                       ceil_mode=ceil_mode, count_include_pad=False)
         return (out, None) if return_indices else out
+
+
+def _reduces_space(args: tuple, kwargs: dict) -> bool:
+    """Whether a reduction call (``x.mean(dim=(2, 3))``, ``torch.amax(x, -1)``, ``x.sum()``)
+    takes a feature map's spatial axes together."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        return False
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None:
+        return True
+    if not isinstance(dim, (int, tuple, list)):  # torch.max(x, y): elementwise
+        return False
+    dims = {d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)
+            if isinstance(d, int)}
+    return bool(dims & {x.dim() - 2, x.dim() - 1})
 
 
 def _linearised_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
