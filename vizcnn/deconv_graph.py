@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vizcnn.geometry import Geometry, Pair
+from vizcnn.geometry import METADATA_CALLS, Geometry, Pair, call_argument, int_pair
 from vizcnn.hooks import forward_to, scoped_hooks
 from vizcnn.layers import ACTIVATION_FUNCTIONS, is_activation
 
@@ -60,10 +60,6 @@ _SAME = frozenset({"clone", "contiguous", "dropout", "dropout2d", "feature_dropo
 _CAT = frozenset({"cat", "concat", "concatenate"})
 _FEW_CHANNELS = 8  # where a strided transposed conv goes through pixel_shuffle
 
-# calls that read a tensor's shape, type or layout, never its values
-_METADATA = frozenset({"dim", "size", "__get__", "numel", "__len__", "is_floating_point",
-                       "stride", "is_contiguous", "get_device", "element_size", "ndimension",
-                       "nelement", "is_complex"})
 _POOLS = frozenset({"max_pool2d", "max_pool2d_with_indices", "_max_pool2d"})
 
 
@@ -144,16 +140,6 @@ class Graph:
         return total, boxes[0]
 
 
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
-    return args[position] if len(args) > position else kwargs.get(name, default)
-
-
-def _pair(value: Any) -> Pair:
-    if isinstance(value, int):
-        return (value, value)
-    return (int(value[0]), int(value[1])) if len(value) == 2 else (int(value[0]),) * 2
-
-
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -209,7 +195,7 @@ class _Recorder(TorchFunctionMode):
         inputs = [self.node(t) for t in tracked]  # before an in-place op renames them
         result = func(*args, **kwargs)
         if not isinstance(result, torch.Tensor):
-            if name not in _METADATA:  # a value read out (item(), bool()) may steer the way
+            if name not in METADATA_CALLS:  # a value read out (item(), bool()) may steer the way
                 self.blocker = name
             return result
         op = self._op(name, args, kwargs, tracked, inputs, result)
@@ -225,7 +211,7 @@ class _Recorder(TorchFunctionMode):
         size = tuple(tracked[0].shape[-2:]) if tracked[0].dim() == 4 else (1, 1)
         if name in _CAT:
             tensors = args[0] if args else kwargs.get("tensors")
-            dim = _argument(args, kwargs, 1, "dim", 0)
+            dim = call_argument(args, kwargs, 1, "dim", 0)
             if dim not in (1, -3) or any(self.node(t) is None for t in tensors):
                 return None
             return _Op("cat", tuple(inputs), self.track(result), size,
@@ -237,11 +223,11 @@ class _Recorder(TorchFunctionMode):
         if first.shape != result.shape:
             return None
         if name == "batch_norm":
-            if _argument(args, kwargs, 5, "training", False):
+            if call_argument(args, kwargs, 5, "training", False):
                 return None
-            var, weight = _argument(args, kwargs, 2, "running_var", None), \
-                _argument(args, kwargs, 3, "weight", None)
-            eps = _argument(args, kwargs, 7, "eps", 1e-5)
+            var, weight = call_argument(args, kwargs, 2, "running_var", None), \
+                call_argument(args, kwargs, 3, "weight", None)
+            eps = call_argument(args, kwargs, 7, "eps", 1e-5)
             scale = torch.rsqrt(var + eps) * (weight if weight is not None else 1.0)
             return _Op("norm", tuple(inputs), self.track(result), size, weight=scale)
         if name in ACTIVATION_FUNCTIONS:
@@ -253,27 +239,27 @@ class _Recorder(TorchFunctionMode):
             return _Op("act", tuple(inputs), self.track(result), size)
         if name in _SAME:
             dropping = name not in ("clone", "contiguous") and \
-                _argument(args, kwargs, 2, "training", True)
+                call_argument(args, kwargs, 2, "training", True)
             return None if dropping else _Op("sum", tuple(inputs), self.track(result), size,
                                              factors=(1.0,))
         return self._sum(name, args, kwargs, tracked, inputs, result, size)
 
     def _conv(self, args, kwargs, inputs, result, size) -> _Op | None:
-        weight = _argument(args, kwargs, 1, "weight", None)
+        weight = call_argument(args, kwargs, 1, "weight", None)
         if self.node(weight) is not None or len(inputs) != 1 or weight.dim() != 4:
             return None
         kernel = tuple(weight.shape[-2:])
-        stride = _pair(_argument(args, kwargs, 3, "stride", 1))
-        dilation = _pair(_argument(args, kwargs, 5, "dilation", 1))
-        padding = _argument(args, kwargs, 4, "padding", 0)
+        stride = int_pair(call_argument(args, kwargs, 3, "stride", 1))
+        dilation = int_pair(call_argument(args, kwargs, 5, "dilation", 1))
+        padding = call_argument(args, kwargs, 4, "padding", 0)
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":  # PyTorch pads D (K - 1) // 2 before, the rest after
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-        geometry = Geometry("conv", kernel, stride, _pair(padding), dilation)
+        geometry = Geometry("conv", kernel, stride, int_pair(padding), dilation)
         return _Op("conv", tuple(inputs), self.track(result), size,
                    tuple(result.shape[-2:]), geometry, weight.detach(),
-                   groups=int(_argument(args, kwargs, 6, "groups", 1)))
+                   groups=int(call_argument(args, kwargs, 6, "groups", 1)))
 
     def _sum(self, name, args, kwargs, tracked, inputs, result, size) -> _Op | None:
         """Adds, subtractions and scaling by numbers: the signal goes to each input on the way
@@ -281,7 +267,7 @@ class _Recorder(TorchFunctionMode):
         broadcasts the signal is refused."""
         if any(t.shape != result.shape for t in tracked):
             return None
-        other = _argument(args, kwargs, 1, "other", None)
+        other = call_argument(args, kwargs, 1, "other", None)
         if name in _SCALE:
             if not isinstance(other, (int, float)) or isinstance(other, bool):
                 return None
@@ -305,14 +291,14 @@ class _Recorder(TorchFunctionMode):
     def _pool(self, name: str, args: tuple, kwargs: dict):
         """A max pool, run with its switches kept."""
         x = args[0]
-        kernel = _pair(_argument(args, kwargs, 1, "kernel_size", None))
-        stride = _argument(args, kwargs, 2, "stride", None)
-        stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-        padding = _pair(_argument(args, kwargs, 3, "padding", 0))
-        dilation = _pair(_argument(args, kwargs, 4, "dilation", 1))
-        ceil = bool(_argument(args, kwargs, 5, "ceil_mode", False))
+        kernel = int_pair(call_argument(args, kwargs, 1, "kernel_size", None))
+        stride = call_argument(args, kwargs, 2, "stride", None)
+        stride = kernel if stride is None or stride == [] or stride == () else int_pair(stride)
+        padding = int_pair(call_argument(args, kwargs, 3, "padding", 0))
+        dilation = int_pair(call_argument(args, kwargs, 4, "dilation", 1))
+        ceil = bool(call_argument(args, kwargs, 5, "ceil_mode", False))
         wants_indices = name == "max_pool2d_with_indices" or \
-            bool(_argument(args, kwargs, 6, "return_indices", False))
+            bool(call_argument(args, kwargs, 6, "return_indices", False))
         if self.node(x) is None or x.dim() != 4:
             self.blocker = "max_pool2d"
             return F.max_pool2d(*args, **kwargs)
@@ -437,20 +423,21 @@ class _Cone:
     signal: torch.Tensor
     start: Pair
 
+    @property
+    def box(self) -> tuple[Pair, Pair]:
+        return self.start, tuple(self.signal.shape[-2:])
+
     def plus(self, other: _Cone) -> _Cone:
-        top = min(self.start[0], other.start[0])
-        left = min(self.start[1], other.start[1])
-        bottom = max(self.start[0] + self.signal.shape[-2], other.start[0] + other.signal.shape[-2])
-        right = max(self.start[1] + self.signal.shape[-1], other.start[1] + other.signal.shape[-1])
-        if (top, left) == self.start and (bottom - top, right - left) == self.signal.shape[-2:]:
-            if other.start == self.start and other.signal.shape == self.signal.shape:
-                return _Cone(self.signal + other.signal, self.start)
+        union = _box_union(self.box, other.box)
+        if union == self.box == other.box:
+            return _Cone(self.signal + other.signal, self.start)
+        if union == self.box:
             total = self.signal.clone()
         else:
-            total = self.signal.new_zeros(*self.signal.shape[:2], bottom - top, right - left)
-            _region(total, self, (top, left)).add_(self.signal)
-        _region(total, other, (top, left)).add_(other.signal)
-        return _Cone(total, (top, left))
+            total = self.signal.new_zeros(*self.signal.shape[:2], *union[1])
+            _region(total, self, union[0]).add_(self.signal)
+        _region(total, other, union[0]).add_(other.signal)
+        return _Cone(total, union[0])
 
 
 def _region(total: torch.Tensor, cone: _Cone, origin: Pair) -> torch.Tensor:
@@ -485,47 +472,32 @@ def transposed_conv(signal: torch.Tensor, weight: torch.Tensor, groups: int,
     return out[..., :(height - 1) * step + kh, :(width - 1) * step + kw]
 
 
-def _clipped(signal: torch.Tensor, start: Pair, size: Pair) -> _Cone:
-    """The part of a box (``signal`` from ``start``, possibly in the padding) inside the map."""
-    top, left = max(start[0], 0), max(start[1], 0)
-    bottom = min(start[0] + signal.shape[-2], size[0])
-    right = min(start[1] + signal.shape[-1], size[1])
-    return _Cone(signal[..., top - start[0]:bottom - start[0], left - start[1]:right - start[1]],
-                 (top, left))
-
-
 def _conv_down(op: _Op, cone: _Cone) -> _Cone:
-    geometry = op.geometry
+    """Filter with the transposed filters, and keep the part inside the input's map."""
     signal = cone.signal
     if len(signal) > 1:  # the CPU's transposed convs run faster on channels-last batches
         signal = signal.contiguous(memory_format=torch.channels_last)
-    signal = transposed_conv(signal, op.weight, op.groups, geometry)
-    start = tuple(s * st - p for s, st, p in zip(cone.start, geometry.stride, geometry.padding,
-                                                 strict=True))
-    return _clipped(signal, start, op.input_size)
+    signal = transposed_conv(signal, op.weight, op.groups, op.geometry)
+    (y, x), _ = _box_down(op, cone.box, clip=False)  # where the filtered signal starts
+    (top, left), (height, width) = _box_down(op, cone.box, clip=True)
+    return _Cone(signal[..., top - y:top - y + height, left - x:left - x + width], (top, left))
 
 
 def _pool_down(op: _Op, cone: _Cone, switches: torch.Tensor, images: torch.Tensor) -> _Cone:
     """Unpool ``cone`` with the switches of its projections' ``images`` (B,) (rows of the
-    pool's switches (N, C, h, w)): each signal
-    goes to its window's argmax; where windows share one, the signals add. The switches index
-    the whole input map, so the signals are scattered there (cheaper than re-indexing the
-    switches into the box) and the box is cut out."""
-    geometry = op.geometry
-    (height, width), (rows, cols) = cone.signal.shape[-2:], op.input_size
-    y, x = cone.start
+    pool's switches (N, C, h, w)): each signal goes to its window's argmax; where windows share
+    one, the signals add. The switches index the whole input map, so the signals are scattered
+    there (cheaper than re-indexing the switches into the box) and the box is cut out."""
+    (y, x), (height, width) = cone.box
+    rows, cols = op.input_size
     picked = switches[images, :, y:y + height, x:x + width]
     batch, channels = cone.signal.shape[:2]
     unpooled = cone.signal.new_zeros(batch, channels, rows * cols)
     unpooled.scatter_add_(2, picked.reshape(batch, channels, -1),
                           cone.signal.reshape(batch, channels, -1))
-    start = tuple(s * st - p for s, st, p in zip(cone.start, geometry.stride, geometry.padding,
-                                                 strict=True))
-    length = geometry.input_length((height, width))
-    top, left = max(start[0], 0), max(start[1], 0)
-    bottom, right = min(start[0] + length[0], rows), min(start[1] + length[1], cols)
+    (top, left), (box_rows, box_cols) = _box_down(op, cone.box, clip=True)
     full = unpooled.view(batch, channels, rows, cols)
-    return _Cone(full[..., top:bottom, left:right], (top, left))
+    return _Cone(full[..., top:top + box_rows, left:left + box_cols], (top, left))
 
 
 def start_cone(graph: Graph, images: torch.Tensor, channels: torch.Tensor,
@@ -601,7 +573,7 @@ def _merged(walks: list[_Walk]) -> list[_Walk]:
     meeting: dict[tuple, list[_Walk]] = {}
     for walk in walks:
         ((node, cone),) = walk.cones.items()
-        meeting.setdefault((node, cone.start, tuple(cone.signal.shape[-2:])), []).append(walk)
+        meeting.setdefault((node, *cone.box), []).append(walk)
     merged = []
     for (node, start, _), group in meeting.items():
         if len(group) == 1:

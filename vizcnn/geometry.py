@@ -33,10 +33,13 @@ __all__ = [
     "LayerCall",
     "Pair",
     "Trace",
+    "METADATA_CALLS",
     "as_pair",
+    "call_argument",
     "chain_calls",
     "geometry_of",
     "input_channels",
+    "int_pair",
     "last_call",
     "trace_calls",
     "traced_names",
@@ -55,9 +58,11 @@ def as_pair(value: int | Sequence[int], what: str = "input size") -> Pair:
     return pair  # type: ignore[return-value]
 
 
-def _ints(value: int | Sequence[int]) -> Pair:
-    """A module attribute (an int or a tuple) as an (H, W) pair."""
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+def int_pair(value: int | Sequence[int]) -> Pair:
+    """A module or call attribute (an int, or a tuple of one or two) as an (H, W) pair."""
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[-1]))
 
 
 # --------------------------------------------------------------------------- geometry
@@ -127,19 +132,19 @@ def geometry_of(module: nn.Module) -> Geometry | None:
             padding = (0, 0)
         elif padding == "same":  # PyTorch pads D (K - 1) // 2 before, the rest after
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-        return Geometry("conv", _ints(kernel), _ints(stride), _ints(padding), _ints(dilation),
-                        exact_on_crops=module.padding_mode == "zeros")
+        return Geometry("conv", int_pair(kernel), int_pair(stride), int_pair(padding),
+                        int_pair(dilation), exact_on_crops=module.padding_mode == "zeros")
     if isinstance(module, nn.MaxPool2d):
-        return Geometry("max", _ints(module.kernel_size),
-                        _ints(module.stride or module.kernel_size), _ints(module.padding),
-                        _ints(module.dilation))
+        return Geometry("max", int_pair(module.kernel_size),
+                        int_pair(module.stride or module.kernel_size), int_pair(module.padding),
+                        int_pair(module.dilation))
     if isinstance(module, nn.AvgPool2d):
-        padding = _ints(module.padding)
+        padding = int_pair(module.padding)
         # a window that counts only its pixels inside the map has a divisor a crop cannot know
         exact = (module.divisor_override is None and not module.ceil_mode
                  and (module.count_include_pad or padding == (0, 0)))
-        return Geometry("avg", _ints(module.kernel_size),
-                        _ints(module.stride or module.kernel_size), padding, (1, 1),
+        return Geometry("avg", int_pair(module.kernel_size),
+                        int_pair(module.stride or module.kernel_size), padding, (1, 1),
                         exact_on_crops=exact)
     return None
 
@@ -270,31 +275,35 @@ _POINTWISE_FUNCTIONS = frozenset({
     "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "neg",
     "clone", "contiguous", "clamp", "clamp_", "clamp_min", "clamp_min_",
 })
-_METADATA = frozenset({"dim", "size", "__get__", "numel", "__len__", "is_floating_point"})
+# calls that read a tensor's shape, type or layout, never its values
+METADATA_CALLS = frozenset({"dim", "size", "__get__", "numel", "__len__", "is_floating_point",
+                            "stride", "is_contiguous", "get_device", "element_size",
+                            "ndimension", "nelement", "is_complex"})
 
 
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+def call_argument(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+    """A function call's argument, given by position or by name (``__torch_function__``)."""
     return args[position] if len(args) > position else kwargs.get(name, default)
 
 
 def _not_local(name: str, args: tuple, kwargs: dict) -> str | None:
     """Why one call is not local (a few words), or None when it is."""
-    if name in _METADATA or name in _POINTWISE_FUNCTIONS or name in ACTIVATION_FUNCTIONS:
+    if name in METADATA_CALLS or name in _POINTWISE_FUNCTIONS or name in ACTIVATION_FUNCTIONS:
         return None
     if name == "conv2d":
-        padding = _argument(args, kwargs, 4, "padding", 0)
+        padding = call_argument(args, kwargs, 4, "padding", 0)
         return "a conv with padding given as a string" if isinstance(padding, str) else None
     if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
-        ceil = _argument(args, kwargs, 5 if name != "avg_pool2d" else 4, "ceil_mode", False)
+        ceil = call_argument(args, kwargs, 5 if name != "avg_pool2d" else 4, "ceil_mode", False)
         return f"a ceil-mode {name}" if ceil else None
     if name == "batch_norm":  # eval mode with running statistics: a per-channel affine map
-        training = _argument(args, kwargs, 5, "training", False)
+        training = call_argument(args, kwargs, 5, "training", False)
         return "batch norm on batch statistics" if training else None
     if name in ("dropout", "dropout2d", "feature_dropout", "alpha_dropout"):
-        return "dropout in training mode" if _argument(args, kwargs, 2, "training", True) \
+        return "dropout in training mode" if call_argument(args, kwargs, 2, "training", True) \
             else None
     if name in ("cat", "concatenate", "concat"):
-        dim = _argument(args, kwargs, 1, "dim", 0)
+        dim = call_argument(args, kwargs, 1, "dim", 0)
         return None if dim in (1, -3) else f"a concatenation along dim {dim}"
     return name
 
