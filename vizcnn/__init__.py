@@ -4,6 +4,7 @@ Everything the README shows is reachable from here (and ``vizcnn.render`` for fi
 
 from vizcnn.data.shapes import SHAPE_CLASSES, SHAPE_CONCEPTS, ShapesDataset, held_out_image
 from vizcnn.deconv import Deconvnet, Patches, RectificationWarning, TopPatches, top_patches
+from vizcnn.doctor import Finding, HealthReport, LayerHealth, doctor
 from vizcnn.errors import (
     BadArgument,
     BadCheckpoint,
@@ -14,6 +15,7 @@ from vizcnn.errors import (
     Unsupported,
     VizCNNError,
 )
+from vizcnn.evolution import FeatureEvolution, feature_evolution
 from vizcnn.hooks import activations, capture
 from vizcnn.layers import list_layers
 from vizcnn.models import (
@@ -63,7 +65,11 @@ __all__ = [
     "Deconvnet",
     "Dissection",
     "ExciteResult",
+    "FeatureEvolution",
+    "Finding",
+    "HealthReport",
     "InvarianceResult",
+    "LayerHealth",
     "LayerNotFound",
     "LayerSummary",
     "ModelError",
@@ -82,7 +88,9 @@ __all__ = [
     "capture",
     "channel_stats",
     "dissect",
+    "doctor",
     "excite",
+    "feature_evolution",
     "fgsm",
     "format_summary",
     "held_out_image",

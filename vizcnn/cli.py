@@ -312,6 +312,40 @@ def _gallery(args: argparse.Namespace) -> None:
     print(f"wrote {index}")
 
 
+def _evolution(args: argparse.Namespace) -> None:
+    from vizcnn.evolution import load_checkpoints
+    from vizcnn.layers import list_layers
+    from vizcnn.render.figures import figure_path
+    from vizcnn.render.panels import evolution_panel
+
+    figure_path(args.out)
+    loaded = load_checkpoints(args.checkpoints, arch=args.arch,
+                              trust_checkpoint=args.trust_checkpoint, device=args.device)
+    if [source for _, source, _ in loaded] != list(args.checkpoints):
+        print("in epoch order: " + ", ".join(f"{source} (epoch {epoch})"
+                                             for epoch, source, _ in loaded))
+    final = loaded[-1][2]
+    layers = args.layer or list_layers(final, "conv")
+    # a layer narrower than the list is refused by name, with its channel count
+    channels = parse_channels(args.channels, 1 << 30) if args.channels else None
+    _write(evolution_panel({epoch: model for epoch, _, model in loaded}, args.data, layers,
+                           channels, progress=True, batch_size=args.batch_size), args.out)
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from vizcnn.doctor import doctor
+    from vizcnn.io import atomic_path, file_target
+
+    if args.json:
+        file_target(args.json)
+    report = doctor(_load(args), args.data, args.layer, batch_size=args.batch_size)
+    print(report.text(), end="")
+    if args.json:
+        with atomic_path(args.json) as temporary:
+            temporary.write_text(report.to_json())
+        print(f"wrote {args.json}")
+
+
 def _eps(text: str) -> float:
     """--eps: a number in 0-1 pixel units, or N/255."""
     from vizcnn.errors import BadArgument
@@ -355,7 +389,8 @@ def _invariance(args: argparse.Namespace) -> None:
 def _train_demo(args: argparse.Namespace) -> None:
     from vizcnn.train import train_demo
 
-    result = train_demo(args.out, epochs=args.epochs, per_epoch=args.per_epoch)
+    result = train_demo(args.out, epochs=args.epochs, per_epoch=args.per_epoch,
+                        arch=args.arch)
     for epoch, path in sorted(result.checkpoints.items()):
         print(f"epoch {epoch:2d}: {path}")
     print(f"held-out accuracy {result.held_out_accuracy:.2%} on 2,000 fresh images "
@@ -382,6 +417,10 @@ EXAMPLES = {
     "invariance": ["vizcnn invariance demo shapes:1 --out fig5.png"],
     "gallery": ["vizcnn gallery demo shapes:200 --layer features.6 --layer features.8 "
                 "--channels 0-15 --out site"],
+    "evolution": ["vizcnn evolution demo:0 demo:1 demo:2 demo:5 demo:10 demo shapes:500 "
+                  "--layer features.0 --layer features.10 --channels 0-5 --out fig4.png"],
+    "doctor": ["vizcnn doctor demo shapes:1000",
+               "vizcnn doctor demo:1 shapes:1000 --json health.json"],
     "demo": ["vizcnn demo --out demo-out"],
     "train-demo": ["vizcnn train-demo --epochs 2 --per-epoch 2000 --out runs/quick"],
 }
@@ -557,6 +596,38 @@ def _add_gallery(commands) -> None:
     gallery.epilog = f"concept masks of a folder of images:\n{MASKS_LAYOUT}\n\n{gallery.epilog}"
 
 
+def _add_evolution(commands) -> None:
+    evo = _command(commands, "evolution", "how each channel's strongest feature changes over "
+                   "training checkpoints, and how settled each layer is (Fig. 4)", _evolution)
+    evo.add_argument("checkpoints", metavar="CKPT", nargs="+", help="checkpoints of one "
+                     "training run (paths, or demo:N for the demo's epochs 0, 1, 2, 5, 10, "
+                     "20), put in epoch order: their epoch field, or the number in their name")
+    evo.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N")
+    evo.add_argument("--arch", help="architecture of state_dict checkpoints")
+    evo.add_argument("--trust-checkpoint", action="store_true",
+                     help="allow checkpoints holding pickled models (runs code from the file)")
+    evo.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+    evo.add_argument("--layer", action="append", metavar="L",
+                     help="layer to draw (repeatable; default: every conv layer)")
+    evo.add_argument("--channels", metavar="LIST", help="channels drawn per layer, e.g. 0-7 "
+                     "(default) or 3,7,9-11")
+    evo.add_argument("--batch-size", type=int, default=64)
+    evo.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+
+
+def _add_doctor(commands) -> None:
+    doc = _command(commands, "doctor", "a health report: dead and always-on channels, "
+                   "near-duplicate filters, first-layer frequencies, aliasing (ZF section "
+                   "4.1)", _doctor)
+    _add_model_options(doc)
+    doc.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N")
+    _add_input_options(doc)
+    doc.add_argument("--layer", action="append", metavar="L",
+                     help="layer to check (repeatable; default: every conv layer)")
+    doc.add_argument("--batch-size", type=int, default=64)
+    doc.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+
+
 def _add_demo(commands) -> None:
     demo = _command(commands, "demo", "figures and a report of the bundled demo network", _demo)
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
@@ -568,6 +639,9 @@ def _add_train_demo(commands) -> None:
     train.add_argument("--out", default="runs/demo", help="folder for the checkpoints")
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--per-epoch", type=int, default=12_000, help="fresh images per epoch")
+    train.add_argument("--arch", default="demo", choices=["demo", "demo_alexnet"],
+                       help="demo: ZFNetMini; demo_alexnet: the same with AlexNet's 11x11 "
+                       "stride-4 first layer (ZF's Fig. 6 comparison)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     for add in (_add_summary, _add_activations, _add_filters, _add_maps, _add_deconv, _add_topk,
                 _add_occlusion, _add_adversarial, _add_excite, _add_invariance, _add_gallery,
-                _add_demo, _add_train_demo):
+                _add_evolution, _add_doctor, _add_demo, _add_train_demo):
         add(commands)
     return parser
 

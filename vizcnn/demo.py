@@ -6,8 +6,11 @@ for a few held-out shapes images, Zeiler & Fergus Fig. 2 for every conv layer (t
 held-out images of 16 channels, their deconvnet projections beside the image patches), Fig. 7
 (occlusion maps of three held-out images), an adversarial panel (L-BFGS), an excite panel,
 Fig. 5 (invariance to translation, scale and rotation), a text report with the held-out
-accuracy and the layer summary, and the gallery (``gallery/index.html``): a page for every
-channel of the 5 conv layers over 2,000 held-out images, with Network Dissection labels.
+accuracy and the layer summary, Fig. 4 (feature evolution over the shipped checkpoints of
+epochs 0, 1, 2, 5, 10 and 20, with how settled each layer is), the health report
+(``health.txt``, ``health.json``), and the gallery (``gallery/index.html``): a page for every
+channel of the 5 conv layers over 2,000 held-out images, with Network Dissection labels, its
+evolution strip, and the health report on the index.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
+from vizcnn.doctor import doctor
+from vizcnn.evolution import feature_evolution
 from vizcnn.io import atomic_path, check_replaceable, writable_parent
 from vizcnn.layers import list_layers
-from vizcnn.models import load_model
+from vizcnn.models import DEMO_EPOCHS, load_model
 from vizcnn.render import panels
 from vizcnn.render.figures import save_figure
 from vizcnn.render.gallery import write_gallery
@@ -45,6 +50,8 @@ EXCITE_LAYER = "features.6"  # conv3; the panel excites its strongest feature ma
 INVARIANCE_IMAGES = (0, 1, 2, 3)
 INVARIANCE_LAYERS = ("features.1", "classifier.2")  # layer 1 and the hidden FC layer, after ReLU
 GALLERY_DATA = "shapes:2000"  # the gallery: every channel of the 5 conv layers over these
+EVOLUTION_CHECKPOINTS = tuple(f"demo:{epoch}" for epoch in DEMO_EPOCHS)
+EVOLUTION_CHANNELS = 6  # channels per layer in the Fig. 4 figure (the gallery shows them all)
 
 
 def _figures(model, conv_layers: list[str]) -> Iterator[tuple[str, Figure]]:
@@ -98,7 +105,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     # the bar is closed before any error or Ctrl-C message reaches the terminal
-    with (tqdm(total=2 * len(conv_layers) + 7, desc="vizcnn demo", disable=not progress) as bar,
+    with (tqdm(total=2 * len(conv_layers) + 9, desc="vizcnn demo", disable=not progress) as bar,
           atomic_path(out_dir) as staging):
         staging.mkdir()
         for name, figure in _figures(model, conv_layers):
@@ -106,8 +113,18 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
             bar.update()
         (staging / "report.txt").write_text(_report(model))
         bar.update()
+        health = doctor(model, GALLERY_DATA, progress=False)
+        (staging / "health.txt").write_text(health.text())
+        (staging / "health.json").write_text(health.to_json())
+        bar.update()
+        evolution = feature_evolution(EVOLUTION_CHECKPOINTS, GALLERY_DATA, conv_layers,
+                                      {name: "all" for name in conv_layers}, progress=False)
+        save_figure(panels.drawn_evolution(evolution, {
+            name: range(EVOLUTION_CHANNELS) for name in conv_layers}).figure,
+            staging / "fig4_evolution.png")
+        bar.update()
         write_gallery(model, GALLERY_DATA, staging / "gallery", progress=False,
-                      command="vizcnn demo")
+                      command="vizcnn demo", health=health, checkpoints=evolution)
         bar.update()
         written = sorted(p.name for p in staging.iterdir())
     if progress:

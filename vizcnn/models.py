@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import urllib.error
 import warnings
 import zipfile
@@ -46,6 +47,8 @@ __all__ = [
     "ModelInfo",
     "Preprocessing",
     "ZFNetMini",
+    "checkpoint_epoch",
+    "demo_epoch",
     "demo_network",
     "input_recipe",
     "load_model",
@@ -171,6 +174,11 @@ UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=Non
 DEMO_PREPROCESSING = Preprocessing(resize=(64, 64), crop=None, mean=(0.5, 0.5, 0.5),
                                    std=(0.27, 0.27, 0.27))
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "zfnet_mini.pt"
+# the same training run's earlier epochs, in float16; epoch 0 is rebuilt from the seed
+DEMO_EPOCHS_CHECKPOINT = Path(__file__).parent / "assets" / "zfnet_mini_epochs.pt"
+DEMO_EPOCHS = (0, 1, 2, 5, 10, 20)  # "demo:N"; "demo" is the last
+DEMO_ALEXNET_FIRST_LAYER = (11, 4, 5)  # AlexNet's conv1, 11x11 stride 4, at the demo's scale
+DEMO_ARCHITECTURES = {"demo": (7, 2, 3), "demo_alexnet": DEMO_ALEXNET_FIRST_LAYER}
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ def model_info(model_or_spec: nn.Module | str) -> ModelInfo:
     if isinstance(model_or_spec, nn.Module):
         return getattr(model_or_spec, _INFO_ATTRIBUTE, None) or ModelInfo()
     spec = str(model_or_spec)
-    if spec == "demo":
+    if spec == "demo" or spec.startswith("demo:"):
         from vizcnn.data.shapes import SHAPE_CLASSES
 
         return ModelInfo(spec, DEMO_PREPROCESSING, tuple(SHAPE_CLASSES))
@@ -289,11 +297,16 @@ class ZFNetMini(nn.Module):
     """
 
     def __init__(self, num_classes: int = 8, widths: tuple[int, ...] = (48, 96, 128, 128, 96),
-                 dropout: float = 0.3):
+                 dropout: float = 0.3, first_layer: tuple[int, int, int] = (7, 2, 3),
+                 input_size: int = 64):
+        """``first_layer``: conv1's (kernel, stride, padding); ``DEMO_ALEXNET_FIRST_LAYER``
+        gives AlexNet's 11x11 stride-4 first layer. The first linear layer is sized for
+        ``input_size`` x ``input_size`` images."""
         super().__init__()
         c1, c2, c3, c4, c5 = widths
+        kernel, stride, padding = first_layer
         self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 7, stride=2, padding=3), nn.ReLU(inplace=True),
+            nn.Conv2d(3, c1, kernel, stride=stride, padding=padding), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2),
             nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2),
@@ -302,8 +315,11 @@ class ZFNetMini(nn.Module):
             nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2),
         )
+        side = (input_size + 2 * padding - kernel) // stride + 1
+        for _ in range(3):  # the three 3/2 max pools
+            side = (side - 3) // 2 + 1
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(c5 * 3 * 3, 256), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(c5 * side * side, 256), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(256, num_classes),
         )
         with torch.no_grad():
@@ -316,12 +332,16 @@ class ZFNetMini(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def demo_network(num_classes: int | None = None) -> nn.Module:
-    """An untrained ZFNetMini with the demo's preprocessing and class names attached."""
+def demo_network(num_classes: int | None = None, arch: str = "demo") -> nn.Module:
+    """An untrained ZFNetMini with the demo's preprocessing and class names attached;
+    ``arch="demo_alexnet"``: the same with AlexNet's first layer (11x11, stride 4)."""
     from vizcnn.data.shapes import SHAPE_CLASSES
 
-    model = ZFNetMini(num_classes or len(SHAPE_CLASSES))
-    return with_model_info(model, ModelInfo("demo", DEMO_PREPROCESSING, tuple(SHAPE_CLASSES)))
+    if arch not in DEMO_ARCHITECTURES:
+        raise BadArgument(f"unknown demo architecture {arch!r}",
+                          f"choose {' or '.join(DEMO_ARCHITECTURES)}")
+    model = ZFNetMini(num_classes or len(SHAPE_CLASSES), first_layer=DEMO_ARCHITECTURES[arch])
+    return with_model_info(model, ModelInfo(arch, DEMO_PREPROCESSING, tuple(SHAPE_CLASSES)))
 
 
 def _from_torchvision_transforms(transforms: Any) -> Preprocessing:
@@ -383,8 +403,8 @@ def _load_torchvision(arch: str, weights: str | None) -> nn.Module:
 def _build_architecture(arch: str, num_classes: int | None) -> nn.Module:
     """An untrained model from ``"resnet18"``, ``"demo"`` or ``"package.module:callable"``."""
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if arch == "demo":
-        return demo_network(num_classes)
+    if arch in DEMO_ARCHITECTURES:
+        return demo_network(num_classes, arch)
     if ":" in arch:
         module_name, _, attribute = arch.partition(":")
         try:
@@ -511,6 +531,58 @@ def _load_checkpoint(path: Path, arch: str | None, trust: bool,
     return model
 
 
+def demo_epoch(spec: str) -> int:
+    """The epoch of a ``"demo"`` (the last) or ``"demo:N"`` spec, one of ``DEMO_EPOCHS``."""
+    if spec == "demo":
+        return DEMO_EPOCHS[-1]
+    text = spec.partition(":")[2]
+    if not text.isdigit() or int(text) not in DEMO_EPOCHS:
+        raise BadArgument(f"bad model spec {spec!r}: the demo network ships epochs "
+                          f"{', '.join(map(str, DEMO_EPOCHS))}", "write e.g. demo:5, or demo")
+    return int(text)
+
+
+def _demo_at(epoch: int) -> nn.Module:
+    """The demo network after ``epoch`` epochs of its training run."""
+    from vizcnn.data.shapes import TRAIN_SEED
+
+    if epoch == 0:  # the initialisation, exactly as train_demo starts from
+        torch.manual_seed(TRAIN_SEED)
+        model = demo_network()
+    else:
+        path = DEMO_CHECKPOINT if epoch == DEMO_EPOCHS[-1] else DEMO_EPOCHS_CHECKPOINT
+        if not path.is_file():
+            raise BadCheckpoint(f"the demo checkpoint {path} is missing",
+                                "train it: vizcnn train-demo (see the README)")
+        if epoch == DEMO_EPOCHS[-1]:
+            return _load_checkpoint(path, "demo", False, None)
+        saved = torch.load(path, map_location="cpu", weights_only=True)["epochs"][epoch]
+        model = demo_network()
+        model.load_state_dict({name: value.float() for name, value in saved.items()})
+    return model
+
+
+def checkpoint_epoch(spec: str | os.PathLike) -> int | None:
+    """The training epoch of a model spec, where it can be told: ``demo:N``; a checkpoint
+    that records it (vizcnn's ``epoch`` field), read without running code from the file; or
+    the last number in the file's name (``epoch_05.pt``, ``ckpt-12.pth``). None otherwise."""
+    text = str(spec)
+    if text == "demo" or text.startswith("demo:"):
+        return demo_epoch(text)
+    path = Path(text)
+    if path.is_file() and not _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a full pickled model, or no checkpoint at all: load_model says
+            obj = None
+        if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int):
+            return int(obj["epoch"])
+    numbers = re.findall(r"\d+", path.stem)
+    return int(numbers[-1]) if numbers else None
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -575,11 +647,8 @@ def load_model(
     """
     device = _device(device)
     spec = str(spec)
-    if spec == "demo":
-        if not DEMO_CHECKPOINT.is_file():
-            raise BadCheckpoint(f"the demo checkpoint {DEMO_CHECKPOINT} is missing",
-                                "train it: vizcnn train-demo (see the README)")
-        model = _load_checkpoint(DEMO_CHECKPOINT, "demo", False, None)
+    if spec == "demo" or spec.startswith("demo:"):
+        model = _demo_at(demo_epoch(spec))
     elif spec.startswith("torchvision:"):
         parts = spec.split(":")
         if len(parts) > 3 or not parts[1]:

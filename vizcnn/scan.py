@@ -426,7 +426,8 @@ class _Decoding(Dataset):
         parts = item if isinstance(item, (tuple, list)) else (item,)
         label = (self.data.label(index) if hasattr(self.data, "label")
                  else parts[1] if len(parts) > 1 else None)
-        mask = parts[2] if len(parts) > 2 else None
+        # a third part is a concept mask where it is a map; the shapes' boxes (4,) are not
+        mask = parts[2] if len(parts) > 2 and getattr(parts[2], "ndim", 0) == 2 else None
         if mask is not None:
             mask = _input_mask(self.recipe.preprocessing, _first(item), mask).to(torch.int32)
         return index, image, label, mask

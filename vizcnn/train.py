@@ -24,7 +24,7 @@ from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, TRAIN_SEED, ShapesD
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
-from vizcnn.models import DEMO_PREPROCESSING, demo_network
+from vizcnn.models import DEMO_PREPROCESSING, demo_network, model_info
 
 __all__ = [
     "TrainResult",
@@ -32,6 +32,7 @@ __all__ = [
     "demo_initialisation",
     "predict",
     "render_batch",
+    "ship_demo_checkpoints",
     "train_demo",
 ]
 
@@ -46,10 +47,11 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def demo_initialisation(seed: int = TRAIN_SEED) -> nn.Module:
-    """The untrained ZFNetMini exactly as ``train_demo(seed=seed)`` starts from."""
+def demo_initialisation(seed: int = TRAIN_SEED, arch: str = "demo") -> nn.Module:
+    """The untrained ZFNetMini (``arch="demo_alexnet"``: with AlexNet's first layer) exactly
+    as ``train_demo(seed=seed, arch=arch)`` starts from."""
     torch.manual_seed(seed)
-    return demo_network()
+    return demo_network(arch=arch)
 
 
 def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +80,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def _save(model: nn.Module, path: Path, epoch: int, seed: int, **extra) -> Path:
-    checkpoint = {"arch": "demo", "state_dict": model.state_dict(), "epoch": epoch, "seed": seed,
-                  "classes": list(SHAPE_CLASSES), **extra}
+    checkpoint = {"arch": model_info(model).spec, "state_dict": model.state_dict(),
+                  "epoch": epoch, "seed": seed, "classes": list(SHAPE_CLASSES), **extra}
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)
     return path
@@ -95,6 +97,7 @@ def train_demo(
     save_epochs: Sequence[int] = (0, 1, 2, 5, 10),
     held_out: int = 2000,
     seed: int = TRAIN_SEED,
+    arch: str = "demo",
     progress: bool = True,
 ) -> TrainResult:
     """Train ZFNetMini from ``demo_initialisation(seed)`` and save checkpoints.
@@ -104,6 +107,8 @@ def train_demo(
         epochs: passes, each over ``per_epoch`` fresh images.
         save_epochs: epochs to keep a checkpoint of besides the final one (0 = initialisation).
         held_out: images of ``HELD_OUT_SEED`` to measure the final accuracy on.
+        arch: "demo" (ZFNetMini) or "demo_alexnet" (the same with AlexNet's 11x11 stride-4
+            first layer), trained with the same recipe and seed.
 
     Returns:
         TrainResult, with the held-out accuracy also stored in ``final.pt``.
@@ -117,7 +122,7 @@ def train_demo(
     writable_parent(out_dir / "final.pt")
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = demo_initialisation(seed)
+    model = demo_initialisation(seed, arch)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     batches = epochs * (per_epoch // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=batches,
@@ -126,7 +131,7 @@ def train_demo(
     if 0 in save_epochs:
         checkpoints[0] = _save(model, out_dir / "epoch_00.pt", 0, seed)
     losses: list[float] = []
-    bar = tqdm(total=batches, desc="training ZFNetMini", unit="batch", disable=not progress)
+    bar = tqdm(total=batches, desc=f"training {arch}", unit="batch", disable=not progress)
     generator = torch.Generator().manual_seed(seed)
     try:
         for epoch in range(1, epochs + 1):
@@ -154,3 +159,28 @@ def train_demo(
     checkpoints[epochs] = _save(model, out_dir / "final.pt", epochs, seed,
                                 held_out_accuracy=held_out_accuracy, held_out_images=held_out)
     return TrainResult(checkpoints, held_out_accuracy, time.perf_counter() - started, losses)
+
+
+def ship_demo_checkpoints(run_dir: str | Path) -> tuple[Path, Path]:
+    """Copy a ``train_demo`` run into the package: ``final.pt`` as the demo checkpoint, and
+    its earlier epochs (``epoch_NN.pt`` of ``DEMO_EPOCHS`` but 0, which ``demo:0`` rebuilds
+    from the seed) as float16 state_dicts in one file, for ``demo:N`` and Fig. 4."""
+    import shutil
+
+    from vizcnn.models import DEMO_CHECKPOINT, DEMO_EPOCHS, DEMO_EPOCHS_CHECKPOINT
+
+    run_dir = Path(run_dir)
+    final = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True)
+    if final["epoch"] != DEMO_EPOCHS[-1]:
+        raise BadArgument(f"{run_dir / 'final.pt'} is of epoch {final['epoch']}, the demo "
+                          f"ships epoch {DEMO_EPOCHS[-1]}")
+    epochs = {}
+    for epoch in DEMO_EPOCHS[1:-1]:
+        saved = torch.load(run_dir / f"epoch_{epoch:02d}.pt", map_location="cpu",
+                           weights_only=True)
+        epochs[epoch] = {name: value.half() for name, value in saved["state_dict"].items()}
+    with atomic_path(DEMO_EPOCHS_CHECKPOINT) as temporary:
+        torch.save({"arch": "demo", "seed": final["seed"], "epochs": epochs}, temporary)
+    with atomic_path(DEMO_CHECKPOINT) as temporary:
+        shutil.copyfile(run_dir / "final.pt", temporary)
+    return DEMO_CHECKPOINT, DEMO_EPOCHS_CHECKPOINT

@@ -68,6 +68,8 @@ class ChannelStats:
         indices: (N,) the data-set index of each row (unreadable images are left out).
         labels: (N,) each image's class, or None where the data has no labels.
         classes: the name of each class where the data names them (``data_classes``).
+        minima: (N, C) each image's weakest activation of each channel (the lowest over its
+            positions; the activation itself for a linear layer), or None where not kept.
     """
 
     layer: str
@@ -75,6 +77,7 @@ class ChannelStats:
     indices: torch.Tensor
     labels: torch.Tensor | None
     classes: tuple[str, ...] | None = None
+    minima: torch.Tensor | None = None
 
     @property
     def fire_rate(self) -> torch.Tensor:
@@ -85,6 +88,15 @@ class ChannelStats:
     def dead(self) -> torch.Tensor:
         """(C,) bool: never above 0 on any image."""
         return ~(self.maxima > 0).any(dim=0)
+
+    @property
+    def always_on(self) -> torch.Tensor:
+        """(C,) bool: above 0 at every position of every image, so the rectifier after it
+        never acts: the channel passes its input on linearly and selects nothing."""
+        if self.minima is None:
+            raise BadArgument("these statistics kept no minima", "compute them with "
+                              "channel_stats")
+        return (self.minima > 0).all(dim=0)
 
     def class_means(self, classes: int | None = None) -> torch.Tensor:
         """(C, K) the mean strongest activation, rectified (what the next layer sees), over
@@ -122,12 +134,14 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
     positive_int(batch_size, "batch_size")
     opened = open_data(data)
     maxima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    minima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     indices: list[int] = []
     for batch_indices, _, outputs in _passes(model, opened, names, batch_size, progress,
-                                             "statistics", _strongest):
+                                             "statistics", _extremes):
         indices += batch_indices
         for name in names:
-            maxima[name].append(outputs[name])
+            maxima[name].append(outputs[name][0])
+            minima[name].append(outputs[name][1])
     if not indices:
         raise BadArgument("no readable image in the data")
     labels = _labels(opened, indices)
@@ -135,7 +149,7 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
     classes = data_classes(opened) if labels is not None else None
     return {name: ChannelStats(name, torch.cat(maxima[name]), order,
                                None if labels is None else labels.to(maxima[name][0].device),
-                               classes)
+                               classes, torch.cat(minima[name]))
             for name in names}
 
 
@@ -348,11 +362,13 @@ def _layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _strongest(name: str, output: Any) -> torch.Tensor:
-    """(B, C) each image's strongest activation per channel (or the features of a linear
-    layer), taken before any later in-place op can change the output."""
+def _extremes(name: str, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) twice: each image's strongest and weakest activation per channel (for a linear
+    layer its features, twice), taken before any later in-place op can change the output."""
     output = feature_maps(output, name, flat_ok=True)
-    return output.clone() if output.dim() == 2 else strongest_units(output)[0]
+    if output.dim() == 2:
+        return output.clone(), output.clone()
+    return strongest_units(output)[0], output.flatten(2).amin(dim=2)
 
 
 def _copy(name: str, output: Any) -> torch.Tensor:

@@ -33,7 +33,10 @@ from vizcnn.render.grid import (
 
 __all__ = [
     "FORMATS",
+    "EVOLUTION_TILE",
     "adversarial_figure",
+    "evolution_figure",
+    "evolution_mosaic",
     "excite_figure",
     "feature_maps_figure",
     "feature_maps_rows",
@@ -44,6 +47,7 @@ __all__ = [
     "projection_figure",
     "receptive_field_boxes",
     "save_figure",
+    "settledness_figure",
     "top_patches_figure",
 ]
 
@@ -498,4 +502,84 @@ def invariance_figure(results, *, classes=None) -> Figure:
             ax.set_title(titles[column], fontsize=8)
         axes[row, 2].set_ylim(-0.02, 1.02)
     axes[0, 0].legend(fontsize=6, frameon=False)
+    return fig
+
+
+EVOLUTION_TILE = 40  # the side every layer's patches are drawn at in Fig. 4, in pixels
+
+
+def evolution_mosaic(projections, side: int = EVOLUTION_TILE) -> np.ndarray:
+    """One layer's block of Fig. 4: projections (E, C, 3, s, s) as a uint8 mosaic with one row
+    per channel and one column per checkpoint, each tile resized to ``side``."""
+    epochs, channels = projections.shape[:2]
+    tiles = projection_tiles(projections.reshape(epochs * channels, *projections.shape[2:]))
+    tiles = np.stack([cv2.resize(t, (side, side), interpolation=cv2.INTER_NEAREST
+                                 if t.shape[0] < side else cv2.INTER_AREA) for t in tiles])
+    ordered = tiles.reshape(epochs, channels, side, side, 3).transpose(1, 0, 2, 3, 4)
+    return tile(ordered.reshape(-1, side, side, 3), columns=epochs, padding=2, background=255)
+
+
+def settledness_figure(evolution, *, ax: Axes | None = None) -> Figure:
+    """How settled each layer is at each checkpoint (see ``vizcnn.evolution``): one line per
+    layer, correlation with the last checkpoint (solid) and top-9 overlap (dotted)."""
+    fig, ax = _new_axes(5.0, 2.6, ax)
+    positions = np.arange(len(evolution.epochs))
+    for number, (name, curve) in enumerate(evolution.settledness.items()):
+        colour = f"C{number % 10}"
+        ax.plot(positions, curve.cpu().numpy(), marker="o", markersize=3, color=colour,
+                label=name)
+        ax.plot(positions, evolution.overlap[name].cpu().numpy(), linestyle=":",
+                color=colour, linewidth=1)
+    ax.axhline(0.9, color="0.6", linewidth=0.6)
+    ax.set_xticks(positions, [str(e) for e in evolution.epochs])
+    ax.set_xlabel("epoch", fontsize=7)
+    ax.set_ylabel("settledness", fontsize=7)
+    ax.set_ylim(min(-0.05, float(min(c.min() for c in evolution.settledness.values()))), 1.05)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6, frameon=False, ncols=2)
+    ax.set_title("correlation with the last checkpoint (solid), top-9 overlap (dotted)",
+                 fontsize=7)
+    return fig
+
+
+def evolution_figure(evolution, *, channels: Mapping[str, Sequence[int]] | None = None
+                     ) -> Figure:
+    """Zeiler & Fergus Fig. 4: per drawn layer a block with one row per channel and one
+    column per checkpoint (the strongest unit's projection over the data), labelled with the
+    epoch; below, how settled each layer is (``settledness_figure``).
+
+    Args:
+        evolution: a ``FeatureEvolution``.
+        channels: ``{layer: channels}`` to draw of those it holds (default: all).
+    """
+    layers = list(channels) if channels else list(evolution.layers)
+    shown = {name: list(channels[name]) if channels else list(evolution.channels[name])
+             for name in layers}
+    for name in layers:
+        missing = [c for c in shown[name] if c not in evolution.channels.get(name, ())]
+        if missing:
+            raise BadArgument(f"the evolution holds no channel {missing[0]} of {name!r}")
+    mosaics = [evolution_mosaic(evolution.projections[name][
+        :, [evolution.channels[name].index(c) for c in shown[name]]]) for name in layers]
+    height = max(m.shape[0] for m in mosaics)
+    width = sum(m.shape[1] for m in mosaics)
+    figure_width = min(11.0, max(5.0, 0.0105 * width + 0.3 * len(layers)))
+    blocks_height = figure_width * height / width + 0.5
+    fig = Figure(figsize=(figure_width, blocks_height + 2.6), layout="constrained")
+    grid = fig.add_gridspec(2, len(layers), height_ratios=[blocks_height, 2.4])
+    side, pad = EVOLUTION_TILE, 2
+    for column, (name, mosaic) in enumerate(zip(layers, mosaics, strict=True)):
+        ax = fig.add_subplot(grid[0, column])
+        ax.imshow(mosaic, interpolation="nearest")
+        ax.set_xticks([pad + side / 2 + e * (side + pad) for e in range(len(evolution.epochs))],
+                      [str(e) for e in evolution.epochs], fontsize=5)
+        ax.set_yticks([pad + side / 2 + c * (side + pad) for c in range(len(shown[name]))],
+                      [f"ch {c}" for c in shown[name]], fontsize=5)
+        ax.tick_params(length=0, pad=1)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(name, fontsize=7)
+    settledness_figure(evolution, ax=fig.add_subplot(grid[1, :]))
+    fig.suptitle("feature evolution over training: each channel's strongest projection "
+                 "per epoch", fontsize=8)
     return fig

@@ -39,11 +39,13 @@ from tqdm import tqdm
 
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
 from vizcnn.deconv import top_patches
+from vizcnn.doctor import health_report
 from vizcnn.errors import BadArgument, BadOutput, VizCNNError
+from vizcnn.evolution import FeatureEvolution, feature_evolution
 from vizcnn.io import atomic_path, check_replaceable, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import model_info
-from vizcnn.render.figures import save_figure
+from vizcnn.render.figures import save_figure, settledness_figure
 from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
 from vizcnn.render.panels import display_normalisation, filters_panel
 from vizcnn.scan import (
@@ -78,7 +80,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   masks: str | os.PathLike | bool | None = None,
                   workers: int | None = None, figures: bool = True,
                   progress: bool = True, command: str | None = None,
-                  state_path: str | os.PathLike | None = None) -> Path:
+                  state_path: str | os.PathLike | None = None, health: Any = True,
+                  checkpoints: Any = None, checkpoint_options: dict | None = None) -> Path:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
     of its ``index.html``.
 
@@ -100,6 +103,14 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         command: how the site was made, shown on the index (the CLI passes its command line).
         state_path: where the top-k scan saves its state, so that an interrupted gallery
             resumes its scan (see ``scan_topk``).
+        health: the index shows the model's health report (``vizcnn.doctor``, from the
+            statistics the gallery gathers anyway): True (default) to make it, a
+            ``HealthReport`` made already, or False.
+        checkpoints: earlier checkpoints of the model's training run (what
+            ``feature_evolution`` takes, the last being ``model``'s), or their
+            ``FeatureEvolution`` computed already: each channel page then shows its
+            evolution strip, and the index how settled each layer is.
+        checkpoint_options: ``arch``, ``trust_checkpoint`` for loading the checkpoints.
     """
     out = Path(out)
     writable_parent(check_replaceable(out, "index.html", "gallery"))
@@ -128,10 +139,21 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                        if concepts and spatial else clock.skip("dissection", {}))
         patches = clock.run("projections", lambda: {
             name: top_patches(model, top, data, name, shown[name]) for name in layers})
+        if health is True:
+            report = clock.run("health", health_report, model, data, layers, stats)
+        else:
+            report = clock.skip("health", health or None)
+        if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
+            evolution = clock.skip("evolution", checkpoints)
+        else:
+            evolution = clock.run("evolution", feature_evolution, checkpoints, data, layers,
+                                  shown, settle_layers=layers, batch_size=batch_size,
+                                  progress=False, **(checkpoint_options or {}))
         with atomic_path(out) as site:
             site.mkdir()
             written = _Site(model, data, site, layers, size, rows, top, stats, dissections,
-                            patches, command, figures, source or top.source, score)
+                            patches, command, figures, source or top.source, score, report,
+                            evolution)
             clock.run("figures", written.draw_figures)
             clock.run("pages", written.write)
             (site / "gallery.json").write_text(json.dumps(
@@ -144,7 +166,7 @@ class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
     NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "projections",
-             "figures", "pages")
+             "health", "evolution", "figures", "pages")
 
     def __init__(self, progress: bool):
         self.bar = tqdm(total=len(self.NAMES), desc="gallery", unit="stage",
@@ -233,8 +255,9 @@ class _Site:
     """Writes the pages and images of one gallery into ``root``."""
 
     def __init__(self, model, data, root: Path, layers, size, rows, top, stats, dissections,
-                 patches, command, figures, source, score):
+                 patches, command, figures, source, score, health=None, evolution=None):
         self.model, self.data, self.root, self.layers = model, data, root, layers
+        self.health, self.evolution = health, evolution
         self.source, self.score = source, score
         self.size, self.rows = size, rows
         self.top, self.stats, self.dissections, self.patches = top, stats, dissections, patches
@@ -302,10 +325,15 @@ class _Site:
                 "shape": "x".join(map(str, row.output_shape)) if row and row.output_shape else "-",
                 "size": size, "jump": jump, "channels": stats.maxima.shape[1],
                 "dead": int(stats.dead.sum()), "concepts": self._concept_counts(name)})
+        settled = None
+        if self.evolution is not None:
+            settled = "img/settledness.png"
+            save_figure(settledness_figure(self.evolution), self.root / settled, dpi=110)
         self._render("index.html", self.root / "index.html",
                      title=f"vizcnn gallery: {self.info.spec or type(self.model).__name__}",
                      facts=facts, layers=layers, filters=filters, figures=figures, notes=notes,
-                     concepts=bool(self.dissections))
+                     concepts=bool(self.dissections), health=self.health, settled=settled,
+                     epochs=self.evolution.epochs if self.evolution is not None else ())
 
     def _layer(self, number: int, name: str, whole: dict[int, str]) -> None:
         folder = self.root / _layer_folder(number, name)
@@ -395,6 +423,7 @@ class _Site:
             strongest=float(maxima.max()), fires=float((maxima > 0).mean()),
             images=len(maxima), dead=not bool((maxima > 0).any()), dissection=dissection,
             filter_image=filter_image and f"../{filter_image}", norms=norms, tiles=tiles,
+            strip=self._strip(number, name, channel),
             histogram=[round(100 * c / max(counts.max(), 1), 1) for c in counts],
             low=float(edges[0]), high=float(edges[-1]), class_means=class_means,
             selectivity=selectivity)
@@ -432,6 +461,21 @@ class _Site:
             return path, []
         norms = weight[0].flatten(1).norm(dim=1)
         return None, [round(100 * float(v) / max(float(norms.max()), 1e-12), 1) for v in norms]
+
+    def _strip(self, number: int, name: str, channel: int) -> list[tuple[int, str]]:
+        """The channel's evolution strip: (epoch, image path) per checkpoint, or []."""
+        evolution = self.evolution
+        if evolution is None or channel not in evolution.channels.get(name, ()):
+            return []
+        column = evolution.channels[name].index(channel)
+        tiles = projection_tiles(evolution.projections[name][:, column])
+        folder = _layer_folder(number, name)
+        strip = []
+        for epoch, rgb in zip(evolution.epochs, tiles, strict=True):
+            path = f"img/{folder}/e{channel}_{epoch}{_extension(rgb.shape[:2])}"
+            self.writes.image(self.root / path, rgb)
+            strip.append((epoch, f"../{path}"))
+        return strip
 
     def _label(self, name: str, channel: int) -> str | None:
         if name not in self.dissections:

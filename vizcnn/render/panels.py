@@ -33,6 +33,8 @@ __all__ = [
     "adversarial_panel",
     "conv_layer",
     "display_normalisation",
+    "drawn_evolution",
+    "evolution_panel",
     "excite_panel",
     "feature_maps_panel",
     "filters_panel",
@@ -276,3 +278,26 @@ def invariance_panel(model: nn.Module, images: Sequence[Any], *,
                   f" P(true class) from {float(r[0].prob.min()):.3f} to "
                   f"{float(r[0].prob.max()):.3f}" for t, r in results.items())
     return Panel(figures.invariance_figure(results, classes=info.classes), notes, results)
+
+
+def evolution_panel(checkpoints: Any, data: Any, layers: str | Sequence[str],
+                    channels: Sequence[int] | None = None, *, progress: bool = False,
+                    **options: Any) -> Panel:
+    """Zeiler & Fergus Fig. 4: each channel's strongest projection per checkpoint and how
+    settled each layer is (``vizcnn.feature_evolution``; ``options`` go to it)."""
+    from vizcnn.evolution import feature_evolution
+
+    evolution = feature_evolution(checkpoints, data, layers, channels, progress=progress,
+                                  **options)
+    return drawn_evolution(evolution)
+
+
+def drawn_evolution(evolution: Any, channels: Any = None) -> Panel:
+    """The Fig. 4 panel of a ``FeatureEvolution`` computed already; ``channels``:
+    ``{layer: channels}`` drawn of those it holds (default: all)."""
+    notes = tuple(
+        f"{name:<14} settledness {' '.join(f'{float(v):.2f}' for v in curve)} over epochs "
+        f"{', '.join(map(str, evolution.epochs))}; 0.9 from epoch "
+        f"{evolution.settled_epoch(name)}"
+        for name, curve in evolution.settledness.items())
+    return Panel(figures.evolution_figure(evolution, channels=channels), notes, evolution)

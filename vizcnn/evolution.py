@@ -1,0 +1,269 @@
+"""Feature evolution over training (Zeiler & Fergus Fig. 4): how each channel's strongest
+feature looks at each checkpoint, and how settled each layer is.
+
+``feature_evolution(checkpoints, data, layer, channels)`` loads each checkpoint, makes one
+pass over the data (``units.channel_stats``: each image's strongest activation per channel,
+from which the top-k images of every channel follow), and projects each chosen channel's
+strongest unit over the data with the deconvnet (its receptive-field patch, as Fig. 2 shows it).
+
+How settled a layer is at a checkpoint is measured against the last checkpoint:
+
+- ``settledness``: the mean over channels of the correlation, over the images of the data,
+  between each image's strongest activation of the channel at that checkpoint and at the last
+  (1 at the last; a channel whose activations are constant at either counts 0);
+- ``overlap``: the mean over channels of the share of the channel's top-k images (k = 9) that
+  are also its top-k images at the last checkpoint.
+
+Checkpoints are put in epoch order; the epoch of each comes from ``{epoch: checkpoint}``, a
+``demo:N`` spec, the checkpoint's own ``epoch`` field, or the last number in its file name.
+All must be the same architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vizcnn.checks import check_channels
+from vizcnn.deconv import Deconvnet
+from vizcnn.errors import BadArgument, BadCheckpoint
+from vizcnn.hooks import activations
+from vizcnn.layers import list_layers, resolve_layer
+from vizcnn.models import checkpoint_epoch, load_model, model_info
+from vizcnn.scan import images_at, in_memory, input_batches
+from vizcnn.units import channel_stats
+
+__all__ = ["FeatureEvolution", "feature_evolution", "load_checkpoints", "settled_epoch"]
+
+TOP_K = 9
+
+
+@dataclass(frozen=True)
+class FeatureEvolution:
+    """Fig. 4's numbers and pictures.
+
+    Attributes:
+        epochs: (E,) the checkpoints' epochs, ascending.
+        sources: where each checkpoint came from (its spec or path).
+        layers: the layers drawn.
+        channels: {layer: the channels drawn}.
+        projections: {layer: (E, C, 3, s, s)} each channel's strongest unit's projection,
+            inside its receptive-field patch, at each checkpoint.
+        images: {layer: (E, C, 3, s, s)} the image patches under them.
+        values: {layer: (E, C)} the strongest activation.
+        indices: {layer: (E, C)} long, the data-set index of its image.
+        settledness: {layer: (E,)} correlation with the last checkpoint, for every layer
+            measured (the drawn ones and ``settle_layers``).
+        overlap: {layer: (E,)} top-9 image overlap with the last checkpoint.
+    """
+
+    epochs: tuple[int, ...]
+    sources: tuple[str, ...]
+    layers: tuple[str, ...]
+    channels: dict[str, tuple[int, ...]]
+    projections: dict[str, torch.Tensor]
+    images: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+    settledness: dict[str, torch.Tensor]
+    overlap: dict[str, torch.Tensor]
+
+    def settled_epoch(self, layer: str, fraction: float = 0.9) -> int:
+        """The first epoch at which ``layer``'s settledness reaches ``fraction`` of its final
+        value (1) and stays there."""
+        return settled_epoch(self.epochs, self.settledness[layer], fraction)
+
+
+def settled_epoch(epochs: Sequence[int], curve: torch.Tensor, fraction: float = 0.9) -> int:
+    """The first of ``epochs`` from which ``curve`` (E,) stays at or above ``fraction`` of its
+    last value."""
+    goal = fraction * float(curve[-1])
+    settled = len(epochs) - 1
+    while settled > 0 and float(curve[settled - 1]) >= goal:
+        settled -= 1
+    return int(epochs[settled])
+
+
+def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
+                     arch: str | None = None, trust_checkpoint: bool = False,
+                     device: str | torch.device | None = None
+                     ) -> list[tuple[int, str, nn.Module]]:
+    """(epoch, source, model) per checkpoint, in epoch order, each checked to be the same
+    architecture as the last.
+
+    Args:
+        checkpoints: specs or paths (``demo:5``, ``runs/demo/epoch_05.pt``) whose epochs can
+            be told (see the module docstring), or ``{epoch: spec, path or nn.Module}``.
+        arch, trust_checkpoint, device: as in ``load_model``, for every path.
+    """
+    if isinstance(checkpoints, Mapping):
+        given = [(int(epoch), item) for epoch, item in checkpoints.items()]
+    else:
+        given = []
+        for item in checkpoints:
+            if isinstance(item, nn.Module):
+                raise BadArgument("a model among the checkpoints has no epoch",
+                                  "give {epoch: model, ...}")
+            epoch = checkpoint_epoch(item)
+            if epoch is None:
+                raise BadArgument(f"cannot tell the epoch of checkpoint '{item}'",
+                                  "save it with an 'epoch' field, put the epoch in its file "
+                                  "name (epoch_05.pt), or give {epoch: checkpoint} in Python")
+            given.append((epoch, item))
+    if len(given) < 2:
+        raise BadArgument(f"feature evolution needs at least 2 checkpoints, got {len(given)}")
+    given.sort(key=lambda pair: pair[0])
+    for (a, first), (b, second) in zip(given, given[1:], strict=False):
+        if a == b:
+            raise BadArgument(f"checkpoints '{first}' and '{second}' are both of epoch {a}",
+                              "give one checkpoint per epoch")
+    loaded = [(epoch, _source(item), item if isinstance(item, nn.Module) else
+               load_model(item, arch=arch, trust_checkpoint=trust_checkpoint, device=device))
+              for epoch, item in given]
+    reference = loaded[-1]
+    shapes = _shapes(reference[2])
+    for epoch, source, model in loaded[:-1]:
+        difference = _difference(shapes, _shapes(model))
+        if difference:
+            raise BadCheckpoint(f"checkpoint '{source}' (epoch {epoch}) is not the "
+                                f"architecture of '{reference[1]}': {difference}",
+                                "give checkpoints of one training run")
+    return loaded
+
+
+def _source(item: Any) -> str:
+    if isinstance(item, nn.Module):
+        return model_info(item).spec or type(item).__name__
+    return str(item)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
+def _difference(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> str:
+    """'' when the two have the same parameters and shapes, else the first difference."""
+    for name, shape in expected.items():
+        if name not in got:
+            return f"it has no {name}"
+        if got[name] != shape:
+            return f"{name} is {'x'.join(map(str, got[name]))}, not {'x'.join(map(str, shape))}"
+    extra = sorted(set(got) - set(expected))
+    return f"it has {extra[0]}, which the other lacks" if extra else ""
+
+
+def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
+                      layer: str | Sequence[str],
+                      channels: Sequence[int] | str | Mapping[str, Any] | None = None, *,
+                      settle_layers: Sequence[str] | None = None, arch: str | None = None,
+                      trust_checkpoint: bool = False, device: str | torch.device | None = None,
+                      batch_size: int = 64, progress: bool = True) -> FeatureEvolution:
+    """Fig. 4: each channel's strongest feature at each checkpoint, and how settled each
+    layer is (see the module docstring).
+
+    Args:
+        checkpoints: see ``load_checkpoints``; the last is the trained network.
+        data: anything ``scan_topk`` takes (the same images for every checkpoint).
+        layer: the layer (or layers) drawn.
+        channels: the channels drawn of each layer (default: the first 8 it has; "all"),
+            or ``{layer: channels}``.
+        settle_layers: layers whose settledness is measured besides the drawn ones
+            (default: every conv layer).
+
+    Returns:
+        FeatureEvolution.
+    """
+    loaded = load_checkpoints(checkpoints, arch=arch, trust_checkpoint=trust_checkpoint,
+                              device=device)
+    final = loaded[-1][2]
+    drawn = [layer] if isinstance(layer, str) else list(layer)
+    if not drawn:
+        raise BadArgument("no layer given", "give at least one layer")
+    measured = list(dict.fromkeys(drawn + list(settle_layers if settle_layers is not None
+                                               else list_layers(final, "conv"))))
+    for name in measured:
+        resolve_layer(final, name)
+    opened = in_memory(final, data)  # read once for every checkpoint
+    chosen = _chosen_channels(final, opened, drawn, channels)  # checked before the long part
+    strongest: list[dict[str, torch.Tensor]] = []
+    pictures: list[dict[str, tuple]] = []
+    with tqdm(total=len(loaded), desc="feature evolution", unit="checkpoint",
+              disable=not progress) as bar:
+        for _, _, model in loaded:
+            stats = channel_stats(model, opened, measured, batch_size=batch_size,
+                                  progress=False)
+            strongest.append({name: stats[name].maxima for name in measured})
+            pictures.append({name: _strongest_patches(model, opened, name, chosen[name],
+                                                      stats[name]) for name in drawn})
+            bar.update()
+    epochs = tuple(epoch for epoch, _, _ in loaded)
+    return FeatureEvolution(
+        epochs, tuple(source for _, source, _ in loaded), tuple(drawn), chosen,
+        *[{name: torch.stack([p[name][part] for p in pictures]) for name in drawn}
+          for part in range(4)],
+        {name: torch.stack([_correlation(s[name], strongest[-1][name]) for s in strongest])
+         for name in measured},
+        {name: torch.stack([_overlap(s[name], strongest[-1][name]) for s in strongest])
+         for name in measured})
+
+
+def _chosen_channels(model: nn.Module, data: Any, layers: list[str], channels: Any
+                     ) -> dict[str, tuple[int, ...]]:
+    """{layer: channels drawn}, each checked against the layer's channel count, which one
+    image of the data shows."""
+    _, first, _ = next(input_batches(model, data, 1), (None, None, None))
+    if first is None or not len(first):
+        raise BadArgument("no readable image in the data")
+    maps = activations(model, first, layers)
+    chosen = {}
+    for name in layers:
+        count = maps[name].shape[1]
+        wanted = channels[name] if isinstance(channels, Mapping) else channels
+        picked = (list(range(min(8, count))) if wanted is None else
+                  list(range(count)) if wanted == "all" else list(wanted))
+        check_channels(picked, count, name)
+        chosen[name] = tuple(picked)
+    return chosen
+
+
+def _strongest_patches(model: nn.Module, data: Any, layer: str, channels: tuple[int, ...],
+                       stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(projections, images, values, indices) of each channel's strongest unit over the data."""
+    maxima = stats.maxima[:, list(channels)]  # (N, C)
+    values, rows = maxima.max(dim=0)
+    indices = stats.indices[rows.cpu()]
+    x = images_at(model, data, indices.tolist()).to(maxima.device)
+    patches = Deconvnet(model).project_patches(x, layer, list(channels))
+    return patches.projections, patches.images, values, indices.to(maxima.device)
+
+
+def _correlation(maxima: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the correlation over images of (N, C) with (N, C)."""
+    a = maxima.double() - maxima.double().mean(dim=0)
+    b = final.double() - final.double().mean(dim=0)
+    scale = a.norm(dim=0) * b.norm(dim=0)
+    correlation = torch.where(scale > 0, (a * b).sum(dim=0) / scale.clamp_min(1e-300),
+                              torch.zeros_like(scale))
+    return correlation.mean().float()
+
+
+def _overlap(maxima: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the share of each channel's top-k images (by its strongest
+    activation) that are among its top-k images in ``final``."""
+    k = min(TOP_K, len(maxima))
+    mine = maxima.topk(k, dim=0).indices  # (k, C)
+    theirs = final.topk(k, dim=0).indices
+    shared = (mine[:, None, :] == theirs[None, :, :]).any(dim=1).float()  # (k, C)
+    return shared.mean()
+
+
+def describe_checkpoints(evolution: FeatureEvolution) -> str:
+    """One line: the epochs and where they came from."""
+    return ", ".join(f"epoch {e} ({os.path.basename(s) or s})"
+                     for e, s in zip(evolution.epochs, evolution.sources, strict=True))
