@@ -6,6 +6,11 @@
   itself (about 10,000 files) is not committed: three screenshots of it are,
   ``gallery/gallery_index.png``, ``gallery_layer.png`` and ``gallery_channel.png``, taken by
   headless Chromium (Debian's ``chromium`` and ``chromium-driver``, through Selenium).
+- ``gallery/fig6_first_layers.png`` and ``gallery/first_layers.txt``: Zeiler & Fergus's
+  first-layer experiment (section 4.1, Fig. 6) on the demo world: ZFNetMini (7x7, stride 2)
+  beside the same network with AlexNet's first layer (11x11, stride 4), trained with the same
+  recipe and seed (``vizcnn train-demo --arch demo_alexnet``, about 13 minutes on 2 cores; a
+  run folder given with ``--alexnet-run`` is used as it is), with both health reports.
 - ``gallery/receptive_fields.png``: the receptive fields of AlexNet (analytic, a chain) and
   ResNet18 (gradient, a residual graph) on scikit-image's photograph of Chelsea the cat. Fields
   do not depend on the weights, so no weights are downloaded.
@@ -32,9 +37,27 @@ LAYERS = {
 }
 SHOWN_LAYER = "layer4_features.8"  # the gallery pages in the screenshots
 SHOWN_CHANNEL = 12  # a ring detector of layer 4
+EXPERIMENT_DATA = "shapes:2000"  # held-out images the two first layers are compared on
 
 
-def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
+def first_layer_experiment(out_dir: Path, alexnet_run: Path) -> list[str]:
+    """Fig. 6 on the demo world: the demo network beside its AlexNet-first-layer twin."""
+    from vizcnn.render.panels import first_layers_panel
+    from vizcnn.train import train_demo
+
+    if not (alexnet_run / "final.pt").is_file():
+        train_demo(alexnet_run, arch="demo_alexnet")
+    models = {"ZFNetMini 7x7/2": vizcnn.load_model("demo"),
+              "AlexNet-shaped 11x11/4": vizcnn.load_model(alexnet_run / "final.pt")}
+    panel = first_layers_panel(models, EXPERIMENT_DATA)
+    written = [save_figure(panel.figure, out_dir / "fig6_first_layers.png", dpi=150)]
+    text = "\n\n".join(f"== {name} ==\n{report.text()}" for name, report in panel.result.items())
+    (out_dir / "first_layers.txt").write_text(text)
+    return [*written, str(out_dir / "first_layers.txt")]
+
+
+def make_gallery(out_dir: str | Path = "gallery", alexnet_run: str | Path = "runs/alexnet"
+                 ) -> list[str]:
     out_dir = Path(out_dir)
     photo = cv2.resize(skimage.data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
     fig = Figure(figsize=(8.6, 3.4), layout="constrained")
@@ -55,7 +78,7 @@ def make_gallery(out_dir: str | Path = "gallery") -> list[str]:
                 shutil.copy(path, out_dir / "demo" / path.name)
                 written.append(str(out_dir / "demo" / path.name))
         written += screenshots(Path(scratch) / "demo" / "gallery", out_dir)
-    return written
+    return written + first_layer_experiment(out_dir, Path(alexnet_run))
 
 
 def screenshots(site: Path, out_dir: Path) -> list[str]:
@@ -83,5 +106,12 @@ def screenshots(site: Path, out_dir: Path) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gallery")
-    for path in make_gallery(parser.parse_args().out):
+    parser.add_argument("--alexnet-run", default="runs/alexnet", help="the AlexNet-shaped "
+                        "network's training run (trained there when missing)")
+    parser.add_argument("--only-experiment", action="store_true",
+                        help="write only the first-layer experiment")
+    args = parser.parse_args()
+    paths = (first_layer_experiment(Path(args.out), Path(args.alexnet_run))
+             if args.only_experiment else make_gallery(args.out, args.alexnet_run))
+    for path in paths:
         print(f"wrote {path}")

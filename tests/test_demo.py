@@ -10,7 +10,7 @@ from helpers import check_links
 import vizcnn
 from vizcnn.data.shapes import SHAPE_CLASSES
 from vizcnn.demo import run_demo
-from vizcnn.models import DEMO_CHECKPOINT
+from vizcnn.models import DEMO_CHECKPOINT, DEMO_EPOCHS_CHECKPOINT
 from vizcnn.train import accuracy, demo_initialisation, render_batch, train_demo
 
 FRESH_SEED = 424242  # used neither in training (seed 0) nor for the training script's report
@@ -26,6 +26,7 @@ def test_bundled_model_classifies_fresh_images(demo, fresh):
     assert accuracy(demo, images, labels) >= 0.95
     assert vizcnn.model_info(demo).classes == tuple(SHAPE_CLASSES)
     assert DEMO_CHECKPOINT.stat().st_size < 5 * 2**20
+    assert DEMO_EPOCHS_CHECKPOINT.stat().st_size < 8 * 2**20  # the budget for them
 
 
 def spatial_autocorrelation(weight: torch.Tensor) -> float:
@@ -81,7 +82,10 @@ def test_demo_writes_figures_and_report(tmp_path):
     assert [n for n in names if n.startswith("fig2_")] == [
         "fig2_layer1_features.0.png", "fig2_layer2_features.3.png", "fig2_layer3_features.6.png",
         "fig2_layer4_features.8.png", "fig2_layer5_features.10.png"]
-    assert "fig7_occlusion.png" in names
+    assert "fig7_occlusion.png" in names and "fig4_evolution.png" in names
+    health = (tmp_path / "demo" / "health.txt").read_text()
+    assert "health report of demo" in health and "features.10" in health
+    assert "features.0" in (tmp_path / "demo" / "health.json").read_text()
     for name in ("adversarial_lbfgs.png", "excite_features.6.png", "fig5_invariance.png"):
         assert name in names
     index = tmp_path / "demo" / "gallery" / "index.html"
@@ -90,6 +94,9 @@ def test_demo_writes_figures_and_report(tmp_path):
     # layer, the index; every link inside the site
     assert check_links(index.parent) == 496 + 5 + 1
     assert "concept detectors" in index.read_text()
+    assert "Health report" in index.read_text() and "settledness" in index.read_text()
+    channel = (index.parent / "layer5_features.10" / "3.html").read_text()
+    assert "Evolution over training" in channel and "epoch 10" in channel
     report = (tmp_path / "demo" / "report.txt").read_text()
     assert "held-out accuracy" in report and "features.10" in report
     run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output

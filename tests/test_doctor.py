@@ -18,8 +18,11 @@ from vizcnn.doctor import (
     FLAT_VARIATION,
     NOISE_FLATNESS,
     SPECTRUM_SIZE,
+    LayerHealth,
+    _findings,
     aliasing_share,
     filter_spectrum,
+    grid_mask,
 )
 from vizcnn.scan import images_at
 
@@ -155,6 +158,8 @@ def test_numbers_equal_brute_force(demo, planted_report):
         assert cosine == pytest.approx(1.0, abs=1e-6)
     second = report.layer("features.3")
     assert second.aliasing is not None and second.stride == 2
+    assert second.aliased == tuple(
+        c for c in range(96) if float(second.aliasing[c]) >= second.grid_fraction)
     assert report.layer("features.6").aliasing is None
 
 
@@ -170,6 +175,12 @@ def test_aliasing_share_of_a_grid_and_of_a_smooth_blob():
     lines = np.zeros((32, 32), bool)
     lines[[8, 16, 24], :] = lines[:, [8, 16, 24]] = True
     assert float(shares[1]) == pytest.approx(power[lines].sum() / power.sum(), rel=1e-5)
+    fraction = float(grid_mask(32, 32, 4).float().mean())
+    assert fraction == pytest.approx(lines.mean())  # what a flat spectrum puts on the grid
+    health = LayerHealth("x", torch.ones(2), (), (), (), torch.ones(2), (), None, shares, 4,
+                         fraction)
+    assert health.aliased == (1,)  # the grid, not the blob
+    assert [f.kind for f in _findings(health)] == ["aliasing"]
 
 
 def test_random_filters_are_noise_and_zero_filters_flat():

@@ -42,6 +42,7 @@ __all__ = [
     "feature_maps_rows",
     "figure_path",
     "filters_figure",
+    "first_layers_figure",
     "invariance_figure",
     "occlusion_figure",
     "projection_figure",
@@ -582,4 +583,35 @@ def evolution_figure(evolution, *, channels: Mapping[str, Sequence[int]] | None 
     settledness_figure(evolution, ax=fig.add_subplot(grid[1, :]))
     fig.suptitle("feature evolution over training: each channel's strongest projection "
                  "per epoch", fontsize=8)
+    return fig
+
+
+def first_layers_figure(rows: Sequence[Mapping]) -> Figure:
+    """Zeiler & Fergus Fig. 6 for several networks, one row each: (a) the first-layer filters,
+    (b) the second layer's features (each channel's strongest projection over the data, as
+    tiles of one size), (c) the health numbers in words.
+
+    Args:
+        rows: per network ``{"name", "weight" (C, 3, k, k), "projections" (P, 3, s, s),
+            "lines" (the text)}``.
+    """
+    fig = Figure(figsize=(10.5, 3.3 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False, width_ratios=[1, 1.5, 1.25])
+    for ax, row in zip(axes, rows, strict=True):
+        grid = filter_grid(row["weight"], mode="rgb")
+        ax[0].imshow(grid, interpolation="nearest")
+        shape = "x".join(map(str, row["weight"].shape[-2:]))
+        ax[0].set_title(f"{row['name']}: first-layer filters ({shape})", fontsize=8)
+        tiles = projection_tiles(row["projections"])
+        side = max(tiles.shape[1], 24)
+        tiles = np.stack([cv2.resize(t, (side, side), interpolation=cv2.INTER_NEAREST)
+                          for t in tiles])
+        ax[1].imshow(tile(tiles, columns=6, padding=2, background=255),
+                     interpolation="nearest")
+        ax[1].set_title(f"{row['name']}: second-layer features (strongest projection per "
+                        "channel)", fontsize=8)
+        ax[2].text(0.0, 1.0, "\n".join(row["lines"]), fontsize=7, va="top", ha="left",
+                   family="monospace", transform=ax[2].transAxes)
+        for a in ax:
+            a.set_axis_off()
     return fig

@@ -12,7 +12,7 @@ normalisation is known.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "excite_panel",
     "feature_maps_panel",
     "filters_panel",
+    "first_layers_panel",
     "invariance_panel",
     "occlusion_panel",
     "projection_panel",
@@ -301,3 +302,48 @@ def drawn_evolution(evolution: Any, channels: Any = None) -> Panel:
         f"{evolution.settled_epoch(name)}"
         for name, curve in evolution.settledness.items())
     return Panel(figures.evolution_figure(evolution, channels=channels), notes, evolution)
+
+
+def first_layers_panel(models: Mapping[str, nn.Module], data: Any, *,
+                       channels: Sequence[int] = range(24)) -> Panel:
+    """Zeiler & Fergus Fig. 6 b-e for networks that differ in their first layer: each one's
+    first-layer filters, second-layer features and health numbers (``vizcnn.doctor``);
+    ``result``: {name: HealthReport}."""
+    from vizcnn.deconv import top_patches
+    from vizcnn.doctor import doctor
+    from vizcnn.scan import scan_topk
+    from vizcnn.units import accuracy
+
+    rows, reports, notes = [], {}, []
+    for name, model in models.items():
+        first, second = list_layers(model, "conv")[:2]
+        report = doctor(model, data, [first, second, *list_layers(model, "conv")[2:]],
+                        progress=False)
+        top = scan_topk(model, data, [second], k=1, progress=False)
+        count = top.values[second].shape[0]
+        patches = top_patches(model, top, data, second, [c for c in channels if c < count])
+        lines = _health_lines(report, accuracy(model, data, progress=False))
+        rows.append({"name": name, "weight": resolve_layer(model, first).weight.detach(),
+                     "projections": patches.projections[:, 0], "lines": lines})
+        reports[name] = report
+        notes.append(f"{name}: " + "; ".join(line.strip() for line in lines[1:4]))
+    return Panel(figures.first_layers_figure(rows), tuple(notes), reports)
+
+
+def _health_lines(report: Any, score: Any) -> list[str]:
+    """The numbers of Fig. 6's comparison, one per line."""
+    first, second = report.layers[0], report.layers[1]
+    spectrum = first.spectrum
+    bands = [int((spectrum.dominant_band == b).sum()) for b in range(3)]
+    low, mid, high = spectrum.mean_shares
+    lines = [f"accuracy {100 * score.fraction:.1f} % of {score.total:,}",
+             f"layer 1 energy low/mid/high {low:.0%}/{mid:.0%}/{high:.0%}",
+             f"filters mostly low/mid/high {bands[0]}/{bands[1]}/{bands[2]}",
+             f"layer 1: {len(first.dead)} dead, {len(spectrum.flat)} flat, "
+             f"{len(spectrum.noise)} noise"]
+    if second.aliasing is not None:
+        lines.append(f"layer 2 stride-{second.stride} grid power "
+                     f"{float(second.aliasing.mean()):.1%} (flat {second.grid_fraction:.1%})")
+    lines.append("dead per layer " + " ".join(str(len(h.dead)) for h in report.layers))
+    lines.append(f"of {' '.join(str(h.channels) for h in report.layers)} channels")
+    return lines
