@@ -36,7 +36,7 @@ LAYERS = {
     "resnet18": ["conv1", "layer1", "layer2", "layer3", "layer4"],
 }
 SHOWN_LAYER = "layer4_features.8"  # the gallery pages in the screenshots
-SHOWN_CHANNEL = 12  # a ring detector of layer 4
+SHOWN_CHANNEL = 82  # a ring detector of layer 4 (Network Dissection: ring)
 EXPERIMENT_DATA = "shapes:2000"  # held-out images the two first layers are compared on
 
 

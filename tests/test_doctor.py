@@ -21,6 +21,7 @@ from vizcnn.doctor import (
     LayerHealth,
     _findings,
     aliasing_share,
+    duplicate_filters,
     filter_spectrum,
     grid_mask,
 )
@@ -161,6 +162,20 @@ def test_numbers_equal_brute_force(demo, planted_report):
     assert second.aliased == tuple(
         c for c in range(96) if float(second.aliasing[c]) >= second.grid_fraction)
     assert report.layer("features.6").aliasing is None
+
+
+def test_cosines_equal_numpy_at_a_low_threshold(demo):
+    weight = demo.features[6].weight.detach()
+    found = duplicate_filters(weight, 0.4)
+    assert len(found) >= 3  # enough pairs to compare
+    w = weight.flatten(1).numpy().astype(np.float64)
+    for i, j, cosine in found:
+        expected = w[i] @ w[j] / (np.linalg.norm(w[i]) * np.linalg.norm(w[j]))
+        assert cosine == pytest.approx(expected, abs=1e-6)
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    pairs = {(i, j) for i in range(len(w)) for j in range(i + 1, len(w))
+             if unit[i] @ unit[j] >= 0.4}
+    assert {(i, j) for i, j, _ in found} == pairs
 
 
 def test_aliasing_share_of_a_grid_and_of_a_smooth_blob():

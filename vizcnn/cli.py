@@ -302,7 +302,10 @@ def _gallery(args: argparse.Namespace) -> None:
                               masks=False if args.no_masks else args.masks,
                               workers=args.workers,
                               figures=not args.no_figures, command=args.command_line,
-                              state_path=state)
+                              state_path=state, health=not args.no_health,
+                              checkpoints=args.checkpoints,
+                              checkpoint_options={"arch": args.arch,
+                                                  "trust_checkpoint": args.trust_checkpoint})
     except KeyboardInterrupt:
         if state.exists():
             print(f"scan state saved in {state}; run the same command again to resume",
@@ -416,7 +419,9 @@ EXAMPLES = {
     "excite": ["vizcnn excite demo shapes:1 --layer features.6 --out excite.png"],
     "invariance": ["vizcnn invariance demo shapes:1 --out fig5.png"],
     "gallery": ["vizcnn gallery demo shapes:200 --layer features.6 --layer features.8 "
-                "--channels 0-15 --out site"],
+                "--channels 0-15 --out site",
+                "vizcnn gallery demo shapes:200 --layer features.0 --channels 0-7 "
+                "--checkpoints demo:0 demo:2 demo:10 demo --out site"],
     "evolution": ["vizcnn evolution demo:0 demo:1 demo:2 demo:5 demo:10 demo shapes:500 "
                   "--layer features.0 --layer features.10 --channels 0-5 --out fig4.png"],
     "doctor": ["vizcnn doctor demo shapes:1000",
@@ -590,6 +595,12 @@ def _add_gallery(commands) -> None:
     gallery.add_argument("--no-masks", action="store_true", help="no concept labels")
     gallery.add_argument("--no-figures", action="store_true",
                          help="leave the paper figures out of the index")
+    gallery.add_argument("--no-health", action="store_true",
+                         help="leave the health report (vizcnn doctor) out of the index")
+    gallery.add_argument("--checkpoints", nargs="+", metavar="CKPT",
+                         help="checkpoints of MODEL's training run, MODEL's own among them "
+                         "(paths or demo:N; see vizcnn evolution): an evolution strip on every "
+                         "channel page")
     gallery.add_argument("--out", required=True, help="the site's folder (replaced whole)")
     from vizcnn.scan import MASKS_LAYOUT
 
