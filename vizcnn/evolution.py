@@ -202,15 +202,19 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
             pictures.append({name: _strongest_patches(model, opened, name, chosen[name],
                                                       stats[name]) for name in drawn})
             bar.update()
-    epochs = tuple(epoch for epoch, _, _ in loaded)
+    def per_epoch(part: int) -> dict[str, torch.Tensor]:  # (E, ...) of one _strongest_patches part
+        return {name: torch.stack([p[name][part] for p in pictures]) for name in drawn}
+
+    def against_last(measure) -> dict[str, torch.Tensor]:  # (E,) per measured layer
+        return {name: torch.stack([measure(s[name], strongest[-1][name]) for s in strongest])
+                for name in measured}
+
     return FeatureEvolution(
-        epochs, tuple(source for _, source, _ in loaded), tuple(drawn), chosen,
-        *[{name: torch.stack([p[name][part] for p in pictures]) for name in drawn}
-          for part in range(4)],
-        {name: torch.stack([_correlation(s[name], strongest[-1][name]) for s in strongest])
-         for name in measured},
-        {name: torch.stack([_overlap(s[name], strongest[-1][name]) for s in strongest])
-         for name in measured})
+        epochs=tuple(epoch for epoch, _, _ in loaded),
+        sources=tuple(source for _, source, _ in loaded), layers=tuple(drawn), channels=chosen,
+        projections=per_epoch(0), images=per_epoch(1), values=per_epoch(2),
+        indices=per_epoch(3), settledness=against_last(_correlation),
+        overlap=against_last(_overlap))
 
 
 def _chosen_channels(model: nn.Module, data: Any, layers: list[str], channels: Any
