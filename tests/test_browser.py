@@ -70,10 +70,14 @@ def test_walk_the_demo_gallery_by_clicking(browser, tmp_path):
     site = tmp_path / "site"
     write_gallery(vizcnn.load_model("demo"), "shapes:120", site,
                   layers=["features.3", "features.8"], channels=list(range(12)),
-                  progress=False)
+                  checkpoints=["demo:0", "demo:5", "demo"], progress=False)
     browser.get((site / "index.html").as_uri())
     _all_images_loaded(browser)
     _no_console_errors(browser)
+    health = browser.find_elements(By.CSS_SELECTOR, "#health tr td:first-child")
+    assert [cell.text for cell in health] == ["features.3", "features.8"]
+    settled = browser.find_element(By.CSS_SELECTOR, "img[alt^='settledness']")
+    assert settled.is_displayed() and settled.size["width"] > 300
     _shot(browser, "gallery_index.png", tmp_path)
 
     browser.find_element(By.LINK_TEXT, "features.8").click()
@@ -101,6 +105,8 @@ def test_walk_the_demo_gallery_by_clicking(browser, tmp_path):
     browser.find_element(By.LINK_TEXT, f"channel {shown[0]}").click()
     assert browser.title == f"features.8 channel {shown[0]}"
     _all_images_loaded(browser)
+    strip = browser.find_elements(By.CSS_SELECTOR, ".strip figcaption")
+    assert [caption.text for caption in strip] == ["epoch 0", "epoch 5", "epoch 20"]
     _no_console_errors(browser)
     _shot(browser, "gallery_channel.png", tmp_path)
     browser.find_element(By.LINK_TEXT, "index").click()
