@@ -69,10 +69,18 @@ def _add_output_option(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     """MODEL, loaded as the options say; --mean, --std and --size (where the command has them)
     go into its ModelInfo."""
-    from vizcnn.models import load_model, model_info, with_model_info, with_options
+    from vizcnn.models import load_model
 
     model = load_model(args.model, device=args.device, arch=args.arch,
                        num_classes=args.num_classes, trust_checkpoint=args.trust_checkpoint)
+    return _with_input_options(model, args)
+
+
+def _with_input_options(model, args: argparse.Namespace):
+    """``model`` with --mean, --std and --size (where the command has them) in its
+    ModelInfo."""
+    from vizcnn.models import model_info, with_model_info, with_options
+
     known = model_info(model).preprocessing
     size = getattr(args, "size", None)
     given = with_options(known, size=tuple(size) if size else None,
@@ -331,7 +339,8 @@ def _evolution(args: argparse.Namespace) -> None:
     layers = args.layer or list_layers(final, "conv")
     # a layer narrower than the list is refused by name, with its channel count
     channels = parse_channels(args.channels, 1 << 30) if args.channels else None
-    _write(evolution_panel({epoch: model for epoch, _, model in loaded}, args.data, layers,
+    _write(evolution_panel({epoch: _with_input_options(model, args)
+                            for epoch, _, model in loaded}, args.data, layers,
                            channels, progress=True, batch_size=args.batch_size), args.out)
 
 
@@ -614,6 +623,7 @@ def _add_evolution(commands) -> None:
                      "training run (paths, or demo:N for the demo's epochs 0, 1, 2, 5, 10, "
                      "20), put in epoch order: their epoch field, or the number in their name")
     evo.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N")
+    _add_input_options(evo)
     evo.add_argument("--arch", help="architecture of state_dict checkpoints")
     evo.add_argument("--trust-checkpoint", action="store_true",
                      help="allow checkpoints holding pickled models (runs code from the file)")
