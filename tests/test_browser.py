@@ -27,6 +27,7 @@ def browser():
     if not (CHROMIUM and DRIVER):
         if os.environ.get("VIZCNN_REQUIRE_BROWSER") == "1":
             pytest.fail("VIZCNN_REQUIRE_BROWSER=1 but chromium or chromedriver is missing")
+        # reason: a system package, not pip's; CI requires it (above), so it never skips there
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y "
                     "chromium chromium-driver)")
     from selenium import webdriver  # a test dependency: its absence is a failure

@@ -13,10 +13,10 @@ from helpers import check_links
 import vizcnn
 from vizcnn.cli import main
 from vizcnn.evolution import load_checkpoints, settled_epoch
-from vizcnn.models import DEMO_EPOCHS, demo_network
+from vizcnn.models import DEMO_EPOCHS, demo_initialisation, demo_network
 from vizcnn.render.gallery import write_gallery
 from vizcnn.scan import images_at, open_data
-from vizcnn.train import demo_initialisation, train_demo
+from vizcnn.train import train_demo
 
 DATA = "shapes:120"
 LAYER = "features.3"

@@ -426,89 +426,78 @@ def _listed(channels: Sequence[int], limit: int = 12) -> str:
     return shown + (f" and {len(channels) - limit} more" if len(channels) > limit else "")
 
 
+# what each kind of finding means, and the fix Zeiler & Fergus made (or the usual one)
+_ADVICE = {
+    "dead": ("They pass nothing to the next layer, so their filters are wasted capacity.",
+             "reinitialise them or lower the learning rate; ZF renormalised every filter whose "
+             "RMS exceeded a fixed radius to that radius, so that none dominates"),
+    "always-on": ("The rectifier after them never acts, so they are linear and select "
+                  "nothing; often a bias grown too large.",
+                  "check their biases and reinitialise them"),
+    "duplicates": ("Each pair detects the same pattern twice: redundant capacity.",
+                   "prune one of each pair, or reinitialise it and train on"),
+    "dominant": ("A few large filters dominate the layer's output.",
+                 "renormalise every filter whose RMS exceeds a fixed radius to that radius, as "
+                 "ZF did (section 3)"),
+    "aliasing": ("Their features show the grid of a too-large first-layer stride, ZF's "
+                 "aliasing artifacts (Fig. 6 d).",
+                 "a smaller first-layer stride (ZF went from 4 to 2)"),
+    "flat filters": ("They see colour at best and no structure: ZF's 'dead' first-layer "
+                     "filters.",
+                     "smaller first-layer filters (ZF went from 11x11 to 7x7) and "
+                     "renormalising filters whose RMS exceeds a fixed radius"),
+    "noise filters": ("They have not learned a pattern: untrained, or too large for what the "
+                      "data teaches.",
+                      "train longer, or use smaller first-layer filters (ZF: 7x7 instead of "
+                      "11x11)"),
+    "high frequency": ("ZF found AlexNet's first layer a mix of extremely high and low "
+                       "frequencies with little in between.",
+                       "smaller first-layer filters and a smaller stride (ZF: 11x11/4 to "
+                       "7x7/2)"),
+}
+
+
 def _findings(h: LayerHealth) -> list[Finding]:
-    found = []
-    if h.dead:
-        found.append(Finding(
-            h.name, "dead", h.dead,
-            f"{len(h.dead)} of {_count(range(h.channels), 'channel')} "
-            f"{'is' if len(h.dead) == 1 else 'are'} dead (never above 0 on the data): "
-            f"{_listed(h.dead)}",
-            "They pass nothing to the next layer, so their filters are wasted capacity.",
-            "reinitialise them or lower the learning rate; ZF renormalised every filter whose "
-            "RMS exceeded a fixed radius to that radius, so that none dominates"))
-    if h.always_on:
-        found.append(Finding(
-            h.name, "always-on", h.always_on,
-            f"{_count(h.always_on, 'channel', 'is')} always on (above 0 at every position of every "
-            f"image): {_listed(h.always_on)}",
-            "The rectifier after them never acts, so they are linear and select nothing; "
-            "often a bias grown too large.",
-            "check their biases and reinitialise them"))
-    if h.duplicates:
-        pairs = [f"{i}~{j} ({c:.3f})" for i, j, c in h.duplicates]
-        found.append(Finding(
-            h.name, "duplicates", tuple(sorted({c for i, j, _ in h.duplicates for c in (i, j)})),
-            f"{_count(h.duplicates, 'pair')} of near-duplicate filters (cosine >= "
-            f"{DUPLICATE_COSINE}): {_listed(pairs, 8)}",
-            "Each pair detects the same pattern twice: redundant capacity.",
-            "prune one of each pair, or reinitialise it and train on"))
-    if h.dominant:
-        found.append(Finding(
-            h.name, "dominant", h.dominant,
-            f"{_count(h.dominant, 'filter', 'has')} an RMS above {DOMINANT_RMS:g}x the layer's "
-            f"median: {_listed(h.dominant)}",
-            "A few large filters dominate the layer's output.",
-            "renormalise every filter whose RMS exceeds a fixed radius to that radius, as ZF "
-            "did (section 3)"))
+    """Every finding of one layer, in ``_ADVICE``'s words; a kind with no channel is left
+    out."""
+    details: list[tuple[str, tuple[int, ...], str]] = [
+        ("dead", h.dead, f"{len(h.dead)} of {_count(range(h.channels), 'channel')} "
+         f"{'is' if len(h.dead) == 1 else 'are'} dead (never above 0 on the data): "
+         f"{_listed(h.dead)}"),
+        ("always-on", h.always_on, f"{_count(h.always_on, 'channel', 'is')} always on (above 0 "
+         f"at every position of every image): {_listed(h.always_on)}"),
+        ("duplicates", tuple(sorted({c for i, j, _ in h.duplicates for c in (i, j)})),
+         f"{_count(h.duplicates, 'pair')} of near-duplicate filters (cosine >= "
+         f"{DUPLICATE_COSINE}): {_listed([f'{i}~{j} ({c:.3f})' for i, j, c in h.duplicates], 8)}"),
+        ("dominant", h.dominant, f"{_count(h.dominant, 'filter', 'has')} an RMS above "
+         f"{DOMINANT_RMS:g}x the layer's median: {_listed(h.dominant)}")]
     if h.spectrum is not None:
-        found += _spectrum_findings(h)
+        details += _spectrum_details(h.spectrum)
     if h.aliased:
-        grid = h.aliased
-        if grid:
-            found.append(Finding(
-                h.name, "aliasing", grid,
-                f"{len(grid)} of {h.channels} channels put more of their projection's power "
-                f"on the grid of the first layer's stride {h.stride} than a flat spectrum "
-                f"would ({h.grid_fraction:.1%}; the layer's mean "
-                f"{float(h.aliasing.mean()):.1%}): {_listed(grid)}",
-                "Their features show the grid of a too-large first-layer stride, ZF's "
-                "aliasing artifacts (Fig. 6 d).",
-                "a smaller first-layer stride (ZF went from 4 to 2)"))
-    return found
+        details.append(("aliasing", h.aliased, f"{len(h.aliased)} of {h.channels} channels put "
+                        f"more of their projection's power on the grid of the first layer's "
+                        f"stride {h.stride} than a flat spectrum would ({h.grid_fraction:.1%}; "
+                        f"the layer's mean {float(h.aliasing.mean()):.1%}): "
+                        f"{_listed(h.aliased)}"))
+    return [Finding(h.name, kind, channels, detail, *_ADVICE[kind])
+            for kind, channels, detail in details if channels]
 
 
-def _spectrum_findings(h: LayerHealth) -> list[Finding]:
-    spectrum = h.spectrum
-    found = []
-    if spectrum.flat:
-        found.append(Finding(
-            h.name, "flat filters", spectrum.flat,
-            f"{_count(spectrum.flat, 'first-layer filter', 'is')} nearly flat (spatial variation "
-            f"below {FLAT_VARIATION:.0%} of the median): {_listed(spectrum.flat)}",
-            "They see colour at best and no structure: ZF's 'dead' first-layer filters.",
-            "smaller first-layer filters (ZF went from 11x11 to 7x7) and renormalising "
-            "filters whose RMS exceeds a fixed radius"))
-    if spectrum.noise:
-        found.append(Finding(
-            h.name, "noise filters", spectrum.noise,
-            f"{_count(spectrum.noise, 'first-layer filter', 'is')} nearly pure noise (spectral "
-            f"flatness >= {NOISE_FLATNESS}): {_listed(spectrum.noise)}",
-            "They have not learned a pattern: untrained, or too large for what the data "
-            "teaches.",
-            "train longer, or use smaller first-layer filters (ZF: 7x7 instead of 11x11)"))
+def _spectrum_details(spectrum: FilterSpectrum) -> list[tuple[str, tuple[int, ...], str]]:
+    """(kind, filters, detail) of the first layer's frequency findings."""
     band = spectrum.dominant_band
     high = tuple(int(c) for c in torch.nonzero(band == 2).flatten()
                  if int(c) not in spectrum.flat)
     mid = int((band == 1).sum())
-    if high and len(high) > mid:
-        low_, mid_, high_ = spectrum.mean_shares
-        found.append(Finding(
-            h.name, "high frequency", high,
-            f"{len(high)} first-layer filters hold most of their energy above "
-            f"{BANDS[1]:g} cycle per pixel, more than the {mid} at mid frequencies "
-            f"(energy low/mid/high {low_:.0%}/{mid_:.0%}/{high_:.0%})",
-            "ZF found AlexNet's first layer a mix of extremely high and low frequencies "
-            "with little in between.",
-            "smaller first-layer filters and a smaller stride (ZF: 11x11/4 to 7x7/2)"))
-    return found
+    low_, mid_, high_ = spectrum.mean_shares
+    return [
+        ("flat filters", spectrum.flat, f"{_count(spectrum.flat, 'first-layer filter', 'is')} "
+         f"nearly flat (spatial variation below {FLAT_VARIATION:.0%} of the median): "
+         f"{_listed(spectrum.flat)}"),
+        ("noise filters", spectrum.noise, f"{_count(spectrum.noise, 'first-layer filter', 'is')}"
+         f" nearly pure noise (spectral flatness >= {NOISE_FLATNESS}): "
+         f"{_listed(spectrum.noise)}"),
+        ("high frequency", high if len(high) > mid else (),
+         f"{len(high)} first-layer filters hold most of their energy above {BANDS[1]:g} cycle "
+         f"per pixel, more than the {mid} at mid frequencies (energy low/mid/high "
+         f"{low_:.0%}/{mid_:.0%}/{high_:.0%})")]

@@ -21,7 +21,6 @@ All must be the same architecture.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,6 +201,7 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
             pictures.append({name: _strongest_patches(model, opened, name, chosen[name],
                                                       stats[name]) for name in drawn})
             bar.update()
+
     def per_epoch(part: int) -> dict[str, torch.Tensor]:  # (E, ...) of one _strongest_patches part
         return {name: torch.stack([p[name][part] for p in pictures]) for name in drawn}
 
@@ -266,8 +266,3 @@ def _overlap(maxima: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     shared = (mine[:, None, :] == theirs[None, :, :]).any(dim=1).float()  # (k, C)
     return shared.mean()
 
-
-def describe_checkpoints(evolution: FeatureEvolution) -> str:
-    """One line: the epochs and where they came from."""
-    return ", ".join(f"epoch {e} ({os.path.basename(s) or s})"
-                     for e, s in zip(evolution.epochs, evolution.sources, strict=True))

@@ -49,6 +49,8 @@ __all__ = [
     "ZFNetMini",
     "checkpoint_epoch",
     "demo_epoch",
+    "demo_epoch_checkpoint",
+    "demo_initialisation",
     "demo_network",
     "input_recipe",
     "load_model",
@@ -174,9 +176,8 @@ UNKNOWN_PREPROCESSING = Preprocessing(resize=None, crop=None, mean=None, std=Non
 DEMO_PREPROCESSING = Preprocessing(resize=(64, 64), crop=None, mean=(0.5, 0.5, 0.5),
                                    std=(0.27, 0.27, 0.27))
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "zfnet_mini.pt"
-# the same training run's earlier epochs, in float16; epoch 0 is rebuilt from the seed
-DEMO_EPOCHS_CHECKPOINT = Path(__file__).parent / "assets" / "zfnet_mini_epochs.pt"
-DEMO_EPOCHS = (0, 1, 2, 5, 10, 20)  # "demo:N"; "demo" is the last
+# "demo:N": the same training run's epochs (``demo_epoch_checkpoint``); "demo" is the last
+DEMO_EPOCHS = (0, 1, 2, 5, 10, 20)
 DEMO_ALEXNET_FIRST_LAYER = (11, 4, 5)  # AlexNet's conv1, 11x11 stride 4, at the demo's scale
 DEMO_ARCHITECTURES = {"demo": (7, 2, 3), "demo_alexnet": DEMO_ALEXNET_FIRST_LAYER}
 
@@ -542,24 +543,32 @@ def demo_epoch(spec: str) -> int:
     return int(text)
 
 
-def _demo_at(epoch: int) -> nn.Module:
-    """The demo network after ``epoch`` epochs of its training run."""
+def demo_initialisation(seed: int | None = None, arch: str = "demo") -> nn.Module:
+    """The untrained ZFNetMini (``arch="demo_alexnet"``: with AlexNet's first layer) exactly
+    as ``train_demo(seed=seed, arch=arch)`` starts from (default seed: the training seed)."""
     from vizcnn.data.shapes import TRAIN_SEED
 
-    if epoch == 0:  # the initialisation, exactly as train_demo starts from
-        torch.manual_seed(TRAIN_SEED)
-        model = demo_network()
-    else:
-        path = DEMO_CHECKPOINT if epoch == DEMO_EPOCHS[-1] else DEMO_EPOCHS_CHECKPOINT
-        if not path.is_file():
-            raise BadCheckpoint(f"the demo checkpoint {path} is missing",
-                                "train it: vizcnn train-demo (see the README)")
-        if epoch == DEMO_EPOCHS[-1]:
-            return _load_checkpoint(path, "demo", False, None)
-        saved = torch.load(path, map_location="cpu", weights_only=True)["epochs"][epoch]
-        model = demo_network()
-        model.load_state_dict({name: value.float() for name, value in saved.items()})
-    return model
+    torch.manual_seed(TRAIN_SEED if seed is None else seed)
+    return demo_network(arch=arch)
+
+
+def demo_epoch_checkpoint(epoch: int) -> Path:
+    """The shipped file of the demo run's ``epoch`` (1 .. 20; epoch 0 has none: it is
+    ``demo_initialisation()``). The earlier epochs are float16, one file each."""
+    if epoch == DEMO_EPOCHS[-1]:
+        return DEMO_CHECKPOINT
+    return DEMO_CHECKPOINT.with_name(f"zfnet_mini_epoch_{epoch:02d}.pt")
+
+
+def _demo_at(epoch: int) -> nn.Module:
+    """The demo network after ``epoch`` epochs of its training run."""
+    if epoch == 0:
+        return demo_initialisation()
+    path = demo_epoch_checkpoint(epoch)
+    if not path.is_file():
+        raise BadCheckpoint(f"the demo checkpoint {path} is missing",
+                            "train it: vizcnn train-demo (see the README)")
+    return _load_checkpoint(path, "demo", False, None)  # float16 weights load as float32
 
 
 def checkpoint_epoch(spec: str | os.PathLike) -> int | None:
@@ -574,7 +583,7 @@ def checkpoint_epoch(spec: str | os.PathLike) -> int | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # a full pickled model, or no checkpoint at all: load_model says
             obj = None
         if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int):

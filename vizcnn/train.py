@@ -24,12 +24,11 @@ from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, TRAIN_SEED, ShapesD
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state
 from vizcnn.io import atomic_path, writable_parent
-from vizcnn.models import DEMO_PREPROCESSING, demo_network, model_info
+from vizcnn.models import DEMO_PREPROCESSING, demo_initialisation, model_info
 
 __all__ = [
     "TrainResult",
     "accuracy",
-    "demo_initialisation",
     "predict",
     "render_batch",
     "ship_demo_checkpoints",
@@ -45,13 +44,6 @@ class TrainResult:
     held_out_accuracy: float
     seconds: float
     losses: list[float] = field(default_factory=list)
-
-
-def demo_initialisation(seed: int = TRAIN_SEED, arch: str = "demo") -> nn.Module:
-    """The untrained ZFNetMini (``arch="demo_alexnet"``: with AlexNet's first layer) exactly
-    as ``train_demo(seed=seed, arch=arch)`` starts from."""
-    torch.manual_seed(seed)
-    return demo_network(arch=arch)
 
 
 def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,26 +153,25 @@ def train_demo(
     return TrainResult(checkpoints, held_out_accuracy, time.perf_counter() - started, losses)
 
 
-def ship_demo_checkpoints(run_dir: str | Path) -> tuple[Path, Path]:
+def ship_demo_checkpoints(run_dir: str | Path) -> list[Path]:
     """Copy a ``train_demo`` run into the package: ``final.pt`` as the demo checkpoint, and
     its earlier epochs (``epoch_NN.pt`` of ``DEMO_EPOCHS`` but 0, which ``demo:0`` rebuilds
-    from the seed) as float16 state_dicts in one file, for ``demo:N`` and Fig. 4."""
+    from the seed) in float16, one file each, for ``demo:N`` and Fig. 4."""
     import shutil
 
-    from vizcnn.models import DEMO_CHECKPOINT, DEMO_EPOCHS, DEMO_EPOCHS_CHECKPOINT
+    from vizcnn.models import DEMO_EPOCHS, demo_epoch_checkpoint
 
     run_dir = Path(run_dir)
     final = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True)
     if final["epoch"] != DEMO_EPOCHS[-1]:
         raise BadArgument(f"{run_dir / 'final.pt'} is of epoch {final['epoch']}, the demo "
                           f"ships epoch {DEMO_EPOCHS[-1]}")
-    epochs = {}
     for epoch in DEMO_EPOCHS[1:-1]:
         saved = torch.load(run_dir / f"epoch_{epoch:02d}.pt", map_location="cpu",
                            weights_only=True)
-        epochs[epoch] = {name: value.half() for name, value in saved["state_dict"].items()}
-    with atomic_path(DEMO_EPOCHS_CHECKPOINT) as temporary:
-        torch.save({"arch": "demo", "seed": final["seed"], "epochs": epochs}, temporary)
-    with atomic_path(DEMO_CHECKPOINT) as temporary:
+        saved["state_dict"] = {name: value.half() for name, value in saved["state_dict"].items()}
+        with atomic_path(demo_epoch_checkpoint(epoch)) as temporary:
+            torch.save(saved, temporary)
+    with atomic_path(demo_epoch_checkpoint(DEMO_EPOCHS[-1])) as temporary:
         shutil.copyfile(run_dir / "final.pt", temporary)
-    return DEMO_CHECKPOINT, DEMO_EPOCHS_CHECKPOINT
+    return [demo_epoch_checkpoint(epoch) for epoch in DEMO_EPOCHS[1:]]

@@ -317,8 +317,7 @@ def first_layers_panel(models: Mapping[str, nn.Module], data: Any, *,
     rows, reports, notes = [], {}, []
     for name, model in models.items():
         first, second = list_layers(model, "conv")[:2]
-        report = doctor(model, data, [first, second, *list_layers(model, "conv")[2:]],
-                        progress=False)
+        report = doctor(model, data, progress=False)  # every conv layer, the first two first
         top = scan_topk(model, data, [second], k=1, progress=False)
         count = top.values[second].shape[0]
         patches = top_patches(model, top, data, second, [c for c in channels if c < count])
