@@ -96,12 +96,17 @@ class Interrupting:
         return self.dataset[index]
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL in the middle of a scan: no handler of the scan's runs for it (it
+    is neither an error nor Ctrl-C), so the state on disk is the last periodic save."""
+
+
 @pytest.mark.parametrize(("error", "save_every"), [(KeyboardInterrupt, 3600.0),
-                                                    (RuntimeError, 0.0)])
+                                                    (Killed, 0.0)])
 def test_resumed_scan_equals_an_uninterrupted_one(demo, shapes200, tmp_path, error,
                                                   save_every):
-    """Ctrl-C saves the state at once; a crash (or kill) loses at most what came after the last
-    periodic save (here: after every batch). The resumed scan rescans nothing it saved."""
+    """Ctrl-C saves the state at once; a kill loses at most what came after the last periodic
+    save (here: after every batch). The resumed scan rescans nothing it saved."""
     class Items(Interrupting, Dataset):
         pass
 
@@ -124,6 +129,28 @@ def test_resumed_scan_equals_an_uninterrupted_one(demo, shapes200, tmp_path, err
     assert_same(scan_topk(demo, third, LAYERS, batch_size=32, state_path=state,
                           progress=False), whole)
     assert third.served == identity_reads  # and nothing scanned
+
+
+def test_a_scan_that_fails_with_an_error_leaves_no_state(demo, shapes200, tmp_path):
+    """A state is for resuming an interrupted scan: an error (here the data set's own) removes
+    it, also one resumed from an earlier interruption; refusing another scan's state keeps
+    it."""
+    class Items(Interrupting, Dataset):
+        pass
+
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        scan_topk(demo, Items(shapes200, stop_after=40), LAYERS, batch_size=16,
+                  state_path=state, progress=False)
+    assert (state / "topk.pt").is_file()
+    with pytest.raises(vizcnn.BadArgument, match="another scan"):
+        scan_topk(demo, Items(shapes200, stop_after=None), LAYERS, k=3, batch_size=16,
+                  state_path=state, progress=False)
+    assert (state / "topk.pt").is_file()
+    with pytest.raises(RuntimeError):
+        scan_topk(demo, Items(shapes200, stop_after=120, error=RuntimeError), LAYERS,
+                  batch_size=16, state_path=state, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_state_of_another_scan_is_refused(demo, tmp_path):
@@ -289,7 +316,7 @@ def test_workers_give_the_same_batches_skips_and_scan(demo, tmp_path, shapes200,
         assert [(i, s) for i, _, s in alone] == [(i, s) for i, _, s in shared]
         assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(alone, shared,
                                                                      strict=True))
-    assert any("NaN" in line for _, _, skipped in alone for line in skipped)
+    assert any("NaN" in reason for _, _, skipped in alone for _, reason in skipped)
     top = scan_topk(demo, str(root), LAYERS, k=5, workers=0, progress=False)
     assert_same(top, scan_topk(demo, str(root), LAYERS, k=5, workers=workers, progress=False))
     assert len(top.skipped) == 1 and "17_broken.png" in top.skipped[0]

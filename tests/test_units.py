@@ -205,7 +205,7 @@ def test_folder_mask_mistakes(tmp_path):
     import cv2
 
     cv2.imwrite(str(one), np.zeros((10, 10, 3), np.uint8))
-    with pytest.raises(vizcnn.BadArgument, match="not a single-channel"):
+    with pytest.raises(vizcnn.BadArgument, match="holds RGB pixels, not one concept index"):
         vizcnn.ImageFolder(folder, masks=masks)[0]
     cv2.imwrite(str(one), np.zeros((10, 10), np.uint8))
     with pytest.raises(vizcnn.BadArgument, match=r"is \(10, 10\), its image \(64, 64\)"):

@@ -8,9 +8,18 @@ from typing import Any
 
 import torch
 
-from vizcnn.errors import BadArgument
+from vizcnn.errors import BadArgument, BadCheckpoint
 
-__all__ = ["channel_index", "channel_indices", "check_channels", "feature_maps", "positive_int"]
+__all__ = [
+    "channel_index",
+    "channel_indices",
+    "check_channels",
+    "describe_non_finite",
+    "feature_maps",
+    "non_finite_weights",
+    "positive_int",
+    "require_finite_weights",
+]
 
 
 def positive_int(value: Any, what: str) -> int:
@@ -63,3 +72,36 @@ def feature_maps(output: Any, layer: str, *, flat_ok: bool = False) -> torch.Ten
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     raise BadArgument(f"layer {layer!r} has no spatial output: no feature maps (its output is "
                       f"{shape})", "pick a conv or pool layer")
+
+
+def non_finite_weights(model: torch.nn.Module) -> list[tuple[str, int, int, int]]:
+    """``(name, NaN count, inf count, size)`` of each parameter or buffer of ``model`` that
+    holds a NaN or an infinity, in the model's order; [] for a model whose weights are all
+    finite."""
+    found = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        found.append((name, nan, int((~torch.isfinite(tensor)).sum()) - nan, tensor.numel()))
+    return found
+
+
+def describe_non_finite(found: list[tuple[str, int, int, int]]) -> str:
+    """'features.0.weight holds 9,408 NaN of 9,408 values (and 2 more tensors)'."""
+    name, nan, inf, size = found[0]
+    counts = " and ".join(f"{count:,} {kind}" for count, kind in ((nan, "NaN"), (inf, "inf"))
+                          if count)
+    more = f" (and {len(found) - 1} more tensor{'s' if len(found) > 2 else ''})" \
+        if len(found) > 1 else ""
+    return f"{name} holds {counts} of {size:,} values{more}"
+
+
+def require_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Refuse, in one line, a model (``what``: "the model 'x.pt'", "checkpoint 'x.pt'")
+    whose weights hold NaN or infinity: every picture of it would be of NaN."""
+    found = non_finite_weights(model)
+    if found:
+        raise BadCheckpoint(f"{what} has non-finite weights: {describe_non_finite(found)}",
+                            "give a checkpoint from before the training diverged (vizcnn "
+                            "doctor names every such layer)")

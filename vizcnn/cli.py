@@ -4,6 +4,7 @@ output went. A user's mistake prints one line to stderr and exits 2, never a tra
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -154,10 +155,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _activations(args: argparse.Namespace) -> None:
-    import torch
 
     from vizcnn.hooks import activations
-    from vizcnn.io import atomic_path, file_target
+    from vizcnn.io import atomic_path, file_target, save_tensors
     from vizcnn.models import preprocess
 
     if args.out:
@@ -174,7 +174,7 @@ def _activations(args: argparse.Namespace) -> None:
               f"{value.max().item():9.3f} {active:7.1%}")
     if args.out:
         with atomic_path(args.out) as tmp:
-            torch.save(captured, tmp)
+            save_tensors(captured, tmp)
         print(f"wrote {args.out}")
 
 
@@ -185,16 +185,22 @@ def _deconv(args: argparse.Namespace) -> None:
     _write(projection_panel(model, image, args.layer, args.channel, mode=args.mode), args.out)
 
 
-def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]:
+MAX_CHANNELS = 1 << 16  # more channels than any layer has: the bound of a --channels range
+
+
+def parse_channels(spec: str | None, count: int | None, default: int = 16
+                   ) -> list[int] | None:
     """``"0-15"``, ``"3,7,9-11"`` or ``"all"`` -> channel list, checked against ``count``;
-    None gives the first ``default`` channels."""
+    None gives the first ``default`` channels. With ``count`` None (several layers of
+    different widths; each shows the channels it has), ``"all"`` and None give None, and a
+    range may not pass ``MAX_CHANNELS``: the list is built, never a billion entries."""
     from vizcnn.checks import check_channels
     from vizcnn.errors import BadArgument
 
-    if spec is None:
-        return list(range(min(default, count)))
-    if spec == "all":
-        return list(range(count))
+    if spec is None or spec == "all":
+        if count is None:
+            return None
+        return list(range(count if spec == "all" else min(default, count)))
     channels: list[int] = []
     for part in spec.split(","):
         low, _, high = part.partition("-")
@@ -206,11 +212,15 @@ def parse_channels(spec: str | None, count: int, default: int = 16) -> list[int]
         if last < first:
             raise BadArgument(f"reversed channel range {part!r} in {spec!r}",
                               f"write {last}-{first}")
+        if count is None and last >= MAX_CHANNELS:
+            raise BadArgument(f"channel {last} in --channels {spec} is past {MAX_CHANNELS - 1}",
+                              "no layer has that many channels; write e.g. 0-15 or all")
         channels += list(range(first, last + 1))
     if not channels:
         raise BadArgument(f"channel {spec} out of range: the layer has {count} channels "
                           f"(0-{count - 1})")
-    check_channels(channels, count)
+    if count is not None:
+        check_channels(channels, count)
     return channels
 
 
@@ -230,18 +240,18 @@ def _join_torchrun() -> int:
 
 
 def _topk(args: argparse.Namespace) -> None:
-    import shutil
-
     from vizcnn.errors import BadArgument
-    from vizcnn.hooks import activations
-    from vizcnn.io import atomic_path, check_replaceable, writable_parent
+    from vizcnn.hooks import activations, require_hookable
+    from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
     from vizcnn.render.figures import save_figure
     from vizcnn.render.panels import top_patches_panel
-    from vizcnn.scan import input_batches, scan_topk
+    from vizcnn.scan import data_folder, discard_state, input_batches, scan_topk
 
+    check_outside(args.out, data_folder(args.data))
     out = check_replaceable(args.out, "topk/manifest.json", "top-k")
     writable_parent(out)
     model = _load(args)
+    require_hookable(model)  # before anything is read: a TorchScript model takes no hooks
     data = args.data
     # check DATA, the layers and --channels on one image, before the long scan
     _, first, _ = next(input_batches(model, data, 1, workers=0), (None, None, None))
@@ -264,16 +274,20 @@ def _topk(args: argparse.Namespace) -> None:
     if rank != 0:  # under torchrun every rank scans its shard; rank 0 writes
         return
     written = []
-    with atomic_path(out) as staging:
-        staging.mkdir()
-        top.save(staging / "topk")
-        for layer in args.layer:
-            name = f"fig2_{layer}.{args.format}"
-            save_figure(top_patches_panel(model, top, data, layer, channels[layer]).figure,
-                        staging / name)
-            written.append(name)
-    shutil.rmtree(state, ignore_errors=True)
-    print(f"scanned {top.count} images ({len(top.skipped)} unreadable, left out)")
+    try:
+        with atomic_path(out) as staging:
+            staging.mkdir()
+            top.save(staging / "topk")
+            for layer in args.layer:
+                name = f"fig2_{layer}.{args.format}"
+                save_figure(top_patches_panel(model, top, data, layer, channels[layer]).figure,
+                            staging / name)
+                written.append(name)
+    except Exception:  # not Ctrl-C: a failed run leaves no scan state behind
+        discard_state(state)
+        raise
+    discard_state(state)
+    print(f"scanned {top.images} images ({len(top.skipped)} unreadable, left out)")
     for name in ["topk", *written]:
         print(f"wrote {out / name}")
 
@@ -291,14 +305,11 @@ def _occlusion(args: argparse.Namespace) -> None:
 
 
 def _gallery(args: argparse.Namespace) -> None:
-    import shutil
     from pathlib import Path
 
     from vizcnn.render.gallery import write_gallery
 
-    channels = None
-    if args.channels:
-        channels = parse_channels(args.channels, 1 << 30)  # a narrower layer shows fewer
+    channels = parse_channels(args.channels, None)  # a narrower layer shows fewer
     model = _load(args)
     out = Path(args.out)
     state = out.parent / f".{out.name}.scan-state"
@@ -313,24 +324,27 @@ def _gallery(args: argparse.Namespace) -> None:
                               state_path=state, health=not args.no_health,
                               checkpoints=args.checkpoints,
                               checkpoint_options={"arch": args.arch,
+                                                  "num_classes": args.num_classes,
                                                   "trust_checkpoint": args.trust_checkpoint})
     except KeyboardInterrupt:
         if state.exists():
             print(f"scan state saved in {state}; run the same command again to resume",
                   file=sys.stderr)
         raise
-    shutil.rmtree(state, ignore_errors=True)
     print(f"wrote {index}")
 
 
 def _evolution(args: argparse.Namespace) -> None:
     from vizcnn.evolution import load_checkpoints
+    from vizcnn.io import check_outside
     from vizcnn.layers import list_layers
     from vizcnn.render.figures import figure_path
     from vizcnn.render.panels import evolution_panel
+    from vizcnn.scan import data_folder
 
     figure_path(args.out)
-    loaded = load_checkpoints(args.checkpoints, arch=args.arch,
+    check_outside(args.out, data_folder(args.data))
+    loaded = load_checkpoints(args.checkpoints, arch=args.arch, num_classes=args.num_classes,
                               trust_checkpoint=args.trust_checkpoint, device=args.device)
     if [source for _, source, _ in loaded] != list(args.checkpoints):
         print("in epoch order: " + ", ".join(f"{source} (epoch {epoch})"
@@ -338,7 +352,7 @@ def _evolution(args: argparse.Namespace) -> None:
     final = loaded[-1][2]
     layers = args.layer or list_layers(final, "conv")
     # a layer narrower than the list is refused by name, with its channel count
-    channels = parse_channels(args.channels, 1 << 30) if args.channels else None
+    channels = "all" if args.channels == "all" else parse_channels(args.channels, None)
     _write(evolution_panel({epoch: _with_input_options(model, args)
                             for epoch, _, model in loaded}, args.data, layers,
                            channels, progress=True, batch_size=args.batch_size), args.out)
@@ -346,9 +360,11 @@ def _evolution(args: argparse.Namespace) -> None:
 
 def _doctor(args: argparse.Namespace) -> None:
     from vizcnn.doctor import doctor
-    from vizcnn.io import atomic_path, file_target
+    from vizcnn.io import atomic_path, check_outside, file_target
+    from vizcnn.scan import data_folder
 
     if args.json:
+        check_outside(args.json, data_folder(args.data))
         file_target(args.json)
     report = doctor(_load(args), args.data, args.layer, batch_size=args.batch_size)
     print(report.text(), end="")
@@ -446,7 +462,7 @@ def _command(commands, name: str, help: str, run: Callable) -> argparse.Argument
     parser = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                                  epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, parser=parser)
     return parser
 
 
@@ -598,10 +614,11 @@ def _add_gallery(commands) -> None:
     gallery.add_argument("--k", type=int, default=9, help="top images per channel (9)")
     gallery.add_argument("--batch-size", type=int, default=64)
     _add_workers_option(gallery)
-    gallery.add_argument("--masks", metavar="DIR", help="concept masks of a folder DATA, for "
-                         "Network Dissection labels (default: DATA-masks beside it, if there); "
-                         "laid out as below")
-    gallery.add_argument("--no-masks", action="store_true", help="no concept labels")
+    masks = gallery.add_mutually_exclusive_group()
+    masks.add_argument("--masks", metavar="DIR", help="concept masks of a folder DATA, for "
+                       "Network Dissection labels (default: DATA-masks beside it, if there); "
+                       "laid out as below")
+    masks.add_argument("--no-masks", action="store_true", help="no concept labels")
     gallery.add_argument("--no-figures", action="store_true",
                          help="leave the paper figures out of the index")
     gallery.add_argument("--no-health", action="store_true",
@@ -611,7 +628,7 @@ def _add_gallery(commands) -> None:
                          "(paths or demo:N; see vizcnn evolution): an evolution strip on every "
                          "channel page")
     gallery.add_argument("--out", required=True, help="the site's folder (replaced whole)")
-    from vizcnn.scan import MASKS_LAYOUT
+    from vizcnn.data import MASKS_LAYOUT
 
     gallery.epilog = f"concept masks of a folder of images:\n{MASKS_LAYOUT}\n\n{gallery.epilog}"
 
@@ -625,6 +642,7 @@ def _add_evolution(commands) -> None:
     evo.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N")
     _add_input_options(evo)
     evo.add_argument("--arch", help="architecture of state_dict checkpoints")
+    evo.add_argument("--num-classes", type=int, help="classifier size for --arch")
     evo.add_argument("--trust-checkpoint", action="store_true",
                      help="allow checkpoints holding pickled models (runs code from the file)")
     evo.add_argument("--device", default=None, help="cpu (default), cuda, ...")
@@ -679,25 +697,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line each on stderr, like errors (no source line, no file name)."""
-    print(f"vizcnn: warning: {' '.join(str(message).split())}", file=sys.stderr)
+# Library messages name the options most commands have; a command whose option for the same
+# thing is spelled otherwise gets its own name in the line it prints.
+_SYNONYMS = {"--input-size": "--size", "--size": "--input-size", "--out": "--json"}
+
+
+def in_own_words(message: str, options: set[str]) -> str:
+    """``message`` with each ``--option`` that the command lacks replaced by the command's
+    own option for the same thing (``--out`` is ``--json`` for doctor; ``--input-size`` is
+    ``--size`` for the commands that read images)."""
+    def own(match: re.Match) -> str:
+        option = match.group(0)
+        other = _SYNONYMS.get(option)
+        return other if option not in options and other in options else option
+
+    return re.sub(r"(?<![\w-])--[a-z][a-z-]*", own, " ".join(message.split()))
+
+
+def _options(args: argparse.Namespace) -> set[str]:
+    """Every option string of the command that was run."""
+    return {flag for action in args.parser._actions for flag in action.option_strings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vizcnn`` console script; returns the exit code."""
+    """Entry point of the ``vizcnn`` console script; returns the exit code. Everything,
+    the parsing included, runs inside the handlers: a mistake is one line and exit 2, Ctrl-C
+    one line and exit 130, whenever it comes (the heavy imports happen in here, since
+    ``import vizcnn`` is light)."""
     import shlex
     import warnings
 
-    args = build_parser().parse_args(argv)
-    args.command_line = "vizcnn " + shlex.join(sys.argv[1:] if argv is None else argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    options: set[str] = set()
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"vizcnn: warning: {in_own_words(str(message), options)}", file=sys.stderr)
+
     shown = warnings.showwarning
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = one_line_warning  # warnings as one line each, like errors
     try:
-        run(args)
+        args = build_parser().parse_args(argv)
+        options.update(_options(args))
+        args.command_line = "vizcnn " + shlex.join(sys.argv[1:] if argv is None else argv)
+        args.run(args)
     except VizCNNError as error:
-        print(f"vizcnn: error: {error}", file=sys.stderr)
+        print(f"vizcnn: error: {in_own_words(str(error), options)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
         print("vizcnn: error: not enough memory; use a smaller input size, image or batch",

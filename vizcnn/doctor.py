@@ -27,11 +27,17 @@ they used their visualizations to fix AlexNet.
   reported where its share is at least ``ALIASING_EXCESS`` times the grid's fraction.
 
 Each finding says what it means and the fix the paper made.
+
+Weights that hold NaN or infinity, and activations that turn NaN or infinite on the data, are
+findings of their own, reported first as the cause: the channels they break are left out of
+every other finding (a NaN channel is not "dead"), and the first layer whose activations break
+names the later ones that follow from it. No NaN reaches the JSON report (``null`` instead).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,8 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vizcnn.checks import describe_non_finite, non_finite_weights
 from vizcnn.deconv import Deconvnet
 from vizcnn.errors import BadArgument
+from vizcnn.hooks import require_hookable
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import model_info
@@ -139,6 +147,11 @@ class LayerHealth:
         stride: the first layer's stride where ``aliasing`` is measured.
         grid_fraction: the share of the DFT bins on that stride's grid (what a flat
             spectrum puts there).
+        non_finite: (C,) long, on how many images each channel's activations hold a NaN or
+            an infinity.
+        broken_weights: ``(tensor, NaN count, inf count, size)`` of the layer's own
+            parameters and buffers that hold NaN or infinity; the filter measures (duplicates,
+            RMS, dominance, spectrum) are left out where there are any.
     """
 
     name: str
@@ -152,6 +165,13 @@ class LayerHealth:
     aliasing: torch.Tensor | None = None
     stride: int | None = None
     grid_fraction: float | None = None
+    non_finite: torch.Tensor | None = None
+    broken_weights: tuple[tuple[str, int, int, int], ...] = ()
+
+    @property
+    def broken(self) -> tuple[int, ...]:
+        """Channels whose activations are NaN or infinite on some image."""
+        return () if self.non_finite is None else _indices(self.non_finite > 0)
 
     @property
     def aliased(self) -> tuple[int, ...]:
@@ -175,6 +195,7 @@ class HealthReport:
     images: int
     layers: tuple[LayerHealth, ...]
     findings: tuple[Finding, ...]
+    skipped: int = 0
 
     def layer(self, name: str) -> LayerHealth:
         for health in self.layers:
@@ -185,7 +206,9 @@ class HealthReport:
 
     def text(self) -> str:
         """The summary the CLI prints: a table per layer, then one paragraph per finding."""
-        lines = [f"health report of {self.model} over {self.data} ({self.images:,} images)", "",
+        left_out = f", {self.skipped:,} unreadable" if self.skipped else ""
+        lines = [f"health report of {self.model} over {self.data} ({self.images:,} images"
+                 f"{left_out})", "",
                  f"{'layer':<16} {'channels':>8} {'dead':>5} {'always on':>9} "
                  f"{'duplicates':>10} {'dominant':>8}  notes"]
         for h in self.layers:
@@ -197,6 +220,10 @@ class HealthReport:
             if h.aliasing is not None:
                 notes.append(f"stride-{h.stride} grid {float(h.aliasing.mean()):.1%} of "
                              f"projection power (flat spectrum {h.grid_fraction:.1%})")
+            if h.broken_weights:
+                notes.append("NaN/inf weights")
+            if h.broken:
+                notes.append(f"NaN/inf activations in {len(h.broken)} channels")
             lines.append(f"{h.name:<16} {h.channels:>8} {len(h.dead):>5} {len(h.always_on):>9} "
                          f"{len(h.duplicates):>10} {len(h.dominant):>8}  {'; '.join(notes)}")
         lines.append("")
@@ -213,7 +240,10 @@ class HealthReport:
                 "name": h.name, "channels": h.channels, "fire_rate": _floats(h.fire_rate),
                 "dead": list(h.dead), "always_on": list(h.always_on),
                 "duplicates": [list(pair) for pair in h.duplicates],
-                "filter_rms": _floats(h.filter_rms), "dominant": list(h.dominant)}
+                "filter_rms": _floats(h.filter_rms), "dominant": list(h.dominant),
+                "non_finite_images": [] if h.non_finite is None else h.non_finite.tolist(),
+                "non_finite_weights": [{"tensor": name, "nan": nan, "inf": inf, "size": size}
+                                       for name, nan, inf, size in h.broken_weights]}
             if h.spectrum is not None:
                 entry["spectrum"] = {
                     "bands_cycles_per_pixel": list(BANDS),
@@ -229,13 +259,15 @@ class HealthReport:
             return entry
 
         return {"model": self.model, "data": self.data, "images": self.images,
+                "skipped": self.skipped,
                 "layers": [layer(h) for h in self.layers],
                 "findings": [{"layer": f.layer, "kind": f.kind, "channels": list(f.channels),
                               "detail": f.detail, "meaning": f.meaning, "fix": f.fix}
                              for f in self.findings]}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """The report as JSON; valid JSON always (a number that is not finite is null)."""
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``health.json`` and ``health.txt`` into ``folder`` (whole or not at all)."""
@@ -248,8 +280,9 @@ class HealthReport:
         return folder
 
 
-def _floats(values: torch.Tensor) -> list[float]:
-    return [round(float(v), 6) for v in values]
+def _floats(values: torch.Tensor) -> list[float | None]:
+    """Plain numbers for JSON: None (null) where a value is NaN or infinite."""
+    return [round(float(v), 6) if math.isfinite(float(v)) else None for v in values]
 
 
 # --------------------------------------------------------------------------- the measures
@@ -335,9 +368,11 @@ def doctor(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *,
     Returns:
         HealthReport.
     """
+    require_hookable(model)  # a TorchScript model: say so, not "no conv layer"
     names = list(layers) if layers else list_layers(model, "conv")
     if not names:
-        raise BadArgument("the model has no conv layer to check", "give the layers")
+        raise BadArgument("the model has no conv layer (nn.Conv2d) to check",
+                          "name the layers to check (--layer)")
     for name in names:
         resolve_layer(model, name)
     opened = open_data(data)
@@ -356,15 +391,18 @@ def health_report(model: nn.Module, data: Any, names: Sequence[str],
     after = convs[1] if stride > 1 and len(convs) > 1 else None
     healths = []
     for name in names:
+        # the projections of a layer whose activations break are NaN: nothing to measure
+        measured = name == after and not bool(stats[name].non_finite.any())
         aliasing, fraction = _aliasing(model, data, name, stats[name], stride) \
-            if name == after else (None, None)
+            if measured else (None, None)
         healths.append(_layer_health(model, name, stats[name], name == first, aliasing,
-                                     stride if name == after else None, fraction))
-    findings = tuple(f for h in healths for f in _findings(h))
+                                     stride if measured else None, fraction))
+    findings = (*_non_finite_findings(model, healths),
+                *(f for h in healths for f in _findings(h)))
     info = model_info(model)
-    count = len(next(iter(stats.values())).indices)
+    some = next(iter(stats.values()))
     return HealthReport(info.spec or type(model).__name__, source or type(data).__name__,
-                        count, tuple(healths), findings)
+                        len(some.indices), tuple(healths), findings, len(some.skipped))
 
 
 def _stride(module: nn.Module) -> int:
@@ -378,8 +416,10 @@ def _layer_health(model: nn.Module, name: str, stats: ChannelStats, first: bool,
     module = resolve_layer(model, name)
     weight = getattr(module, "weight", None)
     channels = stats.maxima.shape[1]
+    broken_weights = tuple((f"{name}.{tensor}", *counts)
+                           for tensor, *counts in non_finite_weights(module))
     has_filters = isinstance(weight, torch.Tensor) and weight.dim() >= 2 \
-        and weight.shape[0] == channels
+        and weight.shape[0] == channels and not broken_weights
     duplicates, rms, dominant, spectrum = (), stats.maxima.new_zeros(0), (), None
     if has_filters:
         duplicates = duplicate_filters(weight)
@@ -388,8 +428,10 @@ def _layer_health(model: nn.Module, name: str, stats: ChannelStats, first: bool,
         dominant = tuple(int(c) for c in torch.nonzero(rms > DOMINANT_RMS * median).flatten())
         if first and weight.dim() == 4:
             spectrum = filter_spectrum(weight)
-    return LayerHealth(name, stats.fire_rate, _indices(stats.dead), _indices(stats.always_on),
-                       duplicates, rms, dominant, spectrum, aliasing, stride, grid_fraction)
+    intact = stats.non_finite == 0
+    return LayerHealth(name, stats.fire_rate, _indices(stats.dead),
+                       _indices(stats.always_on & intact), duplicates, rms, dominant, spectrum,
+                       aliasing, stride, grid_fraction, stats.non_finite, broken_weights)
 
 
 def _indices(mask: torch.Tensor) -> tuple[int, ...]:
@@ -428,6 +470,17 @@ def _listed(channels: Sequence[int], limit: int = 12) -> str:
 
 # what each kind of finding means, and the fix Zeiler & Fergus made (or the usual one)
 _ADVICE = {
+    "non-finite weights": ("Every activation computed from them is NaN or infinite, so the "
+                           "numbers of this layer and of those after it are consequences, "
+                           "not findings.",
+                           "go back to a checkpoint from before the training diverged; lower "
+                           "the learning rate or clip the gradients"),
+    "non-finite activations": ("The forward pass breaks here (an overflow, or NaN weights "
+                               "before it): these channels' statistics say nothing, and they "
+                               "are left out of every other finding.",
+                               "look for weights that are NaN, infinite or huge at or before "
+                               "this layer (see above), or inputs far outside the "
+                               "normalisation the model was trained with"),
     "dead": ("They pass nothing to the next layer, so their filters are wasted capacity.",
              "reinitialise them or lower the learning rate; ZF renormalised every filter whose "
              "RMS exceeded a fixed radius to that radius, so that none dominates"),
@@ -455,6 +508,29 @@ _ADVICE = {
                        "smaller first-layer filters and a smaller stride (ZF: 11x11/4 to "
                        "7x7/2)"),
 }
+
+
+def _non_finite_findings(model: nn.Module, healths: list[LayerHealth]) -> list[Finding]:
+    """The cause first: each module whose weights hold NaN or infinity (checked or not), and
+    the first checked layer whose activations turn NaN or infinite, naming the later ones."""
+    by_module: dict[str, list[tuple[str, int, int, int]]] = {}
+    for tensor, *counts in non_finite_weights(model):
+        by_module.setdefault(tensor.rpartition(".")[0] or "(model)", []).append(
+            (tensor, *counts))
+    findings = [Finding(module, "non-finite weights", (), describe_non_finite(found),
+                        *_ADVICE["non-finite weights"]) for module, found in by_module.items()]
+    broken = [h for h in healths if h.broken]
+    if broken:
+        first, images = broken[0], int(broken[0].non_finite.max())
+        later = [h.name for h in broken[1:]]
+        findings.append(Finding(
+            first.name, "non-finite activations", first.broken,
+            f"{len(first.broken)} of {first.channels} channels "
+            f"{'gives' if len(first.broken) == 1 else 'give'} NaN or infinite activations "
+            f"(on up to {images:,} images): {_listed(first.broken)}"
+            + (f"; so do later layers, from it: {', '.join(later)}" if later else ""),
+            *_ADVICE["non-finite activations"]))
+    return findings
 
 
 def _findings(h: LayerHealth) -> list[Finding]:

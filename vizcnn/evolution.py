@@ -16,7 +16,9 @@ How settled a layer is at a checkpoint is measured against the last checkpoint:
 
 Checkpoints are put in epoch order; the epoch of each comes from ``{epoch: checkpoint}``, a
 ``demo:N`` spec, the checkpoint's own ``epoch`` field, or the last number in its file name.
-All must be the same architecture.
+All must be the same architecture, and hold finite weights: a checkpoint whose weights (or
+whose activations on the data) are NaN or infinite is refused in one line, naming the tensor
+or the layer (``vizcnn doctor`` reports such a model in full).
 """
 
 from __future__ import annotations
@@ -29,16 +31,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vizcnn.checks import check_channels
+from vizcnn.checks import check_channels, require_finite_weights
 from vizcnn.deconv import Deconvnet
 from vizcnn.errors import BadArgument, BadCheckpoint
-from vizcnn.hooks import activations
+from vizcnn.hooks import activations, require_hookable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, load_model, model_info
 from vizcnn.scan import images_at, in_memory, input_batches
-from vizcnn.units import channel_stats
+from vizcnn.units import channel_stats, require_finite_activations
 
-__all__ = ["FeatureEvolution", "feature_evolution", "load_checkpoints", "settled_epoch"]
+__all__ = [
+    "FeatureEvolution",
+    "architecture_difference",
+    "feature_evolution",
+    "load_checkpoints",
+    "same_weights",
+    "settled_epoch",
+]
 
 TOP_K = 9
 
@@ -90,16 +99,16 @@ def settled_epoch(epochs: Sequence[int], curve: torch.Tensor, fraction: float = 
 
 
 def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
-                     arch: str | None = None, trust_checkpoint: bool = False,
-                     device: str | torch.device | None = None
+                     arch: str | None = None, num_classes: int | None = None,
+                     trust_checkpoint: bool = False, device: str | torch.device | None = None
                      ) -> list[tuple[int, str, nn.Module]]:
     """(epoch, source, model) per checkpoint, in epoch order, each checked to be the same
-    architecture as the last.
+    architecture as the last and to hold finite weights.
 
     Args:
         checkpoints: specs or paths (``demo:5``, ``runs/demo/epoch_05.pt``) whose epochs can
             be told (see the module docstring), or ``{epoch: spec, path or nn.Module}``.
-        arch, trust_checkpoint, device: as in ``load_model``, for every path.
+        arch, num_classes, trust_checkpoint, device: as in ``load_model``, for every path.
     """
     if isinstance(checkpoints, Mapping):
         given = [(int(epoch), item) for epoch, item in checkpoints.items()]
@@ -123,12 +132,15 @@ def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
             raise BadArgument(f"checkpoints '{first}' and '{second}' are both of epoch {a}",
                               "give one checkpoint per epoch")
     loaded = [(epoch, _source(item), item if isinstance(item, nn.Module) else
-               load_model(item, arch=arch, trust_checkpoint=trust_checkpoint, device=device))
+               load_model(item, arch=arch, num_classes=num_classes,
+                          trust_checkpoint=trust_checkpoint, device=device))
               for epoch, item in given]
+    for epoch, source, model in loaded:
+        require_hookable(model)
+        require_finite_weights(model, f"checkpoint '{source}' (epoch {epoch})")
     reference = loaded[-1]
-    shapes = _shapes(reference[2])
     for epoch, source, model in loaded[:-1]:
-        difference = _difference(shapes, _shapes(model))
+        difference = architecture_difference(reference[2], model)
         if difference:
             raise BadCheckpoint(f"checkpoint '{source}' (epoch {epoch}) is not the "
                                 f"architecture of '{reference[1]}': {difference}",
@@ -142,12 +154,11 @@ def _source(item: Any) -> str:
     return str(item)
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
-
-
-def _difference(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> str:
-    """'' when the two have the same parameters and shapes, else the first difference."""
+def architecture_difference(reference: nn.Module, other: nn.Module) -> str:
+    """'' when ``other`` has the parameters and buffers of ``reference``, of the same shapes;
+    else the first difference, in words."""
+    expected = {name: tuple(value.shape) for name, value in reference.state_dict().items()}
+    got = {name: tuple(value.shape) for name, value in other.state_dict().items()}
     for name, shape in expected.items():
         if name not in got:
             return f"it has no {name}"
@@ -157,12 +168,21 @@ def _difference(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, 
     return f"it has {extra[0]}, which the other lacks" if extra else ""
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold exactly the same parameters and buffers (by name)."""
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(
+        first[name].shape == second[name].shape
+        and torch.equal(first[name].cpu(), second[name].cpu()) for name in first)
+
+
 def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
                       layer: str | Sequence[str],
                       channels: Sequence[int] | str | Mapping[str, Any] | None = None, *,
                       settle_layers: Sequence[str] | None = None, arch: str | None = None,
-                      trust_checkpoint: bool = False, device: str | torch.device | None = None,
-                      batch_size: int = 64, progress: bool = True) -> FeatureEvolution:
+                      num_classes: int | None = None, trust_checkpoint: bool = False,
+                      device: str | torch.device | None = None, batch_size: int = 64,
+                      progress: bool = True) -> FeatureEvolution:
     """Fig. 4: each channel's strongest feature at each checkpoint, and how settled each
     layer is (see the module docstring).
 
@@ -178,8 +198,8 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
     Returns:
         FeatureEvolution.
     """
-    loaded = load_checkpoints(checkpoints, arch=arch, trust_checkpoint=trust_checkpoint,
-                              device=device)
+    loaded = load_checkpoints(checkpoints, arch=arch, num_classes=num_classes,
+                              trust_checkpoint=trust_checkpoint, device=device)
     final = loaded[-1][2]
     drawn = [layer] if isinstance(layer, str) else list(layer)
     if not drawn:
@@ -194,9 +214,10 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
     pictures: list[dict[str, tuple]] = []
     with tqdm(total=len(loaded), desc="feature evolution", unit="checkpoint",
               disable=not progress) as bar:
-        for _, _, model in loaded:
+        for epoch, source, model in loaded:
             stats = channel_stats(model, opened, measured, batch_size=batch_size,
                                   progress=False)
+            require_finite_activations(stats, f"checkpoint '{source}' (epoch {epoch})")
             strongest.append({name: stats[name].maxima for name in measured})
             pictures.append({name: _strongest_patches(model, opened, name, chosen[name],
                                                       stats[name]) for name in drawn})

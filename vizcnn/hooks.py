@@ -27,6 +27,7 @@ __all__ = [
     "model_device",
     "preserved_state",
     "require_batch",
+    "require_hookable",
     "run_forward",
     "scoped_hooks",
     "strongest_channels",
@@ -78,7 +79,7 @@ def capture(
     """
     if calls not in ("last", "first", "all"):
         raise BadArgument(f"calls must be 'last', 'first' or 'all', not {calls!r}")
-    _require_hookable(model)
+    require_hookable(model)
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: resolve_layer(model, name) for name in names}  # fail before any hook
     outputs: dict[str, Any] = {}
@@ -116,7 +117,7 @@ def scoped_hooks(*, before: Iterable[tuple[nn.Module, Callable]] = (),
             handle.remove()
 
 
-def _require_hookable(model: nn.Module) -> None:
+def require_hookable(model: nn.Module) -> None:
     """Refuse a TorchScript model up front: it takes no new hooks, and its flags are constants."""
     if isinstance(model, torch.jit.ScriptModule):
         raise BadArgument(
@@ -134,7 +135,7 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn
         model: the network.
         eval_mode: put the model in eval mode for the duration of the block.
     """
-    _require_hookable(model)
+    require_hookable(model)
     training = {module: module.training for module in model.modules()}
     inplace = {module: module.inplace for module in model.modules() if hasattr(module, "inplace")}
     requires_grad = {param: param.requires_grad for param in model.parameters()}
@@ -319,7 +320,7 @@ def activations(
     names = [layers] if isinstance(layers, str) else list(layers)
     for name in names:
         resolve_layer(model, name)
-    _require_hookable(model)
+    require_hookable(model)
     traced = traced_names(model, tuple(x.shape[-2:]), names)
     with (
         preserved_state(model, eval_mode=True),

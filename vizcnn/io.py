@@ -6,33 +6,69 @@ atomic: the old output moves aside (``.NAME.vizcnn-old``), the new one moves int
 old one is deleted. A kill at any moment leaves the old or the new output whole; the next write
 to the same target (``recover``) finishes or undoes the interrupted replace and removes the
 partial outputs of processes that no longer run.
+
+An output whose name is a symbolic link is written through it: the file or folder the link
+leads to is replaced (the same way), the link stays. A write that fails (a full disk, a file
+too large, a read-only folder) is one ``BadOutput`` line naming the output and its folder,
+and leaves nothing: no partial file or folder, the earlier output untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
+import re
 import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vizcnn.errors import BadArgument, BadOutput
+from vizcnn.errors import BadArgument, BadOutput, VizCNNError
 
 __all__ = [
     "atomic_path",
+    "check_outside",
     "check_replaceable",
     "file_target",
+    "output_path",
     "recover",
+    "save_tensors",
     "writable_parent",
 ]
+
+
+def output_path(target: str | os.PathLike) -> Path:
+    """Where an output named ``target`` is written: ``target`` itself, or, where it is a
+    symbolic link, the path the link leads to (which may not exist yet)."""
+    target = Path(target)
+    if not target.is_symlink():
+        return target
+    try:
+        return target.resolve()
+    except (RuntimeError, OSError):  # a loop of links
+        raise BadOutput(f"'{target}' is a symbolic link that leads in a loop",
+                        "choose another --out") from None
+
+
+def check_outside(output: str | os.PathLike, folder: str | os.PathLike | None) -> None:
+    """Refuse an output inside the image ``folder`` it is made from (None: not a folder):
+    the next run over that folder would read the output's images as data."""
+    if folder is None:
+        return
+    written, root = output_path(output).resolve(), Path(folder).resolve()
+    if written == root or root in written.parents:
+        raise BadArgument(f"the output '{output}' is inside the data folder '{folder}', so a "
+                          "later run over that folder would read it as data",
+                          f"choose an --out outside '{folder}'")
 
 
 def writable_parent(target: str | os.PathLike) -> Path:
     """Create the folder that will hold ``target`` and check it is writable (fail early,
     before long work)."""
-    target = Path(target)
+    target = output_path(target)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +138,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is moved onto ``target`` (an
     earlier output is replaced as the module's text says), on any error (or Ctrl-C) it is
     deleted, so ``target`` is never half-written, even if the process is killed. Works for a
-    file or a folder written at the yielded path."""
-    target = Path(target)
+    file or a folder written at the yielded path. A write that fails for want of space (or
+    of permission, or on a read-only disk) is one ``BadOutput`` line."""
+    target = output_path(target)
     parent = writable_parent(target)
     recover(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".partial",
@@ -115,8 +152,54 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         _step("written")
         _replace(temporary, target)
+    except VizCNNError:
+        raise
+    except OSError as error:
+        if error.errno not in _WRITE_ERRORS:
+            raise  # not the output's: e.g. an input that vanished while the output was written
+        raise _write_failed(target, error) from None
     finally:
         _remove(temporary)
+
+
+# errors of writing an output: the disk, the quota, the file size limit, the permissions
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                 errno.EPERM}
+
+
+def _write_failed(target: Path, error: OSError) -> BadOutput:
+    """The one line for a failed write, naming the output as the user named it."""
+    named = _as_named(target)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BadOutput(f"cannot write '{named}': the disk that holds '{named.parent}' is "
+                         "full", "free some space there, or choose another --out")
+    return BadOutput(f"cannot write '{named}': {error.strerror}",
+                     "choose another --out, or check the folder's disk and permissions")
+
+
+# vizcnn's own hidden folders beside an output NAME: being written, a scan's state, aside
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+-[^.]+\.partial|scan-state|vizcnn-old)")
+
+
+def _as_named(path: Path) -> Path:
+    """The output that ``path`` is part of, as the user named it: NAME for anything inside
+    ``.NAME.PID-RANDOM.partial`` or ``.NAME.scan-state``."""
+    for i, part in enumerate(path.parts):
+        match = _TEMPORARY.fullmatch(part)
+        if match:
+            return Path(*path.parts[:i], match.group(1))
+    return path
+
+
+def save_tensors(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` (a temporary of ``atomic_path``), serialised in memory
+    first: a full disk is then an ``OSError`` with its errno, not torch's
+    "unexpected pos" RuntimeError."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    Path(path).write_bytes(buffer.getbuffer())
 
 
 def file_target(target: str | os.PathLike) -> Path:
@@ -147,7 +230,8 @@ def _replace(new: Path, target: Path) -> None:
 
 def check_replaceable(folder: str | os.PathLike, marker: str, what: str) -> Path:
     """Refuse an output folder that exists, is not empty, and lacks ``marker`` (the file that
-    vizcnn's own output of this kind holds): replacing it would delete the user's files.
+    vizcnn's own output of this kind holds): replacing it would delete the user's files. A
+    link is checked where it leads (the output is written through it).
 
     Args:
         folder: the output folder that will be replaced whole.
@@ -155,9 +239,10 @@ def check_replaceable(folder: str | os.PathLike, marker: str, what: str) -> Path
         what: the kind of output, for the message ("demo", "top-k").
     """
     folder = Path(folder)
-    recover(folder)
-    if folder.exists() and (not folder.is_dir() or
-                            (any(folder.iterdir()) and not (folder / marker).exists())):
+    written = output_path(folder)
+    recover(written)
+    if written.exists() and (not written.is_dir() or
+                             (any(written.iterdir()) and not (written / marker).exists())):
         raise BadArgument(f"'{folder}' exists and is not a vizcnn {what} output",
                           f"choose another --out (vizcnn replaces its own earlier {what} "
                           "output only)")

@@ -105,14 +105,23 @@ class Preprocessing:
                 raise BadArgument(f"{name} must be one or more finite numbers, got {values!r}")
             object.__setattr__(self, name, values)
         if self.std is not None and min(self.std) <= 0:
-            raise BadArgument(f"std must be > 0, got {self.std}")
+            raise BadArgument(f"std must be > 0, got {_numbers(self.std)}",
+                              "give the standard deviation of the model's training pixels "
+                              "(CLI: --std)")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise BadArgument(f"mean and std need as many values each, got {len(self.mean)} "
-                              f"and {len(self.std)}")
+                              f"and {len(self.std)}", "give one value for all channels or one "
+                              "per channel (CLI: --mean and --std)")
         low, high = self.value_range
         if not high > low:
             raise BadArgument(f"value_range must be (low, high) with high > low, got "
                               f"{self.value_range}")
+        if self.mean is not None and not all(low <= m <= high for m in self.mean):
+            raise BadArgument(f"mean {_numbers(self.mean)} is not a mean of pixel values: "
+                              f"pixels lie in [{low:g}, {high:g}] (value_range), and so does "
+                              "their mean", f"give the mean of the model's training pixels "
+                              f"on that scale, e.g. 0.485 0.456 0.406 for ImageNet (CLI: "
+                              f"--mean, in [0, 1])")
 
     @property
     def known(self) -> bool:
@@ -167,6 +176,10 @@ class Preprocessing:
         image = TF.convert_image_dtype(image, torch.float32)
         mean, std = self.pixel_normalisation(image.shape[0])
         return TF.normalize(image, list(mean), list(std))
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return " ".join(f"{v:g}" for v in values)
 
 
 IMAGENET_PREPROCESSING = Preprocessing()

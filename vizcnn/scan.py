@@ -12,9 +12,11 @@ interrupted and resumed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vizcnn.checks import positive_int
+from vizcnn.data import MASKS_LAYOUT
 from vizcnn.data.images import IMAGE_SUFFIXES
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
@@ -36,9 +39,10 @@ from vizcnn.hooks import (
     forward_to,
     model_device,
     preserved_state,
+    require_hookable,
     strongest_units,
 )
-from vizcnn.io import atomic_path, writable_parent
+from vizcnn.io import atomic_path, save_tensors, writable_parent
 from vizcnn.layers import resolve_layer
 from vizcnn.models import (
     AssumedPreprocessingWarning,
@@ -55,7 +59,11 @@ __all__ = [
     "TopK",
     "images_at",
     "in_memory",
+    "data_folder",
     "default_workers",
+    "discard_state",
+    "image_files",
+    "read_concepts",
     "input_batches",
     "input_mask",
     "open_data",
@@ -77,12 +85,15 @@ class TopK:
         indices: ``{layer: (C, k)}`` long data-set index of each entry (-1 where empty).
         positions: ``{layer: (C, k, 2)}`` long (y, x) of the unit in the layer's map ((0, 0)
             for a linear layer).
-        count: images scanned so far: a resumed scan goes on from data-set index ``count``.
+        count: the data-set indices covered so far (images read and skipped): a resumed
+            scan goes on from data-set index ``count``.
         source: what was scanned (e.g. ``shapes:2000`` or a folder), for the record.
         fingerprint: identifies the model's weights, so a resumed scan cannot mix two models.
         data: identifies the data (``_data_identity``), so a resumed scan cannot mix two data
             sets.
         skipped: images left out, each with the reason (unreadable, NaN or inf values).
+        images: images read and ranked (``count`` minus the skipped ones): the number every
+            report gives, beside ``len(skipped)``.
     """
 
     k: int
@@ -94,6 +105,7 @@ class TopK:
     fingerprint: str = ""
     skipped: tuple[str, ...] = field(default=())
     data: str = ""
+    images: int = 0
 
     @property
     def layers(self) -> list[str]:
@@ -115,12 +127,12 @@ class TopK:
         writable_parent(folder / "topk.pt")
         manifest = {"format": _FORMAT, "k": self.k, "count": self.count, "source": self.source,
                     "fingerprint": self.fingerprint, "skipped": list(self.skipped),
-                    "data": self.data,
+                    "data": self.data, "images": self.images,
                     "layers": {layer: list(v.shape) for layer, v in self.values.items()}}
         tensors = {name: {layer: t.cpu() for layer, t in getattr(self, name).items()}
                    for name in ("values", "indices", "positions")}
         with atomic_path(folder / "topk.pt") as temporary:
-            torch.save({"manifest": manifest, **tensors}, temporary)
+            save_tensors({"manifest": manifest, **tensors}, temporary)
         with atomic_path(folder / "manifest.json") as temporary:
             temporary.write_text(json.dumps(manifest, indent=2))
         return folder
@@ -140,7 +152,8 @@ class TopK:
             raise BadArgument(f"'{folder}' holds a top-k of another format version")
         return cls(manifest["k"], saved["values"], saved["indices"], saved["positions"],
                    manifest["count"], manifest["source"], manifest["fingerprint"],
-                   tuple(manifest.get("skipped", ())), manifest.get("data", ""))
+                   tuple(manifest.get("skipped", ())), manifest.get("data", ""),
+                   manifest.get("images", manifest["count"] - len(manifest.get("skipped", ()))))
 
 
 # --------------------------------------------------------------------------- data sources
@@ -151,9 +164,15 @@ class ImageFolder(Dataset):
     sorted by path; ``dataset[i]`` is the uint8 image (3, H, W), read with OpenCV (a view of
     its interleaved pixels).
 
+    Which files count (``image_files``): links to folders are followed, as torchvision's
+    ImageFolder does; a link to a missing file counts, and is reported unreadable like a
+    corrupt file; hidden files and folders (names starting with ".") are left out.
+
     With ``masks`` (a folder laid out as the images, see ``MASKS_LAYOUT``) every item is
     ``(image, label, mask)`` instead: ``mask`` (H, W) long holds a concept index per pixel,
-    at the image's size, ``label`` is ``label(i)``, and ``concepts`` names the concepts.
+    at the image's size, ``label`` is ``label(i)``, and ``concepts`` names the concepts
+    (``read_concepts``). A mask that is missing, unreadable, of another size than its image
+    or holds a value past the concepts stops the work with one line naming the file.
     """
 
     def __init__(self, root: str | os.PathLike, masks: str | os.PathLike | None = None):
@@ -161,8 +180,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise BadArgument(f"'{root}' is not a folder", "give a folder of images, or "
                               "shapes:N for N demo images")
-        self.paths = sorted(p for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.paths = image_files(self.root)
         if not self.paths:
             raise BadArgument(f"no images in '{root}'",
                               f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")
@@ -171,8 +189,12 @@ class ImageFolder(Dataset):
         self.masks = None if masks is None else Path(masks)
         self.concepts: tuple[str, ...] | None = None
         if self.masks is not None:
-            self.concepts = _concepts(self.masks)
-            missing = [p for p in self.paths if not self.mask_path(p).is_file()]
+            if not self.masks.is_dir():
+                raise BadArgument(f"masks folder '{self.masks}' not found",
+                                  "give the folder that holds concepts.txt and the masks")
+            self.concepts = read_concepts(self.masks / "concepts.txt")
+            missing = [p for p in self.paths
+                       if p.exists() and not self.mask_path(p).is_file()]  # not broken links
             if missing:
                 raise BadArgument(f"{len(missing)} of {len(self.paths)} images have no mask, "
                                   f"e.g. '{self.mask_path(missing[0])}'",
@@ -192,46 +214,113 @@ class ImageFolder(Dataset):
         return self.classes.index(parts[0]) if len(parts) > 1 else None
 
     def __getitem__(self, index: int) -> Any:
-        from vizcnn.data.images import read_image, read_mask
+        from vizcnn.data.images import read_image
 
         # (3, H, W) uint8 as a view of the decoded (H, W, 3) pixels: no copy, and the
         # preprocessing's resize is faster on interleaved pixels
         image = torch.from_numpy(read_image(self.paths[index])).permute(2, 0, 1)
         if self.masks is None:
             return image
-        mask = read_mask(self.mask_path(self.paths[index]))
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            raise BadArgument(f"mask '{self.mask_path(self.paths[index])}' is "
-                              f"{tuple(mask.shape)}, its image {tuple(image.shape[-2:])}",
-                              "give each mask its image's size")
+        mask = self.mask(index, tuple(image.shape[-2:]))
         return image, self.label(index), mask
 
+    def mask(self, index: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(H, W) long: the mask of image ``index``, checked against the concepts and, when
+        given, its image's (H, W) ``size``."""
+        from vizcnn.data.images import read_mask
 
-MASKS_LAYOUT = """\
-photos/                 photos-masks/
-  beach/0001.jpg          concepts.txt       one concept name per line: line 1 is value 0
-  beach/0002.jpg          beach/0001.png     single-channel PNG (8 or 16 bit) at the
-  street/0001.jpg         beach/0002.png     image's size, each pixel the index of the
-                          street/0001.png    concept it shows"""
+        path = self.mask_path(self.paths[index])
+        mask = read_mask(path)
+        if size is not None and tuple(mask.shape) != tuple(size):
+            raise BadArgument(f"mask '{path}' is {tuple(mask.shape)}, its image {tuple(size)}",
+                              "give each mask its image's size")
+        count = len(self.concepts)
+        low, high = int(mask.min()), int(mask.max())
+        if low < 0 or high >= count:
+            value = high if high >= count else low
+            named = ", ".join(f"{i} {name}" for i, name in enumerate(self.concepts[:6]))
+            raise BadArgument(
+                f"mask '{path}' holds value {value}, which names no concept: "
+                f"'{self.masks / 'concepts.txt'}' names {count} (values 0-{count - 1}: "
+                f"{named}{', ...' if count > 6 else ''})",
+                "each pixel is the index of its concept: line N of concepts.txt names "
+                "value N - 1")
+        return mask
+
+    def check_masks(self, progress: bool = False) -> None:
+        """Read every mask once and check it (see ``mask``) against its image's size, read
+        from the file's header: a bad mask is refused before any long work starts."""
+        from vizcnn.data.images import image_size
+
+        for index in tqdm(range(len(self.paths)), desc="masks", unit="mask",
+                          disable=not progress):
+            if self.paths[index].exists():  # a broken link is skipped, masks or not
+                self.mask(index, image_size(self.paths[index]))
 
 
-def _concepts(masks: Path) -> tuple[str, ...]:
-    """The concept names of a masks folder, from its ``concepts.txt``."""
-    listing = masks / "concepts.txt"
-    if not listing.is_file():
+def image_files(root: Path) -> list[Path]:
+    """The image files under ``root`` (by suffix), sorted by path. Links to folders are
+    followed (a folder reached twice, as through a link to a folder above it, is read once);
+    a link to a file counts whether or not its target exists; hidden files and folders are
+    left out (such as vizcnn's own temporary outputs, ``.NAME.*.partial``)."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [Path(folder, name) for name in files if not name.startswith(".")
+                  and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def read_concepts(listing: Path) -> tuple[str, ...]:
+    """The concept names of a masks folder's ``concepts.txt``: line N names mask value N - 1.
+    UTF-8 (a byte-order mark is dropped); names are stripped of surrounding spaces; blank
+    lines at the end are ignored. A blank line before the last name (it would leave a value
+    without a name, or shift every name after it), a name given twice, or a file that is not
+    UTF-8 text is refused with one line."""
+    if listing.is_dir():
+        raise BadArgument(f"'{listing}' is a folder, not a file",
+                          "concepts.txt names the concepts, one per line")
+    if not listing.exists():
         raise BadArgument(f"'{listing}' not found",
                           "a masks folder names its concepts in concepts.txt, one per line")
-    names = tuple(line.strip() for line in listing.read_text().splitlines() if line.strip())
+    try:
+        text = listing.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise BadArgument(f"'{listing}' is not UTF-8 text (byte {error.start} is "
+                          f"0x{error.object[error.start]:02x})",
+                          "save it as UTF-8, one concept name per line") from None
+    except OSError as error:
+        raise BadArgument(f"cannot read '{listing}': {error.strerror}") from None
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
     if not names:
         raise BadArgument(f"'{listing}' names no concept", "write one concept name per line")
-    return names
+    lines: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise BadArgument(f"line {number} of '{listing}' is blank, but line N names mask "
+                              f"value N - 1", "write a name on every line up to the last (e.g. "
+                              "'unlabelled')")
+        if name in lines:
+            raise BadArgument(f"'{listing}' names {name!r} twice (lines {lines[name]} and "
+                              f"{number})", "give each concept one line")
+        lines[name] = number
+    return tuple(names)
 
 
 def sibling_masks(folder: str | os.PathLike) -> Path | None:
-    """``FOLDER-masks`` beside an image folder, where it holds a ``concepts.txt``."""
+    """``FOLDER-masks`` beside an image folder, where it holds a ``concepts.txt`` (of any
+    kind: a broken one is then refused by name, never taken for no masks)."""
     folder = Path(folder).resolve()
     candidate = folder.with_name(folder.name + "-masks")
-    return candidate if (candidate / "concepts.txt").is_file() else None
+    listing = candidate / "concepts.txt"
+    return candidate if listing.exists() or listing.is_symlink() else None
 
 
 def open_data(data: Any) -> Any:
@@ -251,6 +340,16 @@ def open_data(data: Any) -> Any:
             return ShapesDataset(count, seed=HELD_OUT_SEED)
         return ImageFolder(text)
     return data
+
+
+def data_folder(data: Any) -> Path | None:
+    """The folder of images a data argument reads (a folder path or an ``ImageFolder``), or
+    None (``shapes:N``, a data set, a tensor); the folder is not listed."""
+    if isinstance(data, ImageFolder):
+        return data.root
+    if isinstance(data, (str, os.PathLike)) and not str(data).startswith("shapes:"):
+        return Path(data)
+    return None
 
 
 def _describe(data: Any) -> str:
@@ -274,7 +373,8 @@ def _data_identity(data: Any) -> str:
         folder = source if isinstance(source, ImageFolder) else ImageFolder(source)
         digest.update(str(folder.root.resolve()).encode())
         for path in folder.paths:
-            digest.update(f"{path.relative_to(folder.root)}\0{path.stat().st_size}\0".encode())
+            size = path.stat().st_size if path.exists() else -1  # -1: a broken link
+            digest.update(f"{path.relative_to(folder.root)}\0{size}\0".encode())
     elif isinstance(source, torch.Tensor):
         digest.update(f"tensor{tuple(source.shape)}".encode())
         digest.update(_bytes(source))
@@ -508,12 +608,12 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
                   ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on.
 
-    A batch holds items of one size (a size change closes the batch). ``skipped`` names the
-    images that were left out, with the reason (unreadable, NaN or inf values): their indices
-    are never reported. ``shard`` = (rank, world) keeps only the indices i with
-    i % world == rank. ``workers``: processes that decode an indexable data set (None: see
-    ``default_workers``); the batches are the same with any number. On a GPU they come in
-    pinned memory, for non-blocking copies.
+    A batch holds items of one size (a size change closes the batch). ``skipped`` lists the
+    images that were left out as ``(index, reason)`` (unreadable, NaN or inf values): their
+    indices are never among a batch's ``indices``. ``shard`` = (rank, world) keeps only the
+    indices i with i % world == rank. ``workers``: processes that decode an indexable data
+    set (None: see ``default_workers``); the batches are the same with any number. On a GPU
+    they come in pinned memory, for non-blocking copies.
     """
     rank, world = shard
     data = open_data(data)
@@ -542,7 +642,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
     pin = workers > 0 and model_device(model).type == "cuda"
     pending: list[torch.Tensor] = []
     indices: list[int] = []
-    skipped: list[str] = []
+    skipped: list[tuple[int, str]] = []
 
     def stacked() -> torch.Tensor:
         batch = torch.stack(pending)
@@ -550,7 +650,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
 
     for index, image in _inputs(data, recipe, start, shard, workers):
         if isinstance(image, str):
-            skipped.append(image)
+            skipped.append((index, image))
             continue
         if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
             yield indices, stacked(), skipped
@@ -577,13 +677,13 @@ def _inputs(data: Any, recipe: InputRecipe, start: int, shard: tuple[int, int], 
 
 
 def _without_non_finite(indices: list[int], batch: torch.Tensor
-                        ) -> tuple[list[int], torch.Tensor, list[str]]:
+                        ) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
     """The batch without its images that hold NaN or inf (they would rank first in every
     channel), and their names for ``skipped``."""
     finite = finite_images(batch)
     if bool(finite.all()):
         return indices, batch, []
-    skipped = [f"image {i}: NaN or infinite values"
+    skipped = [(i, f"image {i}: NaN or infinite values")
                for i, ok in zip(indices, finite.tolist(), strict=True) if not ok]
     kept = [i for i, ok in zip(indices, finite.tolist(), strict=True) if ok]
     return kept, batch[finite.to(batch.device)], skipped
@@ -693,7 +793,9 @@ def scan_topk(
             the model's device.
         state_path: a folder for the scan's state. It is saved every ``save_every`` seconds
             and on Ctrl-C; a later call with the same path (same model, layers and k) resumes
-            from there without rescanning. The finished result is saved there too.
+            from there without rescanning. The finished result is saved there too. A scan
+            that fails with an error (not Ctrl-C) removes the state; one that refuses the
+            saved state as another scan's leaves it.
         save_every: seconds between state saves.
         workers: processes that decode and resize the images while the model runs (default:
             ``default_workers``: the cores available for a folder on a GPU, else none); the
@@ -726,7 +828,8 @@ def scan_topk(
     shard = _shard()
     if state_path is not None and shard[1] > 1:
         state_path = Path(state_path) / f"rank{shard[0]}"
-    scan = _Scan(model, names, k, source, identity, state_path)
+    require_hookable(model)
+    scan = _Scan(model, names, k, source, identity, state_path)  # refuses another scan's state
     with tqdm(total=_length(data), initial=scan.count, desc="scan", unit="img",
               disable=not progress or shard[0] != 0) as bar:
         try:
@@ -736,16 +839,32 @@ def scan_topk(
                     scan.add(indices, batch, batch_skipped)
                     bar.update((len(batch) + len(batch_skipped)) * shard[1])
                     scan.save(every=save_every)
+            if not scan.kept:
+                raise BadArgument(f"no image to scan in {source}" + (
+                    f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
+            top = scan.result()
+            if state_path:
+                top.save(state_path)
         except KeyboardInterrupt:
             scan.save()
             raise
-    if not scan.kept:
-        raise BadArgument(f"no image to scan in {source}" + (
-            f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
-    top = scan.result()
-    if state_path:
-        top.save(state_path)
+        except Exception:
+            discard_state(state_path)
+            raise
     return _merge_ranks(top) if shard[1] > 1 else top
+
+
+def discard_state(state_path: str | os.PathLike | None) -> None:
+    """Remove a scan's saved state (and its folder, where a rank's state was the last in it).
+    A state exists to resume an *interrupted* run (Ctrl-C, a kill): a run that fails with an
+    error removes it, so that it leaves nothing behind."""
+    if state_path is None:
+        return
+    state = Path(state_path)
+    shutil.rmtree(state, ignore_errors=True)
+    if state.name.startswith("rank"):
+        with contextlib.suppress(OSError):
+            state.parent.rmdir()  # only if empty: the other ranks' states stay
 
 
 class _Scan:
@@ -764,16 +883,25 @@ class _Scan:
         self.kept = ({n: (state.values[n].to(self.device), state.indices[n].to(self.device),
                           state.positions[n].to(self.device)) for n in names} if state else {})
         self.count = state.count if state else 0
+        self.images = state.images if state else 0
         self.skipped = list(state.skipped) if state else []
         self.traced: list[str] | None = None
         self.input_size: torch.Size | None = None
         self.last_save = time.monotonic()
 
-    def add(self, indices: list[int], batch: torch.Tensor, skipped: list[str]) -> None:
-        """Merge one batch (B, C, H, W) of data-set ``indices`` into the lists."""
-        self.skipped += skipped
-        if not len(batch):
-            return
+    def add(self, indices: list[int], batch: torch.Tensor, skipped: list[tuple[int, str]]
+            ) -> None:
+        """Merge one batch (B, C, H, W) of data-set ``indices`` into the lists, and count the
+        ``(index, reason)`` of the images skipped on the way."""
+        if len(batch):
+            self._rank(indices, batch)
+        self.images += len(indices)
+        self.skipped += [reason for _, reason in skipped]
+        covered = [*indices, *(index for index, _ in skipped)]
+        if covered:  # only once merged: a saved state is never ahead
+            self.count = max(covered) + 1
+
+    def _rank(self, indices: list[int], batch: torch.Tensor) -> None:
         batch = batch.to(self.device, non_blocking=True)
         if self.traced is None or batch.shape[-2:] != self.input_size:
             self.input_size = batch.shape[-2:]
@@ -786,7 +914,6 @@ class _Scan:
             if name not in self.kept:
                 self.kept[name] = _empty(self.k, values.shape[1], self.device)
             self.kept[name] = _merge(self.kept[name], values, positions, order, self.k)
-        self.count = indices[-1] + 1  # only once merged: a saved state is never ahead
 
     def save(self, every: float | None = None) -> None:
         """Save the state (when there is a state path and something to save); with ``every``,
@@ -803,7 +930,7 @@ class _Scan:
         return TopK(self.k, {n: kept[n][0].cpu() for n in kept},
                     {n: kept[n][1].cpu() for n in kept}, {n: kept[n][2].cpu() for n in kept},
                     self.count, self.source, self.fingerprint, tuple(self.skipped),
-                    self.identity)
+                    self.identity, self.images)
 
 
 def _length(data: Any) -> int | None:
@@ -844,7 +971,7 @@ def _merge_ranks(top: TopK) -> TopK:
         positions[layer] = all_positions.gather(1, order[..., None].expand(-1, -1, 2))
     skipped = tuple(name for t in gathered for name in t.skipped)
     return TopK(top.k, values, indices, positions, max(t.count for t in gathered), top.source,
-                top.fingerprint, skipped, top.data)
+                top.fingerprint, skipped, top.data, sum(t.images for t in gathered))
 
 
 def _resume(state_path, names: list[str], k: int, fingerprint: str, data: str

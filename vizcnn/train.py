@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, TRAIN_SEED, ShapesDataset
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state
-from vizcnn.io import atomic_path, writable_parent
+from vizcnn.io import atomic_path, save_tensors, writable_parent
 from vizcnn.models import DEMO_PREPROCESSING, demo_initialisation, model_info
 
 __all__ = [
@@ -75,7 +75,7 @@ def _save(model: nn.Module, path: Path, epoch: int, seed: int, **extra) -> Path:
     checkpoint = {"arch": model_info(model).spec, "state_dict": model.state_dict(),
                   "epoch": epoch, "seed": seed, "classes": list(SHAPE_CLASSES), **extra}
     with atomic_path(path) as temporary:
-        torch.save(checkpoint, temporary)
+        save_tensors(checkpoint, temporary)
     return path
 
 
@@ -171,7 +171,7 @@ def ship_demo_checkpoints(run_dir: str | Path) -> list[Path]:
                            weights_only=True)
         saved["state_dict"] = {name: value.half() for name, value in saved["state_dict"].items()}
         with atomic_path(demo_epoch_checkpoint(epoch)) as temporary:
-            torch.save(saved, temporary)
+            save_tensors(saved, temporary)
     with atomic_path(demo_epoch_checkpoint(DEMO_EPOCHS[-1])) as temporary:
         shutil.copyfile(run_dir / "final.pt", temporary)
     return [demo_epoch_checkpoint(epoch) for epoch in DEMO_EPOCHS[1:]]

@@ -52,6 +52,7 @@ __all__ = [
     "channel_stats",
     "data_classes",
     "dissect",
+    "require_finite_activations",
 ]
 
 IOU_CUTOFF = 0.04  # Network Dissection: a channel detects a concept from this IoU on
@@ -70,6 +71,7 @@ class ChannelStats:
         classes: the name of each class where the data names them (``data_classes``).
         minima: (N, C) each image's weakest activation of each channel (the lowest over its
             positions; the activation itself for a linear layer), or None where not kept.
+        skipped: the images left out, each with the reason (unreadable, NaN or inf values).
     """
 
     layer: str
@@ -78,6 +80,17 @@ class ChannelStats:
     labels: torch.Tensor | None
     classes: tuple[str, ...] | None = None
     minima: torch.Tensor | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def non_finite(self) -> torch.Tensor:
+        """(C,) long: on how many images the channel's activations hold a NaN or an infinity
+        somewhere (their strongest or weakest value is not finite): the model's forward pass
+        broke there, and no other statistic of the channel means anything."""
+        broken = ~torch.isfinite(self.maxima)
+        if self.minima is not None:
+            broken |= ~torch.isfinite(self.minima)
+        return broken.sum(dim=0)
 
     @property
     def fire_rate(self) -> torch.Tensor:
@@ -86,8 +99,9 @@ class ChannelStats:
 
     @property
     def dead(self) -> torch.Tensor:
-        """(C,) bool: never above 0 on any image."""
-        return ~(self.maxima > 0).any(dim=0)
+        """(C,) bool: never above 0 on any image (a channel whose activations are NaN or
+        infinite is not called dead: see ``non_finite``)."""
+        return ~(self.maxima > 0).any(dim=0) & (self.non_finite == 0)
 
     @property
     def always_on(self) -> torch.Tensor:
@@ -136,8 +150,9 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
     maxima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     minima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     indices: list[int] = []
+    skipped: list[str] = []
     for batch_indices, _, outputs in _passes(model, opened, names, batch_size, progress,
-                                             "statistics", _extremes):
+                                             "statistics", _extremes, skipped):
         indices += batch_indices
         for name in names:
             maxima[name].append(outputs[name][0])
@@ -149,8 +164,20 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
     classes = data_classes(opened) if labels is not None else None
     return {name: ChannelStats(name, torch.cat(maxima[name]), order,
                                None if labels is None else labels.to(maxima[name][0].device),
-                               classes, torch.cat(minima[name]))
+                               classes, torch.cat(minima[name]), tuple(skipped))
             for name in names}
+
+
+def require_finite_activations(stats: dict[str, ChannelStats], what: str) -> None:
+    """Refuse, in one line, a model (``what``) whose activations turn NaN or infinite on the
+    data at one of the layers of ``stats`` (the first such layer is named)."""
+    for name, layer in stats.items():
+        broken = torch.nonzero(layer.non_finite).flatten()
+        if len(broken):
+            raise BadArgument(f"{what} gives NaN or infinite activations at layer {name!r} "
+                              f"(channel {int(broken[0])}, on {int(layer.non_finite.max()):,} "
+                              f"of {len(layer.indices):,} images)",
+                              "vizcnn doctor MODEL DATA shows where the forward pass breaks")
 
 
 def data_classes(data: Any) -> tuple[str, ...] | None:
@@ -375,15 +402,18 @@ def _copy(name: str, output: Any) -> torch.Tensor:
     return feature_maps(output, name).clone()  # an in-place ReLU after the layer must not reach it
 
 
-def _passes(model, data, names, batch_size, progress, what, on_output=_copy):
+def _passes(model, data, names, batch_size, progress, what, on_output=_copy, skipped=None):
     """(indices, batch, {layer: on_output(layer, output)}) per batch of ``data``, forward
-    passes stopping at the deepest layer, in eval mode without gradients."""
+    passes stopping at the deepest layer, in eval mode without gradients; the reasons of the
+    images left out go into the list ``skipped``, where one is given."""
     traced, size = None, None
     total = len(data) if hasattr(data, "__len__") else None
     with (tqdm(total=total, desc=what, unit="img", disable=not progress) as bar,
           preserved_state(model, eval_mode=True), torch.no_grad()):
-        for indices, batch, skipped in input_batches(model, data, batch_size):
-            bar.update(len(indices) + len(skipped))
+        for indices, batch, left_out in input_batches(model, data, batch_size):
+            bar.update(len(indices) + len(left_out))
+            if skipped is not None:
+                skipped += [reason for _, reason in left_out]
             if not len(batch):
                 continue
             batch = batch.to(model_device(model), non_blocking=True)

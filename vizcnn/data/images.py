@@ -10,6 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from vizcnn.errors import BadArgument, BadImage
 
@@ -17,6 +18,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "load_image",
     "read_image",
+    "image_size",
     "read_mask",
     "to_rgb_uint8",
 ]
@@ -32,6 +34,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise BadImage(f"image '{path}' is a link to '{os.readlink(path)}', which does "
+                           "not exist")
         raise BadImage(f"image '{path}' not found")
     if not path.is_file():
         raise BadImage(f"'{path}' is not an image file")
@@ -48,28 +53,45 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """Read a concept mask: a single-channel 8- or 16-bit image whose every pixel is the index
-    of the concept it shows; returns (H, W) long.
+    """Read a concept mask: a PNG whose every pixel is the index of the concept it shows,
+    stored as a single-channel 8- or 16-bit image or as a palette image (the indices, as
+    PASCAL VOC ships its masks; the palette's colours are only for viewing); returns (H, W)
+    long.
 
     Raises:
-        BadArgument: the file is missing, unreadable, or not single-channel integer values
-            (not ``BadImage``: a scan skips an unreadable image, but a mask is the user's
-            labelling, so a bad one stops the work).
+        BadArgument: the file is missing, unreadable, or holds colours (RGB) rather than one
+            index per pixel (not ``BadImage``: a scan skips an unreadable image, but a mask
+            is the user's labelling, so a bad one stops the work).
     """
     path = Path(path)
     if not path.is_file():
         raise BadArgument(f"mask '{path}' not found",
                           "every image needs a mask of the same name")
-    data = np.fromfile(path, dtype=np.uint8)
-    mask = _decode(data) if data.size else None
-    if mask is None:
+    try:
+        with Image.open(path) as image:
+            mode, mask = image.mode, np.asarray(image)
+    except (OSError, ValueError, Image.DecompressionBombError):
         raise BadArgument(f"cannot read mask '{path}': corrupt or not an image",
-                          "write masks as single-channel PNG files")
-    if mask.ndim != 2 or mask.dtype not in (np.uint8, np.uint16):
-        raise BadArgument(f"mask '{path}' is not a single-channel 8- or 16-bit image "
-                          f"(shape {mask.shape}, {mask.dtype})",
-                          "write one concept index per pixel, as a grayscale PNG")
+                          "write masks as single-channel PNG files") from None
+    if mode not in _INDEX_MODES or mask.ndim != 2:
+        raise BadArgument(f"mask '{path}' holds {mode} pixels, not one concept index per "
+                          "pixel", "write a grayscale (8- or 16-bit) or palette PNG whose "
+                          "values are the concepts' indices")
     return torch.from_numpy(mask.astype(np.int64))
+
+
+# PIL modes that hold one integer per pixel: bilevel, 8-bit gray, palette indices, 16 and 32 bit
+_INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(H, W) of an image file from its header (no decoding), or None where PIL cannot tell
+    (the scan then reports the file if it cannot read it either)."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _decode(data: np.ndarray) -> np.ndarray | None:

@@ -65,7 +65,7 @@ from vizcnn.hooks import (
     run_forward,
     strongest_channels,
 )
-from vizcnn.io import atomic_path
+from vizcnn.io import atomic_path, save_tensors
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
 from vizcnn.probes import OutputSelector, class_labels, class_scores
@@ -135,8 +135,8 @@ class OcclusionMaps:
                     "clean_label", "clean_activation", "channel")}
         with atomic_path(folder) as staging:
             staging.mkdir()
-            torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v
-                        for k, v in tensors.items()}, staging / "maps.pt")
+            save_tensors({k: v.cpu() if isinstance(v, torch.Tensor) else v
+                          for k, v in tensors.items()}, staging / "maps.pt")
             for n in range(len(self.prob)):
                 occlusion_map_png(self.prob[n], staging / f"prob_{n}.png", low=0.0, high=1.0)
                 occlusion_map_png(self.label[n], staging / f"label_{n}.png", categorical=True)
@@ -536,6 +536,8 @@ def _engine_runs(model, x, layer, output, engine, capped) -> tuple[list, str]:
     """One run per image of the engine that will occlude it (each with the clean ``logits``
     and ``maps``, and called as ``run(corners, occluder)``), and the note on why the naive
     engine was chosen, if it was."""
+    run_forward(model, x[:1])  # one image as run_forward checks it: each engine refuses the
+    # same inputs in the same words (the incremental one runs a traced copy of the model)
     graph_module, note = (None, "engine='naive' was asked for") if engine == "naive" \
         else _trace(model, layer)
     if graph_module is None and engine == "incremental":

@@ -25,8 +25,10 @@ import json
 import os
 import re
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +39,29 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from torch import nn
 from tqdm import tqdm
 
+from vizcnn.checks import require_finite_weights
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
 from vizcnn.deconv import top_patches
 from vizcnn.doctor import health_report
-from vizcnn.errors import BadArgument, BadOutput, VizCNNError
-from vizcnn.evolution import FeatureEvolution, feature_evolution
-from vizcnn.io import atomic_path, check_replaceable, writable_parent
+from vizcnn.errors import BadArgument, BadCheckpoint, VizCNNError
+from vizcnn.evolution import (
+    FeatureEvolution,
+    architecture_difference,
+    feature_evolution,
+    load_checkpoints,
+    same_weights,
+)
+from vizcnn.hooks import require_hookable
+from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
-from vizcnn.models import model_info
+from vizcnn.models import checkpoint_epoch, model_info
 from vizcnn.render.figures import save_figure, settledness_figure
-from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles
+from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles, write_image
 from vizcnn.render.panels import display_normalisation, filters_panel
 from vizcnn.scan import (
     ImageFolder,
+    data_folder,
+    discard_state,
     images_at,
     in_memory,
     input_batches,
@@ -58,7 +70,14 @@ from vizcnn.scan import (
     sibling_masks,
 )
 from vizcnn.summary import summarize
-from vizcnn.units import Accuracy, ChannelStats, accuracy, channel_stats, dissect
+from vizcnn.units import (
+    Accuracy,
+    ChannelStats,
+    accuracy,
+    channel_stats,
+    dissect,
+    require_finite_activations,
+)
 
 __all__ = ["default_layers", "write_gallery"]
 
@@ -113,60 +132,130 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         checkpoint_options: ``arch``, ``trust_checkpoint`` for loading the checkpoints.
     """
     out = Path(out)
+    require_hookable(model)  # a TorchScript model: say so, not "no conv layer"
+    check_outside(out, data_folder(data))
     writable_parent(check_replaceable(out, "index.html", "gallery"))
+    require_finite_weights(model, f"the model {model_info(model).spec or type(model).__name__!r}")
     layers = list(layers) if layers else default_layers(model)
     if not layers:
-        raise BadArgument("the model has no conv layer to show", "give the layers")
+        raise BadArgument("the model has no conv layer (nn.Conv2d) to show",
+                          "name the layers to show (--layer)")
     for name in layers:
         resolve_layer(model, name)
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
     data, concepts = _with_masks(data, concepts, masks)
+    if checkpoints is not None and not isinstance(checkpoints, FeatureEvolution):
+        checkpoints = _with_model(model, checkpoints, **(checkpoint_options or {}))
     clock = _Stages(progress)
     with clock:
-        data = clock.run("reading", in_memory, model, data, workers=workers)  # read once
+        data = clock.run("reading", _read, model, data, workers)
         size = _input_size(model, data)
         rows = {row.name: row for row in summarize(model, size, layers)}
         shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the scan
         top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
                         state_path=state_path, workers=workers, progress=False)
-        stats = clock.run("statistics", channel_stats, model, data, layers,
-                          batch_size=batch_size, progress=False)
-        score = clock.run("accuracy", _accuracy, model, data, stats[layers[0]], batch_size)
-        spatial = [name for name in layers if rows[name].output_shape
-                   and len(rows[name].output_shape) == 3]
-        dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
-                                 batch_size=batch_size, progress=False)
-                       if concepts and spatial else clock.skip("dissection", {}))
-        patches = clock.run("projections", lambda: {
-            name: top_patches(model, top, data, name, shown[name]) for name in layers})
-        if health is True:
-            report = clock.run("health", health_report, model, data, layers, stats)
-        else:
-            report = clock.skip("health", health or None)
-        if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
-            evolution = clock.skip("evolution", checkpoints)
-        else:
-            evolution = clock.run("evolution", feature_evolution, checkpoints, data, layers,
-                                  shown, settle_layers=layers, batch_size=batch_size,
-                                  progress=False, **(checkpoint_options or {}))
-        with atomic_path(out) as site:
-            site.mkdir()
-            written = _Site(model, data, site, layers, size, rows, top, stats, dissections,
-                            patches, command, figures, source or top.source, score, report,
-                            evolution)
-            clock.run("figures", written.draw_figures)
-            clock.run("pages", written.write)
-            (site / "gallery.json").write_text(json.dumps(
-                {"seconds": clock.seconds, "layers": layers, "images": top.count,
-                 "channels": sum(len(p.channels) for p in patches.values())}, indent=2))
+        try:
+            _after_scan(model, data, out, clock, layers=layers, size=size, rows=rows,
+                        shown=shown, top=top, batch_size=batch_size, concepts=concepts,
+                        health=health, checkpoints=checkpoints, figures=figures,
+                        command=command, source=source or top.source)
+        except Exception:  # not Ctrl-C: a failed gallery leaves no scan state behind
+            discard_state(state_path)
+            raise
+    discard_state(state_path)  # it was kept to resume an interrupted gallery: done
     return out / "index.html"
+
+
+def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layers: list[str],
+                size: tuple[int, int], rows: dict, shown: dict[str, list[int]], top: Any,
+                batch_size: int, concepts: list[str] | None, health: Any, checkpoints: Any,
+                figures: bool, command: str | None, source: str) -> None:
+    """The stages after the scan: statistics, accuracy, dissection, health, evolution, then
+    the site (projections, figures, pages), written whole into ``out``."""
+    stats = clock.run("statistics", channel_stats, model, data, layers,
+                      batch_size=batch_size, progress=False)
+    require_finite_activations(stats, "the model")
+    score = clock.run("accuracy", _accuracy, model, data, stats[layers[0]], batch_size)
+    spatial = [name for name in layers if rows[name].output_shape
+               and len(rows[name].output_shape) == 3]
+    dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
+                             batch_size=batch_size, progress=False)
+                   if concepts and spatial else clock.skip("dissection", {}))
+    if health is True:
+        report = clock.run("health", health_report, model, data, layers, stats)
+    else:
+        report = clock.skip("health", health or None)
+    if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
+        evolution = clock.skip("evolution", checkpoints)
+    else:
+        evolution = clock.run("evolution", feature_evolution, checkpoints, data, layers,
+                              shown, settle_layers=layers, batch_size=batch_size,
+                              progress=False)
+    with atomic_path(out) as root, _Site(
+            model, data, root, layers=layers, size=size, rows=rows, top=top, stats=stats,
+            dissections=dissections, command=command, figures=figures, source=source,
+            score=score, health=report, evolution=evolution) as site:
+        clock.run("projections", site.project, shown)
+        clock.run("figures", site.draw_figures)
+        clock.run("pages", site.write)
+        (root / "gallery.json").write_text(json.dumps(
+            {"seconds": clock.seconds, "layers": layers, "images": top.images,
+             "skipped": len(top.skipped),
+             "channels": sum(len(channels) for channels in shown.values())}, indent=2))
+
+
+def _read(model: nn.Module, data: Any, workers: int | None) -> Any:
+    """The data read once into memory where it fits (``scan.in_memory``); a folder with
+    masks that does not fit has every mask checked now, before the scan: a bad mask is
+    refused before any long work, as the reading does for the data that fits."""
+    read = in_memory(model, data, workers=workers)
+    if isinstance(read, ImageFolder) and read.masks is not None:
+        read.check_masks()
+    return read
+
+
+def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int, nn.Module]:
+    """``checkpoints`` loaded and checked before any long work (``load_checkpoints``: epochs,
+    one architecture, finite weights), as ``{epoch: model}`` ending with the gallery's own
+    model. The model must be the last checkpoint (the settledness is measured against it);
+    where it is not among them, it is added with its epoch (from its spec) and a warning
+    says so; a model whose epoch cannot be told is refused."""
+    loaded = load_checkpoints(checkpoints, **options)
+    difference = architecture_difference(model, loaded[-1][2])
+    if difference:
+        raise BadCheckpoint(f"checkpoint '{loaded[-1][1]}' is not the architecture of the "
+                            f"model: {difference}", "give checkpoints of the model's own "
+                            "training run")
+    same = [i for i, (_, _, checkpoint) in enumerate(loaded) if same_weights(model, checkpoint)]
+    spec = model_info(model).spec or type(model).__name__
+    if same and same[-1] != len(loaded) - 1:
+        epoch, source, _ = loaded[same[-1]]
+        raise BadArgument(f"the model is checkpoint '{source}' (epoch {epoch}), but later "
+                          f"checkpoints are given (up to epoch {loaded[-1][0]})",
+                          "the gallery shows the model, so it must be the last checkpoint: "
+                          "leave the later ones out")
+    by_epoch = {epoch: checkpoint for epoch, _, checkpoint in loaded}
+    if same:
+        return by_epoch
+    epoch = checkpoint_epoch(spec) if model_info(model).spec else None
+    if epoch is None:
+        raise BadArgument(f"the model ({spec}) is not among the checkpoints, and its epoch "
+                          "cannot be told", "add it to --checkpoints, with its epoch in its "
+                          "file name or its 'epoch' field")
+    if epoch <= loaded[-1][0]:
+        raise BadArgument(f"the model ({spec}, epoch {epoch}) is not among the checkpoints, "
+                          f"which go up to epoch {loaded[-1][0]}",
+                          "the gallery shows the model, so it must be the last checkpoint")
+    warnings.warn(f"the model ({spec}, epoch {epoch}) was not among the checkpoints: it is "
+                  "added as the last", stacklevel=3)
+    return {**by_epoch, epoch: model}
 
 
 class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
-    NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "projections",
-             "health", "evolution", "figures", "pages")
+    NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "health",
+             "evolution", "projections", "figures", "pages")
 
     def __init__(self, progress: bool):
         self.bar = tqdm(total=len(self.NAMES), desc="gallery", unit="stage",
@@ -251,24 +340,97 @@ def _chosen(channels: list[int] | None, row: Any) -> list[int]:
     return chosen
 
 
-class _Site:
-    """Writes the pages and images of one gallery into ``root``."""
+@dataclass(frozen=True)
+class _Projected:
+    """What the pages need of a layer's top-k projections once their tiles are written (the
+    pixels are not kept: memory is one chunk of channels, whatever the layer's width).
 
-    def __init__(self, model, data, root: Path, layers, size, rows, top, stats, dissections,
-                 patches, command, figures, source, score, health=None, evolution=None):
+    Attributes:
+        channels: the channels shown, in order.
+        values, indices: (C, k) each unit's activation and data-set index (-1: empty slot).
+        boxes: (C, k, 4) each patch's box (top, left, bottom, right) in the input image.
+        ext: the tiles' file suffix.
+    """
+
+    channels: tuple[int, ...]
+    values: torch.Tensor
+    indices: torch.Tensor
+    boxes: torch.Tensor
+    ext: str
+
+
+PROJECTION_BYTES = 128 * 2**20  # the top-k projections and patches computed at once
+
+
+class _Site:
+    """Writes the pages and images of one gallery into ``root``; a context manager that owns
+    the threads writing the image files."""
+
+    def __init__(self, model: nn.Module, data: Any, root: Path, *, layers: list[str],
+                 size: tuple[int, int], rows: dict, top: Any, stats: dict, dissections: dict,
+                 command: str | None, figures: bool, source: str, score: Any, health: Any,
+                 evolution: Any):
         self.model, self.data, self.root, self.layers = model, data, root, layers
         self.health, self.evolution = health, evolution
         self.source, self.score = source, score
         self.size, self.rows = size, rows
-        self.top, self.stats, self.dissections, self.patches = top, stats, dissections, patches
+        self.top, self.stats, self.dissections = top, stats, dissections
         self.command, self.figures = command, figures
         self.info = model_info(model)
         self.mean, self.std = display_normalisation(model)
         self.env = Environment(loader=PackageLoader("vizcnn.render", "templates"),
                                autoescape=select_autoescape(["html"]))
+        root.mkdir()
         (root / "img").mkdir()
         self.figures_drawn: tuple[list[tuple[str, str]], list[str]] = ([], [])
-        self.writes: _Writes | None = None  # while the pages are written
+        self.projected: dict[str, _Projected] = {}
+        # thousands of small image files: OpenCV encodes them without the GIL, so threads
+        # overlap the encoding and writing with the projections, the pages and each other
+        self.pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)))
+        self.writes = _Writes(self.pool)
+
+    def __enter__(self) -> _Site:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # after Ctrl-C or a failed write: no more files dropped into the site being removed
+        self.pool.shutdown(cancel_futures=exc[0] is not None)
+
+    def project(self, shown: dict[str, list[int]]) -> None:
+        """Each layer's top-k projections and patches, computed a chunk of channels at a
+        time (``PROJECTION_BYTES``), their tiles written as they come."""
+        for number, name in enumerate(self.layers):
+            folder = self.root / "img" / _layer_folder(number, name)
+            folder.mkdir()
+            chunk = max(1, PROJECTION_BYTES // self._bytes_per_channel(name))
+            parts = [self._project_chunk(folder, name, shown[name][start:start + chunk])
+                     for start in range(0, len(shown[name]), chunk)]
+            self.projected[name] = _Projected(
+                tuple(shown[name]), torch.cat([p[0] for p in parts]),
+                torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), parts[0][3])
+
+    def _bytes_per_channel(self, name: str) -> int:
+        """Memory of one channel's top-k projections and patches (float32, RGB): k patches
+        of the receptive field, at most the input."""
+        field = self.rows[name].field
+        height, width = self.size
+        if field is not None and not field.is_global:
+            height, width = min(height, field.size[0]), min(width, field.size[1])
+        return 2 * self.top.k * 3 * height * width * 4
+
+    def _project_chunk(self, folder: Path, name: str, channels: list[int]) -> tuple:
+        """Project ``channels`` of ``name``, write their tiles into ``folder``; returns
+        (values, indices, boxes, ext) of those channels."""
+        patches = top_patches(self.model, self.top, self.data, name, channels)
+        ext = _extension(tuple(patches.projections.shape[-2:]))
+        for row, channel in enumerate(channels):
+            projections = projection_tiles(patches.projections[row])
+            crops = image_tiles(patches.images[row], self.mean, self.std)
+            for j in range(len(projections)):
+                if int(patches.indices[row, j]) >= 0:
+                    self.writes.image(folder / f"p{channel}_{j}{ext}", projections[j])
+                    self.writes.image(folder / f"i{channel}_{j}{ext}", crops[j])
+        return patches.values.cpu(), patches.indices.cpu(), patches.boxes.cpu(), ext
 
     def draw_figures(self) -> None:
         """The paper figures of the index (the slow part of the index, timed apart)."""
@@ -277,18 +439,11 @@ class _Site:
     def write(self) -> None:
         (self.root / "style.css").write_text(
             (Path(__file__).parent / "templates" / "style.css").read_text())
-        # thousands of small image files: OpenCV encodes and writes them without the GIL, so
-        # threads overlap them with the page rendering and with each other
-        pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)))
-        try:
-            self.writes = _Writes(pool)
-            whole = self._whole_images()
-            for number, name in enumerate(self.layers):
-                self._layer(number, name, whole)
-            self._index()
-            self.writes.wait()
-        finally:  # after Ctrl-C or a failed write: no more files into the site being dropped
-            pool.shutdown(cancel_futures=True)
+        whole = self._whole_images()
+        for number, name in enumerate(self.layers):
+            self._layer(number, name, whole)
+        self._index()
+        self.writes.wait()
 
     # ------------------------------------------------------------------ pages
 
@@ -300,7 +455,7 @@ class _Site:
         facts = [("model", self.info.spec or type(self.model).__name__),
                  ("parameters", f"{sum(p.numel() for p in self.model.parameters()):,}"),
                  ("input size", "x".join(map(str, self.size))),
-                 ("data", f"{self.source} ({self.top.count:,} images"
+                 ("data", f"{self.source} ({self.top.images:,} images"
                   + (f", {len(self.top.skipped):,} unreadable" if self.top.skipped else "")
                   + ")"),
                  ("made by", self.command or "vizcnn.render.write_gallery"),
@@ -338,26 +493,17 @@ class _Site:
     def _layer(self, number: int, name: str, whole: dict[int, str]) -> None:
         folder = self.root / _layer_folder(number, name)
         folder.mkdir()
-        images = self.root / "img" / _layer_folder(number, name)
-        images.mkdir()
-        patches, stats = self.patches[name], self.stats[name]
+        projected, stats = self.projected[name], self.stats[name]
         labelled = stats.labels is not None
         # per layer once: class means and selectivity of every channel
         means = stats.class_means().cpu().nan_to_num(0.0) if labelled else None
         selectivity = stats.selectivity().cpu() if labelled else None
         strongest = stats.maxima.max(dim=0).values.cpu()
         fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
-        ext = _extension(tuple(patches.projections.shape[-2:]))
-        projections = [projection_tiles(p) for p in patches.projections]
-        crops = [image_tiles(i, self.mean, self.std) for i in patches.images]
+        ext = projected.ext
         cards = []
-        shown = list(patches.channels)
+        shown = list(projected.channels)
         for row, channel in enumerate(shown):
-            for j in range(projections[row].shape[0]):
-                if int(patches.indices[row, j]) < 0:
-                    continue
-                self.writes.image(images / f"p{channel}_{j}{ext}", projections[row][j])
-                self.writes.image(images / f"i{channel}_{j}{ext}", crops[row][j])
             label = self._label(name, channel)
             cards.append({
                 "channel": channel, "page": f"{_layer_folder(number, name)}/{channel}.html",
@@ -382,22 +528,22 @@ class _Site:
                  by_class: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """One channel's page; ``by_class``: its mean per class (K,) and selectivity, or None
         without labels."""
-        patches, stats = self.patches[name], self.stats[name]
+        projected, stats = self.projected[name], self.stats[name]
         channel = shown[row]
         folder = _layer_folder(number, name)
-        ext = _extension(tuple(patches.projections.shape[-2:]))
+        ext = projected.ext
         height, width = self.size
         tiles = []
-        for j in range(patches.indices.shape[1]):
-            index = int(patches.indices[row, j])
+        for j in range(projected.indices.shape[1]):
+            index = int(projected.indices[row, j])
             if index < 0:
                 continue
-            top_, left, bottom, right = patches.boxes[row, j].tolist()
+            top_, left, bottom, right = projected.boxes[row, j].tolist()
             tiles.append({
                 "projection": f"../img/{folder}/p{channel}_{j}{ext}",
                 "patch": f"../img/{folder}/i{channel}_{j}{ext}",
                 "image": f"../{whole[index]}", "index": index,
-                "title": f"image {index}, activation {float(patches.values[row, j]):.4g}",
+                "title": f"image {index}, activation {float(projected.values[row, j]):.4g}",
                 "box": [round(100 * top_ / height, 2), round(100 * left / width, 2),
                         round(100 * (bottom - top_) / height, 2),
                         round(100 * (right - left) / width, 2)]})
@@ -435,7 +581,7 @@ class _Site:
 
     def _whole_images(self) -> dict[int, str]:
         """Each image that is in some channel's top k, written once: {index: path}."""
-        wanted = sorted({int(i) for p in self.patches.values() for i in p.indices.flatten()
+        wanted = sorted({int(i) for p in self.projected.values() for i in p.indices.flatten()
                          if int(i) >= 0})
         (self.root / "img" / "data").mkdir()
         paths = {}
@@ -555,10 +701,7 @@ def _png(path: Path, rgb: np.ndarray) -> None:
         scale = TILE / max(rgb.shape[:2])
         rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
                          interpolation=cv2.INTER_AREA)
-    quality = [cv2.IMWRITE_JPEG_QUALITY, 90] if path.suffix == ".jpg" else []
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
-                       quality):
-        raise BadOutput(f"cannot write '{path}'", "check the disk space and the folder")
+    write_image(path, rgb)
 
 
 def _version() -> str:

@@ -7,6 +7,8 @@ about square), ``padding`` pixels of ``background`` between and around tiles.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -24,6 +26,7 @@ __all__ = [
     "projection_tiles",
     "stretch",
     "tile",
+    "write_image",
 ]
 
 Scaling = Literal["tile", "shared"]
@@ -204,8 +207,20 @@ def occlusion_map_png(values, path, *, low: float | None = None, high: float | N
     scale = max(1, math.ceil(min_side / max(array.shape)))
     rgb = cv2.resize(np.ascontiguousarray(rgb), (array.shape[1] * scale, array.shape[0] * scale),
                      interpolation=cv2.INTER_NEAREST)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise BadOutput(f"cannot write '{path}'")
+    write_image(path, rgb)
+
+
+def write_image(path, rgb: np.ndarray, quality: int = 90) -> None:
+    """An RGB uint8 array (H, W, 3) as an image file, PNG or JPEG (``quality``) by the
+    suffix. Encoded in memory, then written: a full disk is an ``OSError`` with its errno
+    (``cv2.imwrite`` only returns False, and libpng prints on stderr)."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    options = [cv2.IMWRITE_JPEG_QUALITY, quality] if suffix in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(suffix, cv2.cvtColor(np.ascontiguousarray(rgb),
+                                                    cv2.COLOR_RGB2BGR), options)
+    if not ok:
+        raise BadOutput(f"cannot encode '{path}' as {suffix or 'an image'}")
+    Path(path).write_bytes(encoded.tobytes())
 
 
 # Distinct colours for class labels (matplotlib's tab20, as uint8 RGB).
