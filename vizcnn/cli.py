@@ -342,8 +342,8 @@ def _evolution(args: argparse.Namespace) -> None:
     from vizcnn.render.panels import evolution_panel
     from vizcnn.scan import data_folder
 
-    figure_path(args.out)
     check_outside(args.out, data_folder(args.data))
+    figure_path(args.out)
     loaded = load_checkpoints(args.checkpoints, arch=args.arch, num_classes=args.num_classes,
                               trust_checkpoint=args.trust_checkpoint, device=args.device)
     if [source for _, source, _ in loaded] != list(args.checkpoints):

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, held_out_image
 from vizcnn.doctor import doctor
@@ -28,6 +27,7 @@ from vizcnn.evolution import feature_evolution
 from vizcnn.io import atomic_path, check_replaceable, writable_parent
 from vizcnn.layers import list_layers
 from vizcnn.models import DEMO_EPOCHS, load_model
+from vizcnn.progress import progress_bar
 from vizcnn.render import panels
 from vizcnn.render.figures import save_figure
 from vizcnn.render.gallery import write_gallery
@@ -105,7 +105,8 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     # the bar is closed before any error or Ctrl-C message reaches the terminal
-    with (tqdm(total=2 * len(conv_layers) + 9, desc="vizcnn demo", disable=not progress) as bar,
+    with (progress_bar(total=2 * len(conv_layers) + 9, desc="vizcnn demo",
+                       disable=not progress) as bar,
           atomic_path(out_dir) as staging):
         staging.mkdir()
         for name, figure in _figures(model, conv_layers):

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vizcnn.checks import check_channels, require_finite_weights
 from vizcnn.deconv import Deconvnet
@@ -37,6 +36,7 @@ from vizcnn.errors import BadArgument, BadCheckpoint
 from vizcnn.hooks import activations, require_hookable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, load_model, model_info
+from vizcnn.progress import progress_bar
 from vizcnn.scan import images_at, in_memory, input_batches
 from vizcnn.units import channel_stats, require_finite_activations
 
@@ -100,8 +100,8 @@ def settled_epoch(epochs: Sequence[int], curve: torch.Tensor, fraction: float = 
 
 def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
                      arch: str | None = None, num_classes: int | None = None,
-                     trust_checkpoint: bool = False, device: str | torch.device | None = None
-                     ) -> list[tuple[int, str, nn.Module]]:
+                     trust_checkpoint: bool = False, device: str | torch.device | None = None,
+                     at_least: int = 2) -> list[tuple[int, str, nn.Module]]:
     """(epoch, source, model) per checkpoint, in epoch order, each checked to be the same
     architecture as the last and to hold finite weights.
 
@@ -109,6 +109,7 @@ def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
         checkpoints: specs or paths (``demo:5``, ``runs/demo/epoch_05.pt``) whose epochs can
             be told (see the module docstring), or ``{epoch: spec, path or nn.Module}``.
         arch, num_classes, trust_checkpoint, device: as in ``load_model``, for every path.
+        at_least: how many checkpoints are needed.
     """
     if isinstance(checkpoints, Mapping):
         given = [(int(epoch), item) for epoch, item in checkpoints.items()]
@@ -124,7 +125,7 @@ def load_checkpoints(checkpoints: Sequence[Any] | Mapping[int, Any], *,
                                   "save it with an 'epoch' field, put the epoch in its file "
                                   "name (epoch_05.pt), or give {epoch: checkpoint} in Python")
             given.append((epoch, item))
-    if len(given) < 2:
+    if len(given) < at_least:
         raise BadArgument(f"feature evolution needs at least 2 checkpoints, got {len(given)}")
     given.sort(key=lambda pair: pair[0])
     for (a, first), (b, second) in zip(given, given[1:], strict=False):
@@ -212,8 +213,8 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
     chosen = _chosen_channels(final, opened, drawn, channels)  # checked before the long part
     strongest: list[dict[str, torch.Tensor]] = []
     pictures: list[dict[str, tuple]] = []
-    with tqdm(total=len(loaded), desc="feature evolution", unit="checkpoint",
-              disable=not progress) as bar:
+    with progress_bar(total=len(loaded), desc="feature evolution", unit="checkpoint",
+                      disable=not progress) as bar:
         for epoch, source, model in loaded:
             stats = channel_stats(model, opened, measured, batch_size=batch_size,
                                   progress=False)

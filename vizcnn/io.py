@@ -65,18 +65,26 @@ def check_outside(output: str | os.PathLike, folder: str | os.PathLike | None) -
                           f"choose an --out outside '{folder}'")
 
 
-def writable_parent(target: str | os.PathLike) -> Path:
-    """Create the folder that will hold ``target`` and check it is writable (fail early,
-    before long work)."""
-    target = output_path(target)
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BadOutput(f"cannot create output folder '{parent}': {error.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise BadOutput(f"output folder '{parent}' is not writable",
-                          "choose another --out")
+def writable_parent(target: str | os.PathLike, *, create: bool = False) -> Path:
+    """Check, before long work, that the folder that will hold ``target`` can be written:
+    it is a writable folder, or the nearest folder above it that exists is (the missing ones
+    are created when the output is written, so a run that fails creates none). With
+    ``create``, create it now. Returns the folder."""
+    parent = output_path(target).parent
+    if create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BadOutput(f"cannot create output folder '{parent}': {error.strerror}",
+                            "choose another --out") from None
+    existing = parent
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadOutput(f"cannot create output folder '{parent}': '{existing}' is not a "
+                        "folder", "choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise BadOutput(f"output folder '{existing}' is not writable", "choose another --out")
     return parent
 
 
@@ -141,7 +149,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     file or a folder written at the yielded path. A write that fails for want of space (or
     of permission, or on a read-only disk) is one ``BadOutput`` line."""
     target = output_path(target)
-    parent = writable_parent(target)
+    parent = writable_parent(target, create=True)
     recover(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".partial",
                                 dir=parent)

@@ -119,9 +119,9 @@ class Preprocessing:
         if self.mean is not None and not all(low <= m <= high for m in self.mean):
             raise BadArgument(f"mean {_numbers(self.mean)} is not a mean of pixel values: "
                               f"pixels lie in [{low:g}, {high:g}] (value_range), and so does "
-                              "their mean", f"give the mean of the model's training pixels "
-                              f"on that scale, e.g. 0.485 0.456 0.406 for ImageNet (CLI: "
-                              f"--mean, in [0, 1])")
+                              "their mean", "give the mean of the model's training pixels "
+                              "on that scale, e.g. 0.485 0.456 0.406 for ImageNet (CLI: "
+                              "--mean, in [0, 1])")
 
     @property
     def known(self) -> bool:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from vizcnn.checks import positive_int
 from vizcnn.data import MASKS_LAYOUT
@@ -51,6 +50,7 @@ from vizcnn.models import (
     input_recipe,
     model_info,
 )
+from vizcnn.progress import progress_bar
 
 __all__ = [
     "MASKS_LAYOUT",
@@ -252,10 +252,12 @@ class ImageFolder(Dataset):
         from the file's header: a bad mask is refused before any long work starts."""
         from vizcnn.data.images import image_size
 
-        for index in tqdm(range(len(self.paths)), desc="masks", unit="mask",
-                          disable=not progress):
-            if self.paths[index].exists():  # a broken link is skipped, masks or not
-                self.mask(index, image_size(self.paths[index]))
+        with progress_bar(total=len(self.paths), desc="masks", unit="mask",
+                          disable=not progress) as bar:
+            for index, path in enumerate(self.paths):
+                if path.exists():  # a broken link is skipped, masks or not
+                    self.mask(index, image_size(path))
+                bar.update()
 
 
 def image_files(root: Path) -> list[Path]:
@@ -830,8 +832,8 @@ def scan_topk(
         state_path = Path(state_path) / f"rank{shard[0]}"
     require_hookable(model)
     scan = _Scan(model, names, k, source, identity, state_path)  # refuses another scan's state
-    with tqdm(total=_length(data), initial=scan.count, desc="scan", unit="img",
-              disable=not progress or shard[0] != 0) as bar:
+    with progress_bar(total=_length(data), initial=scan.count, desc="scan", unit="img",
+                      disable=not progress or shard[0] != 0) as bar:
         try:
             with preserved_state(model, eval_mode=True), torch.no_grad():
                 for indices, batch, batch_skipped in input_batches(model, data, batch_size,

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vizcnn.data.shapes import HELD_OUT_SEED, SHAPE_CLASSES, TRAIN_SEED, ShapesDataset
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, preserved_state
 from vizcnn.io import atomic_path, save_tensors, writable_parent
 from vizcnn.models import DEMO_PREPROCESSING, demo_initialisation, model_info
+from vizcnn.progress import progress_bar
 
 __all__ = [
     "TrainResult",
@@ -123,29 +123,31 @@ def train_demo(
     if 0 in save_epochs:
         checkpoints[0] = _save(model, out_dir / "epoch_00.pt", 0, seed)
     losses: list[float] = []
-    bar = tqdm(total=batches, desc=f"training {arch}", unit="batch", disable=not progress)
     generator = torch.Generator().manual_seed(seed)
-    try:
-        for epoch in range(1, epochs + 1):
-            images, labels = render_batch(seed, (epoch - 1) * per_epoch, per_epoch)
-            order = torch.randperm(per_epoch, generator=generator)
-            model.train()
-            for step in range(per_epoch // batch_size):
-                batch = order[step * batch_size:(step + 1) * batch_size]
-                loss = F.cross_entropy(model(images[batch]), labels[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    with progress_bar(total=batches, desc=f"training {arch}", unit="batch",
+                      disable=not progress) as bar:
+        try:
+            for epoch in range(1, epochs + 1):
+                images, labels = render_batch(seed, (epoch - 1) * per_epoch, per_epoch)
+                order = torch.randperm(per_epoch, generator=generator)
+                model.train()
+                for step in range(per_epoch // batch_size):
+                    batch = order[step * batch_size:(step + 1) * batch_size]
+                    loss = F.cross_entropy(model(images[batch]), labels[batch])
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    schedule.step()
+                    losses.append(loss.item())
+                    bar.update()
+                    recent = losses[-50:]
+                    bar.set_postfix(epoch=epoch, loss=f"{sum(recent) / len(recent):.3f}")
+                model.eval()
+                if epoch in save_epochs and epoch != epochs:
+                    checkpoints[epoch] = _save(model, out_dir / f"epoch_{epoch:02d}.pt", epoch,
+                                               seed)
+        finally:
             model.eval()
-            if epoch in save_epochs and epoch != epochs:
-                checkpoints[epoch] = _save(model, out_dir / f"epoch_{epoch:02d}.pt", epoch, seed)
-    finally:
-        bar.close()
-        model.eval()
     test_images, test_labels = render_batch(HELD_OUT_SEED, 0, held_out)
     held_out_accuracy = accuracy(model, test_images, test_labels)
     checkpoints[epochs] = _save(model, out_dir / "final.pt", epochs, seed,

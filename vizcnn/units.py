@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vizcnn.checks import feature_maps, positive_int
 from vizcnn.errors import BadArgument
@@ -41,6 +40,7 @@ from vizcnn.hooks import (
 from vizcnn.layers import resolve_layer
 from vizcnn.models import model_info
 from vizcnn.probes import class_scores
+from vizcnn.progress import progress_bar
 from vizcnn.scan import input_batches, input_mask, open_data
 
 __all__ = [
@@ -225,8 +225,8 @@ def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int
     opened = open_data(data)
     to_model, matched = _label_to_output(model, data_classes(opened))
     correct = total = 0
-    with (tqdm(total=len(opened) if hasattr(opened, "__len__") else None, desc="accuracy",
-               unit="img", disable=not progress) as bar,
+    with (progress_bar(total=len(opened) if hasattr(opened, "__len__") else None,
+                       desc="accuracy", unit="img", disable=not progress) as bar,
           preserved_state(model, eval_mode=True), torch.no_grad()):
         for indices, batch, skipped in input_batches(model, opened, batch_size):
             bar.update(len(indices) + len(skipped))
@@ -408,7 +408,7 @@ def _passes(model, data, names, batch_size, progress, what, on_output=_copy, ski
     images left out go into the list ``skipped``, where one is given."""
     traced, size = None, None
     total = len(data) if hasattr(data, "__len__") else None
-    with (tqdm(total=total, desc=what, unit="img", disable=not progress) as bar,
+    with (progress_bar(total=total, desc=what, unit="img", disable=not progress) as bar,
           preserved_state(model, eval_mode=True), torch.no_grad()):
         for indices, batch, left_out in input_batches(model, data, batch_size):
             bar.update(len(indices) + len(left_out))

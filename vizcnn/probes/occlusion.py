@@ -51,7 +51,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vizcnn.checks import channel_index, check_channels, feature_maps, positive_int
 from vizcnn.crops import crop_batch, paste_batch
@@ -69,6 +68,7 @@ from vizcnn.io import atomic_path, save_tensors
 from vizcnn.layers import ACTIVATION_FUNCTIONS, POINTWISE, resolve_layer
 from vizcnn.models import Preprocessing, normalisation_of
 from vizcnn.probes import OutputSelector, class_labels, class_scores
+from vizcnn.progress import progress_bar
 
 __all__ = [
     "OcclusionMaps",
@@ -487,8 +487,8 @@ def occlusion(
         race = None
         if engine == "auto" and runs[0].engine == "incremental" and cap is None:
             runs, race = _raced(model, runs, layer, output)
-        bar = tqdm(total=len(x) * positions[..., 0].numel(), desc="occlusion", unit="pos",
-                   disable=not progress)
+        bar = progress_bar(total=len(x) * positions[..., 0].numel(), desc="occlusion",
+                           unit="pos", disable=not progress)
         with bar:
             found = [_occlude_image(run, positions, occluder, int(targets[n]), drill_down, bar)
                      for n, run in enumerate(runs)]

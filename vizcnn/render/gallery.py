@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 from torch import nn
-from tqdm import tqdm
 
 from vizcnn.checks import require_finite_weights
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
@@ -55,6 +54,7 @@ from vizcnn.hooks import require_hookable
 from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, model_info
+from vizcnn.progress import progress_bar
 from vizcnn.render.figures import save_figure, settledness_figure
 from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles, write_image
 from vizcnn.render.panels import display_normalisation, filters_panel
@@ -220,7 +220,7 @@ def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int,
     model. The model must be the last checkpoint (the settledness is measured against it);
     where it is not among them, it is added with its epoch (from its spec) and a warning
     says so; a model whose epoch cannot be told is refused."""
-    loaded = load_checkpoints(checkpoints, **options)
+    loaded = load_checkpoints(checkpoints, at_least=1, **options)  # the model may be the 2nd
     difference = architecture_difference(model, loaded[-1][2])
     if difference:
         raise BadCheckpoint(f"checkpoint '{loaded[-1][1]}' is not the architecture of the "
@@ -236,13 +236,20 @@ def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int,
                           "leave the later ones out")
     by_epoch = {epoch: checkpoint for epoch, _, checkpoint in loaded}
     if same:
+        if len(loaded) < 2:
+            raise BadArgument("the only checkpoint given is the model itself",
+                              "give the model's earlier checkpoints too")
         return by_epoch
     epoch = checkpoint_epoch(spec) if model_info(model).spec else None
     if epoch is None:
         raise BadArgument(f"the model ({spec}) is not among the checkpoints, and its epoch "
                           "cannot be told", "add it to --checkpoints, with its epoch in its "
                           "file name or its 'epoch' field")
-    if epoch <= loaded[-1][0]:
+    if epoch in by_epoch:
+        raise BadArgument(f"the model ({spec}) is of epoch {epoch}, and so is checkpoint "
+                          f"'{dict((e, s) for e, s, _ in loaded)[epoch]}', with other weights",
+                          "give checkpoints of the model's own training run")
+    if epoch < loaded[-1][0]:
         raise BadArgument(f"the model ({spec}, epoch {epoch}) is not among the checkpoints, "
                           f"which go up to epoch {loaded[-1][0]}",
                           "the gallery shows the model, so it must be the last checkpoint")
@@ -258,15 +265,15 @@ class _Stages:
              "evolution", "projections", "figures", "pages")
 
     def __init__(self, progress: bool):
-        self.bar = tqdm(total=len(self.NAMES), desc="gallery", unit="stage",
-                        disable=not progress)
+        self.bar = progress_bar(total=len(self.NAMES), desc="gallery", unit="stage",
+                                disable=not progress)
         self.seconds: dict[str, float] = {}
 
     def __enter__(self) -> _Stages:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.bar.close()
+        self.bar.__exit__(*exc)  # erased if the gallery failed
 
     def skip(self, name: str, result: Any) -> Any:
         """A stage that has nothing to do (no concept masks: no dissection)."""
