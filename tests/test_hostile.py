@@ -396,7 +396,7 @@ def test_masks_and_no_masks_exclude_each_other(capfd, masked):
             expected="argument --no-masks: not allowed with argument --masks", output=site)
 
 
-def test_palette_masks_are_read_as_indices(masked):
+def test_palette_masks_are_read_as_indices(capfd, masked):
     folder, masks = masked
     model = vizcnn.load_model("demo")
     gray = vizcnn.ImageFolder(folder, masks=masks)
@@ -415,6 +415,18 @@ def test_palette_masks_are_read_as_indices(masked):
     got = vizcnn.dissect(model, palette_data, ["features.6"], palette_data.concepts,
                          progress=False)
     assert torch.equal(got["features.6"].iou, expected["features.6"].iou)
+    # PASCAL VOC's masks: palette indices, 255 ("void") along every object's boundary
+    for path in masks.rglob("*.png"):
+        indices = np.asarray(Image.open(path)).copy()
+        edges = cv2.morphologyEx(indices, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+        indices[edges] = 255
+        image = Image.fromarray(indices, mode="P")
+        image.putpalette(palette)
+        image.save(path)
+    site = folder.parent / "site"
+    assert main(["gallery", "demo", str(folder), "--layer", "features.6", "--channels", "0-3",
+                 "--no-figures", "--out", str(site)]) == 0
+    assert "Network Dissection" in (site / "index.html").read_text()
 
 
 def test_a_mask_value_past_the_concepts_names_the_file_and_the_list(capfd, masked):

@@ -240,12 +240,11 @@ def _join_torchrun() -> int:
 
 
 def _topk(args: argparse.Namespace) -> None:
-    from vizcnn.errors import BadArgument
     from vizcnn.hooks import activations, require_hookable
     from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
     from vizcnn.render.figures import save_figure
     from vizcnn.render.panels import top_patches_panel
-    from vizcnn.scan import data_folder, discard_state, input_batches, scan_topk
+    from vizcnn.scan import data_folder, discard_state, first_input, scan_topk
 
     check_outside(args.out, data_folder(args.data))
     out = check_replaceable(args.out, "topk/manifest.json", "top-k")
@@ -254,10 +253,7 @@ def _topk(args: argparse.Namespace) -> None:
     require_hookable(model)  # before anything is read: a TorchScript model takes no hooks
     data = args.data
     # check DATA, the layers and --channels on one image, before the long scan
-    _, first, _ = next(input_batches(model, data, 1, workers=0), (None, None, None))
-    if first is None or not len(first):
-        raise BadArgument(f"no readable image in {data}")
-    maps = activations(model, first, args.layer)
+    maps = activations(model, first_input(model, data), args.layer)
     channels = {layer: parse_channels(args.channels, maps[layer].shape[1])
                 for layer in args.layer}
     state = out.parent / f".{out.name}.scan-state"
@@ -624,9 +620,9 @@ def _add_gallery(commands) -> None:
     gallery.add_argument("--no-health", action="store_true",
                          help="leave the health report (vizcnn doctor) out of the index")
     gallery.add_argument("--checkpoints", nargs="+", metavar="CKPT",
-                         help="checkpoints of MODEL's training run, MODEL's own among them "
-                         "(paths or demo:N; see vizcnn evolution): an evolution strip on every "
-                         "channel page")
+                         help="earlier checkpoints of MODEL's training run (paths or demo:N; "
+                         "see vizcnn evolution; MODEL is added as the last where it is not "
+                         "among them): an evolution strip on every channel page")
     gallery.add_argument("--out", required=True, help="the site's folder (replaced whole)")
     from vizcnn.data import MASKS_LAYOUT
 
@@ -705,18 +701,26 @@ _SYNONYMS = {"--input-size": "--size", "--size": "--input-size", "--out": "--jso
 def in_own_words(message: str, options: set[str]) -> str:
     """``message`` with each ``--option`` that the command lacks replaced by the command's
     own option for the same thing (``--out`` is ``--json`` for doctor; ``--input-size`` is
-    ``--size`` for the commands that read images)."""
+    ``--size`` for the commands that read images), and an API parameter that a message starts
+    with (``batch_size must be ...``) by the command's option for it (``--batch-size``)."""
     def own(match: re.Match) -> str:
         option = match.group(0)
         other = _SYNONYMS.get(option)
         return other if option not in options and other in options else option
 
-    return re.sub(r"(?<![\w-])--[a-z][a-z-]*", own, " ".join(message.split()))
+    message = re.sub(r"(?<![\w-])--[a-z][a-z-]*", own, " ".join(message.split()))
+    parameter = re.match(r"([a-z_]+) must be ", message)
+    option = parameter and "--" + parameter.group(1).replace("_", "-")
+    return option + message[parameter.end(1):] if option in options else message
 
 
 def _options(args: argparse.Namespace) -> set[str]:
     """Every option string of the command that was run."""
     return {flag for action in args.parser._actions for flag in action.option_strings}
+
+
+_NO_MEMORY = ("vizcnn: error: not enough memory; use a smaller input size, image, batch or "
+              "k")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -743,8 +747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vizcnn: error: {in_own_words(str(error), options)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
-        print("vizcnn: error: not enough memory; use a smaller input size, image or batch",
-              file=sys.stderr)
+        print(_NO_MEMORY, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as error:  # PyTorch's allocator says it so
+        if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+            raise
+        print(_NO_MEMORY, file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vizcnn: interrupted", file=sys.stderr)

@@ -37,7 +37,7 @@ from vizcnn.hooks import activations, require_hookable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, load_model, model_info
 from vizcnn.progress import progress_bar
-from vizcnn.scan import images_at, in_memory, input_batches
+from vizcnn.scan import first_input, images_at, in_memory
 from vizcnn.units import channel_stats, require_finite_activations
 
 __all__ = [
@@ -243,10 +243,7 @@ def _chosen_channels(model: nn.Module, data: Any, layers: list[str], channels: A
                      ) -> dict[str, tuple[int, ...]]:
     """{layer: channels drawn}, each checked against the layer's channel count, which one
     image of the data shows."""
-    _, first, _ = next(input_batches(model, data, 1), (None, None, None))
-    if first is None or not len(first):
-        raise BadArgument("no readable image in the data")
-    maps = activations(model, first, layers)
+    maps = activations(model, first_input(model, data), layers)
     chosen = {}
     for name in layers:
         count = maps[name].shape[1]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vizcnn.checks import positive_int
 from vizcnn.data import MASKS_LAYOUT
-from vizcnn.data.images import IMAGE_SUFFIXES
+from vizcnn.data.images import IMAGE_SUFFIXES, UNLABELLED, foreign_mask_value
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
@@ -62,6 +62,8 @@ __all__ = [
     "data_folder",
     "default_workers",
     "discard_state",
+    "first_input",
+    "no_readable_image",
     "image_files",
     "read_concepts",
     "input_batches",
@@ -235,14 +237,13 @@ class ImageFolder(Dataset):
             raise BadArgument(f"mask '{path}' is {tuple(mask.shape)}, its image {tuple(size)}",
                               "give each mask its image's size")
         count = len(self.concepts)
-        low, high = int(mask.min()), int(mask.max())
-        if low < 0 or high >= count:
-            value = high if high >= count else low
+        value = foreign_mask_value(mask, count)
+        if value is not None:
             named = ", ".join(f"{i} {name}" for i, name in enumerate(self.concepts[:6]))
             raise BadArgument(
                 f"mask '{path}' holds value {value}, which names no concept: "
                 f"'{self.masks / 'concepts.txt'}' names {count} (values 0-{count - 1}: "
-                f"{named}{', ...' if count > 6 else ''})",
+                f"{named}{', ...' if count > 6 else ''}; {UNLABELLED}: unlabelled)",
                 "each pixel is the index of its concept: line N of concepts.txt names "
                 "value N - 1")
         return mask
@@ -689,6 +690,25 @@ def _without_non_finite(indices: list[int], batch: torch.Tensor
                for i, ok in zip(indices, finite.tolist(), strict=True) if not ok]
     kept = [i for i, ok in zip(indices, finite.tolist(), strict=True) if ok]
     return kept, batch[finite.to(batch.device)], skipped
+
+
+def first_input(model: nn.Module, data: Any) -> torch.Tensor:
+    """(1, C, H, W): the model input of the data's first readable image (to check layers,
+    channels and sizes on before long work), or a one-line error that says why there is
+    none."""
+    skipped: list[str] = []
+    for _, batch, left_out in input_batches(model, data, 1, workers=0):
+        skipped += [reason for _, reason in left_out]
+        if len(batch):
+            return batch
+    raise no_readable_image(skipped)
+
+
+def no_readable_image(skipped: Sequence[str]) -> BadArgument:
+    """The error for data without one readable image, with the first reason."""
+    why = f": {len(skipped):,} unreadable, e.g. {skipped[0]}" if skipped else ""
+    return BadArgument(f"no readable image in the data{why}",
+                       "give a folder of image files, or shapes:N for N demo images")
 
 
 def _loader_batch(recipe: InputRecipe, images: Any) -> torch.Tensor:

@@ -13,7 +13,9 @@ Bau et al. 2017).
 Data with labels: items ``(image, label, ...)`` of a torch Dataset, ``shapes:N``, or a folder
 with one sub-folder per class. Data with concept masks: items ``(image, label, mask)`` whose
 mask is an (H, W) integer map of concept indices at the model input's size, as
-``ShapesDataset(..., masks=True)`` gives.
+``ShapesDataset(..., masks=True)`` gives. A pixel of value 255 (``UNLABELLED``, PASCAL VOC's
+"void") where fewer than 256 concepts are named is unlabelled: it counts in no concept's
+area and in no unit's, as if it were outside the image.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizcnn.checks import feature_maps, positive_int
+from vizcnn.data.images import UNLABELLED, foreign_mask_value
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
@@ -41,7 +44,7 @@ from vizcnn.layers import resolve_layer
 from vizcnn.models import model_info
 from vizcnn.probes import class_scores
 from vizcnn.progress import progress_bar
-from vizcnn.scan import input_batches, input_mask, open_data
+from vizcnn.scan import input_batches, input_mask, no_readable_image, open_data
 
 __all__ = [
     "IOU_CUTOFF",
@@ -158,7 +161,7 @@ def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
             maxima[name].append(outputs[name][0])
             minima[name].append(outputs[name][1])
     if not indices:
-        raise BadArgument("no readable image in the data")
+        raise no_readable_image(skipped)
     labels = _labels(opened, indices)
     order = torch.tensor(indices)
     classes = data_classes(opened) if labels is not None else None
@@ -225,11 +228,13 @@ def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int
     opened = open_data(data)
     to_model, matched = _label_to_output(model, data_classes(opened))
     correct = total = 0
+    skipped: list[str] = []
     with (progress_bar(total=len(opened) if hasattr(opened, "__len__") else None,
                        desc="accuracy", unit="img", disable=not progress) as bar,
           preserved_state(model, eval_mode=True), torch.no_grad()):
-        for indices, batch, skipped in input_batches(model, opened, batch_size):
-            bar.update(len(indices) + len(skipped))
+        for indices, batch, left_out in input_batches(model, opened, batch_size):
+            bar.update(len(indices) + len(left_out))
+            skipped += [reason for _, reason in left_out]
             if not len(batch):
                 continue
             labels = _labels(opened, indices)
@@ -245,7 +250,7 @@ def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int
             correct += int((scores.argmax(dim=1).cpu() == labels).sum())
             total += len(indices)
     if not total:
-        raise BadArgument("no readable image in the data")
+        raise no_readable_image(skipped)
     return Accuracy(correct, total, matched)
 
 
@@ -309,7 +314,8 @@ def dissect(model: nn.Module, data: Any, layers: str | Sequence[str],
             progress: bool = True) -> dict[str, Dissection]:
     """Label each channel of each conv layer with the concept its strongest activations
     cover (Network Dissection). ``data`` items are ``(image, label, mask)`` with an (H, W)
-    integer mask of concept indices into ``concepts``, at the model input's size."""
+    integer mask of concept indices into ``concepts`` (255: unlabelled), at the model input's
+    size."""
     names = _layers(model, layers)
     positive_int(batch_size, "batch_size")
     if not 0 < quantile < 1:
@@ -327,7 +333,7 @@ def dissect(model: nn.Module, data: Any, layers: str | Sequence[str],
     for indices, batch, outputs in _passes(model, opened, names, batch_size, progress,
                                            "dissection"):
         masks = _masks(model, opened, indices, batch.shape[-2:], kinds)  # (B, H, W) on the CPU
-        concept_area += torch.bincount(masks.flatten(), minlength=kinds).double()
+        concept_area += torch.bincount(masks.flatten(), minlength=kinds + 1)[:kinds].double()
         for name in names:
             _overlap(outputs[name], thresholds[name], masks, kinds, inter[name], area[name])
     results = {}
@@ -354,12 +360,13 @@ def _overlap(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, 
     planes = maps[images, channels].unsqueeze(1)  # (P, 1, h, w): one plane per map
     up = F.interpolate(planes, size=masks.shape[-2:], mode="bilinear", align_corners=False)
     above = (up[:, 0] > thresholds[channels].view(-1, 1, 1)).flatten(1).cpu()  # (P, H W)
-    concepts = masks[images.cpu()].flatten(1)  # (P, H W)
-    counts = torch.zeros(len(active), kinds)  # exact: at most H W per entry
+    concepts = masks[images.cpu()].flatten(1)  # (P, H W); unlabelled pixels are ``kinds``
+    counts = torch.zeros(len(active), kinds + 1)  # exact: at most H W per entry
     counts.scatter_add_(1, concepts, above.float())
+    counts = counts[:, :kinds]  # an unlabelled pixel is in no unit's area either
     channels = channels.cpu()
     inter.index_add_(0, channels, counts.double())
-    area.index_add_(0, channels, counts.sum(dim=1).double())  # every pixel has one concept
+    area.index_add_(0, channels, counts.sum(dim=1).double())  # each labelled pixel: 1 concept
 
 
 def _thresholds(model, data, names, quantile, count, batch_size, progress
@@ -453,9 +460,14 @@ def _masks(model: nn.Module, data: Any, indices: list[int], size: torch.Size,
             raise BadArgument(f"a mask is {tuple(mask.shape)} after its image's resize and "
                               f"crop, the model input is {tuple(size)}",
                               "give each mask at its image's size")
-        if mask.min() < 0 or mask.max() >= kinds:
-            raise BadArgument(f"a mask holds concept {int(mask.max())}, but only {kinds} "
-                              "concepts are named")
+        value = foreign_mask_value(mask, kinds)
+        if value is not None:
+            raise BadArgument(f"the mask of item {index} holds value {value}, which names no "
+                              f"concept: {kinds} are named (values 0-{kinds - 1}; "
+                              f"{UNLABELLED}: unlabelled)", "give each pixel the index of "
+                              "its concept")
+        if kinds <= UNLABELLED:  # unlabelled pixels go to an extra concept that is dropped
+            mask = torch.where(mask == UNLABELLED, kinds, mask)
         masks.append(mask)
     return torch.stack(masks)
 

@@ -7,6 +7,6 @@ __all__ = ["MASKS_LAYOUT"]
 MASKS_LAYOUT = """\
 photos/                 photos-masks/
   beach/0001.jpg          concepts.txt       one concept name per line: line 1 is value 0
-  beach/0002.jpg          beach/0001.png     single-channel PNG (8 or 16 bit) at the
+  beach/0002.jpg          beach/0001.png     grayscale (8 or 16 bit) or palette PNG at the
   street/0001.jpg         beach/0002.png     image's size, each pixel the index of the
                           street/0001.png    concept it shows"""

@@ -18,6 +18,8 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "load_image",
     "read_image",
+    "UNLABELLED",
+    "foreign_mask_value",
     "image_size",
     "read_mask",
     "to_rgb_uint8",
@@ -82,6 +84,22 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
 
 # PIL modes that hold one integer per pixel: bilevel, 8-bit gray, palette indices, 16 and 32 bit
 _INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+
+# PASCAL VOC's "void" (and the usual ignore index): a mask pixel of this value, where fewer
+# concepts are named, is unlabelled: it counts in no concept's area and in no unit's
+UNLABELLED = 255
+
+
+def foreign_mask_value(mask: torch.Tensor, concepts: int) -> int | None:
+    """A value of ``mask`` that is neither a concept index (0 .. concepts - 1) nor
+    ``UNLABELLED`` (where that is not a concept), or None where every value is one."""
+    low, high = int(mask.min()), int(mask.max())
+    if low >= 0 and high < concepts:
+        return None
+    values = torch.unique(mask)
+    bad = values[(values < 0) | ((values >= concepts) & ((values != UNLABELLED)
+                                                          | (concepts > UNLABELLED)))]
+    return int(bad[0]) if len(bad) else None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:

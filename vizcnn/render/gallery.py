@@ -38,7 +38,7 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 from torch import nn
 
-from vizcnn.checks import require_finite_weights
+from vizcnn.checks import positive_int, require_finite_weights
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
 from vizcnn.deconv import top_patches
 from vizcnn.doctor import health_report
@@ -62,9 +62,9 @@ from vizcnn.scan import (
     ImageFolder,
     data_folder,
     discard_state,
+    first_input,
     images_at,
     in_memory,
-    input_batches,
     open_data,
     scan_topk,
     sibling_masks,
@@ -132,6 +132,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         checkpoint_options: ``arch``, ``trust_checkpoint`` for loading the checkpoints.
     """
     out = Path(out)
+    positive_int(k, "k")
+    positive_int(batch_size, "batch_size")
     require_hookable(model)  # a TorchScript model: say so, not "no conv layer"
     check_outside(out, data_folder(data))
     writable_parent(check_replaceable(out, "index.html", "gallery"))
@@ -325,10 +327,7 @@ def _accuracy(model: nn.Module, data: Any, stats: ChannelStats, batch_size: int
 
 def _input_size(model: nn.Module, data: Any) -> tuple[int, int]:
     """(H, W) of the model input, from the data's first readable image."""
-    for _, batch, _ in input_batches(model, data, 1, workers=0):
-        if len(batch):
-            return tuple(batch.shape[-2:])
-    raise BadArgument("no readable image in the data")
+    return tuple(first_input(model, data).shape[-2:])
 
 
 def _chosen(channels: list[int] | None, row: Any) -> list[int]:
