@@ -326,7 +326,7 @@ def test_links_to_folders_are_followed_and_broken_links_are_unreadable(tmp_path)
         "dogs/ok01.png"]
     top = vizcnn.scan_topk(vizcnn.load_model("demo"), data, ["features.0"], progress=False)
     assert top.images == 5 and len(top.skipped) == 1
-    assert "gone.png' is a link to" in top.skipped[0] and "which does not exist" in top.skipped[0]
+    assert f"gone.png' is a broken link (to '{tmp_path / 'nowhere.png'}')" in top.skipped[0]
 
 
 def test_an_output_that_is_a_link_is_written_through(capfd, tmp_path):
@@ -394,6 +394,8 @@ def test_masks_and_no_masks_exclude_each_other(capfd, masked):
     site = folder.parent / "site"
     refused(capfd, "gallery", "demo", folder, "--masks", masks, "--no-masks", "--out", site,
             expected="argument --no-masks: not allowed with argument --masks", output=site)
+    refused(capfd, "gallery", "demo", folder, "--masks", masks / "concepts.txt", "--out", site,
+            expected="concepts.txt' is not a folder", output=site)
 
 
 def test_palette_masks_are_read_as_indices(capfd, masked):

@@ -192,7 +192,8 @@ class ImageFolder(Dataset):
         self.concepts: tuple[str, ...] | None = None
         if self.masks is not None:
             if not self.masks.is_dir():
-                raise BadArgument(f"masks folder '{self.masks}' not found",
+                what = "is not a folder" if self.masks.exists() else "not found"
+                raise BadArgument(f"masks folder '{self.masks}' {what}",
                                   "give the folder that holds concepts.txt and the masks")
             self.concepts = read_concepts(self.masks / "concepts.txt")
             missing = [p for p in self.paths

@@ -36,9 +36,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.exists():
-        if path.is_symlink():
-            raise BadImage(f"image '{path}' is a link to '{os.readlink(path)}', which does "
-                           "not exist")
+        if path.is_symlink():  # to a missing file, or in a loop
+            raise BadImage(f"image '{path}' is a broken link (to '{os.readlink(path)}')")
         raise BadImage(f"image '{path}' not found")
     if not path.is_file():
         raise BadImage(f"'{path}' is not an image file")
