@@ -152,7 +152,8 @@ def test_dissection_mistakes(demo):
     with pytest.raises(vizcnn.BadArgument, match="items are \\(image, label, mask\\)"):
         dissect(demo, plain, ["features.3"], SHAPE_CONCEPTS, progress=False)
     masked = ShapesDataset(8, seed=HELD_OUT_SEED, masks=True)
-    with pytest.raises(vizcnn.BadArgument, match="only 3 concepts"):
+    with pytest.raises(vizcnn.BadArgument,
+                       match="holds value 3, which names no concept: 3 are named"):
         dissect(demo, masked, ["features.3"], ["a", "b", "c"], progress=False)
     with pytest.raises(vizcnn.BadArgument, match="quantile"):
         dissect(demo, masked, ["features.3"], SHAPE_CONCEPTS, quantile=2, progress=False)
