@@ -757,3 +757,25 @@ def test_torchscript_models_are_named_as_such(capfd, tmp_path):
                 expected=expected, output=site)
     refused(capfd, "evolution", files[1], "demo", "shapes:4", "--out", figure,
             expected=expected, output=figure)
+
+
+def test_more_bad_inputs_found_by_hand(capfd, tmp_path):
+    """Inputs tried by hand beside the issue's, in the same classes: each one line that says
+    what was wrong, in the command's words, before any long work."""
+    site = tmp_path / "site"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").symlink_to(tmp_path / "nowhere.png")
+    refused(capfd, "gallery", "demo", broken, "--out", site, expected="no readable image in "
+            f"the data: 1 unreadable, e.g. image '{broken / 'a.png'}' is a broken link",
+            output=site)
+    refused(capfd, "gallery", "demo", "shapes:4", "--batch-size", "0", "--out", site,
+            expected="--batch-size must be a positive integer, got 0", output=site)
+    refused(capfd, "gallery", "demo", "shapes:4", "--size", "0", "--out", site,
+            expected="--size must be a positive integer", output=site)
+    folder = tmp_path / "ck_epoch2.pt"
+    folder.mkdir()
+    figure = tmp_path / "f.png"
+    refused(capfd, "evolution", "demo:1", folder, "shapes:4", "--out", figure,
+            expected="checkpoint '" + str(folder) + "' is a folder, not a checkpoint file",
+            output=figure)

@@ -499,7 +499,8 @@ def _load_checkpoint(path: Path, arch: str | None, trust: bool,
         hint = None
         if path.name in torchvision_architectures() or path.name == "demo":
             hint = f"for a torchvision architecture write torchvision:{path.name}"
-        raise BadCheckpoint(f"checkpoint '{path}' not found", hint)
+        where = "is a folder, not a checkpoint file" if path.is_dir() else "not found"
+        raise BadCheckpoint(f"checkpoint '{path}' {where}", hint)
     if _is_torchscript(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
