@@ -155,7 +155,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _activations(args: argparse.Namespace) -> None:
-
     from vizcnn.hooks import activations
     from vizcnn.io import atomic_path, file_target, save_tensors
     from vizcnn.models import preprocess
@@ -244,7 +243,13 @@ def _topk(args: argparse.Namespace) -> None:
     from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
     from vizcnn.render.figures import save_figure
     from vizcnn.render.panels import top_patches_panel
-    from vizcnn.scan import data_folder, discard_state, first_input, scan_topk
+    from vizcnn.scan import (
+        data_folder,
+        discard_state,
+        discarded_on_error,
+        first_input,
+        scan_topk,
+    )
 
     check_outside(args.out, data_folder(args.data))
     out = check_replaceable(args.out, "topk/manifest.json", "top-k")
@@ -270,18 +275,14 @@ def _topk(args: argparse.Namespace) -> None:
     if rank != 0:  # under torchrun every rank scans its shard; rank 0 writes
         return
     written = []
-    try:
-        with atomic_path(out) as staging:
-            staging.mkdir()
-            top.save(staging / "topk")
-            for layer in args.layer:
-                name = f"fig2_{layer}.{args.format}"
-                save_figure(top_patches_panel(model, top, data, layer, channels[layer]).figure,
-                            staging / name)
-                written.append(name)
-    except Exception:  # not Ctrl-C: a failed run leaves no scan state behind
-        discard_state(state)
-        raise
+    with discarded_on_error(state), atomic_path(out) as staging:  # a failed run leaves none
+        staging.mkdir()
+        top.save(staging / "topk")
+        for layer in args.layer:
+            name = f"fig2_{layer}.{args.format}"
+            save_figure(top_patches_panel(model, top, data, layer, channels[layer]).figure,
+                        staging / name)
+            written.append(name)
     discard_state(state)
     print(f"scanned {top.images} images ({len(top.skipped)} unreadable, left out)")
     for name in ["topk", *written]:

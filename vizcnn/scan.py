@@ -62,13 +62,14 @@ __all__ = [
     "data_folder",
     "default_workers",
     "discard_state",
+    "discarded_on_error",
     "first_input",
-    "no_readable_image",
     "image_files",
-    "read_concepts",
     "input_batches",
     "input_mask",
+    "no_readable_image",
     "open_data",
+    "read_concepts",
     "scan_topk",
     "sibling_masks",
 ]
@@ -853,8 +854,9 @@ def scan_topk(
         state_path = Path(state_path) / f"rank{shard[0]}"
     require_hookable(model)
     scan = _Scan(model, names, k, source, identity, state_path)  # refuses another scan's state
-    with progress_bar(total=_length(data), initial=scan.count, desc="scan", unit="img",
-                      disable=not progress or shard[0] != 0) as bar:
+    with (progress_bar(total=_length(data), initial=scan.count, desc="scan", unit="img",
+                       disable=not progress or shard[0] != 0) as bar,
+          discarded_on_error(state_path)):
         try:
             with preserved_state(model, eval_mode=True), torch.no_grad():
                 for indices, batch, batch_skipped in input_batches(model, data, batch_size,
@@ -862,19 +864,27 @@ def scan_topk(
                     scan.add(indices, batch, batch_skipped)
                     bar.update((len(batch) + len(batch_skipped)) * shard[1])
                     scan.save(every=save_every)
-            if not scan.kept:
-                raise BadArgument(f"no image to scan in {source}" + (
-                    f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
-            top = scan.result()
-            if state_path:
-                top.save(state_path)
         except KeyboardInterrupt:
             scan.save()
             raise
-        except Exception:
-            discard_state(state_path)
-            raise
+        if not scan.kept:
+            raise BadArgument(f"no image to scan in {source}" + (
+                f" for rank {shard[0]} of {shard[1]}" if shard[1] > 1 else ""))
+        top = scan.result()
+        if state_path:
+            top.save(state_path)
     return _merge_ranks(top) if shard[1] > 1 else top
+
+
+@contextlib.contextmanager
+def discarded_on_error(state_path: str | os.PathLike | None) -> Iterator[None]:
+    """A block after which a scan's state is kept only if it was interrupted: an error (not
+    Ctrl-C, nor a kill) removes it (``discard_state``)."""
+    try:
+        yield
+    except Exception:
+        discard_state(state_path)
+        raise
 
 
 def discard_state(state_path: str | os.PathLike | None) -> None:

@@ -62,6 +62,7 @@ from vizcnn.scan import (
     ImageFolder,
     data_folder,
     discard_state,
+    discarded_on_error,
     first_input,
     images_at,
     in_memory,
@@ -162,14 +163,11 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the scan
         top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
                         state_path=state_path, workers=workers, progress=False)
-        try:
+        with discarded_on_error(state_path):  # a failed gallery leaves no scan state behind
             _after_scan(model, data, out, clock, layers=layers, size=size, rows=rows,
                         shown=shown, top=top, batch_size=batch_size, concepts=concepts,
                         health=health, checkpoints=checkpoints, figures=figures,
                         command=command, source=source or top.source)
-        except Exception:  # not Ctrl-C: a failed gallery leaves no scan state behind
-            discard_state(state_path)
-            raise
     discard_state(state_path)  # it was kept to resume an interrupted gallery: done
     return out / "index.html"
 
