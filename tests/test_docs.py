@@ -70,7 +70,7 @@ LEVELS = {
     "models": 4, "receptive": 4, "summary": 4,
     "deconv_graph": 4.5, "deconv": 5, "scan": 5, "units": 5, "probes": 5, "probes.occlusion": 5,
     "probes.adversarial": 5,
-    "probes.invariance": 5, "train": 5, "doctor": 5.5, "evolution": 5.5,
+    "probes.invariance": 5, "featvis": 5, "train": 5, "doctor": 5.5, "evolution": 5.5,
     "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5, "render.gallery": 6.7,
     "demo": 7, "cli": 7, "": 7,
 }

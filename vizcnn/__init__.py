@@ -29,6 +29,7 @@ __all__ = [
     "Dissection",
     "ExciteResult",
     "FeatureEvolution",
+    "FeatureVisualization",
     "Finding",
     "HealthReport",
     "InvarianceResult",
@@ -54,6 +55,7 @@ __all__ = [
     "doctor",
     "excite",
     "feature_evolution",
+    "feature_visualization",
     "fgsm",
     "format_summary",
     "held_out_image",
@@ -91,6 +93,7 @@ def _load_api() -> dict:
         VizCNNError,
     )
     from vizcnn.evolution import FeatureEvolution, feature_evolution
+    from vizcnn.featvis import FeatureVisualization, feature_visualization
     from vizcnn.hooks import activations, capture
     from vizcnn.layers import list_layers
     from vizcnn.models import (

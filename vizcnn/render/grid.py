@@ -23,6 +23,7 @@ __all__ = [
     "filter_grid",
     "image_tiles",
     "occlusion_map_png",
+    "pixel_tiles",
     "projection_tiles",
     "stretch",
     "tile",
@@ -191,6 +192,11 @@ def image_tiles(images, mean=None, std=None) -> np.ndarray:
         tiles = np.stack([stretch(v) for v in values]) if len(values) else values.astype(np.uint8)
     tiles = tiles.transpose(0, 2, 3, 1)
     return np.repeat(tiles, 3, axis=3) if tiles.shape[3] == 1 else tiles[..., :3]
+
+
+def pixel_tiles(pixels) -> np.ndarray:
+    """Pixels in [0, 1] (N, C, h, w) as uint8 RGB tiles (N, h, w, 3); one channel is gray."""
+    return image_tiles(pixels, mean=[0.0] * pixels.shape[1], std=[1.0] * pixels.shape[1])
 
 
 def occlusion_map_png(values, path, *, low: float | None = None, high: float | None = None,
