@@ -322,7 +322,9 @@ def _gallery(args: argparse.Namespace) -> None:
                               checkpoints=args.checkpoints,
                               checkpoint_options={"arch": args.arch,
                                                   "num_classes": args.num_classes,
-                                                  "trust_checkpoint": args.trust_checkpoint})
+                                                  "trust_checkpoint": args.trust_checkpoint},
+                              feature_vis=False if args.no_feature_vis else None,
+                              feature_vis_steps=args.feature_vis_steps)
     except KeyboardInterrupt:
         if state.exists():
             print(f"scan state saved in {state}; run the same command again to resume",
@@ -402,6 +404,36 @@ def _excite(args: argparse.Namespace) -> None:
                         steps=args.steps), args.out)
 
 
+def _visualize(args: argparse.Namespace) -> None:
+    from vizcnn.errors import BadArgument
+    from vizcnn.probes import parse_selector
+    from vizcnn.render.figures import figure_path
+    from vizcnn.render.panels import feature_visualization_panel
+
+    figure_path(args.out)
+    model = _load(args)
+    if args.objective == "class":
+        if args.class_ is None:
+            raise BadArgument("--objective class needs --class NAME (or index)",
+                              "give the class to visualize, e.g. --class circle")
+        layer, channels, classes = None, None, [_class_argument(c) for c in args.class_]
+    else:
+        if args.layer is None:
+            raise BadArgument(f"--objective {args.objective} needs --layer L",
+                              "see `vizcnn summary MODEL` for the layer names")
+        layer, channels, classes = args.layer, parse_channels(args.channels, None), None
+    size = tuple(args.size) if args.size else None
+    _write(feature_visualization_panel(
+        model, layer, channels, objective=args.objective, classes=classes,
+        unit=tuple(args.unit) if args.unit else None, output=parse_selector(args.output),
+        n=args.n, diversity=args.diversity, steps=args.steps, size=size, seed=args.seed),
+        args.out)
+
+
+def _class_argument(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def _invariance(args: argparse.Namespace) -> None:
     from vizcnn.probes import parse_selector
     from vizcnn.render.panels import invariance_panel
@@ -440,6 +472,11 @@ EXAMPLES = {
                     "vizcnn adversarial demo shapes:0 --method pgd --eps 8/255 --out pgd.png"],
     "excite": ["vizcnn excite demo shapes:1 --layer features.6 --out excite.png"],
     "invariance": ["vizcnn invariance demo shapes:1 --out fig5.png"],
+    "visualize": ["vizcnn visualize demo --layer features.6 --channels 0-15 --out fv.png",
+                  "vizcnn visualize demo --layer features.10 --channels 3 --n 4 --diversity 0.5 "
+                  "--out diverse.png",
+                  "vizcnn visualize demo --objective class --class star --class ring "
+                  "--steps 64 --out classes.png"],
     "gallery": ["vizcnn gallery demo shapes:200 --layer features.6 --layer features.8 "
                 "--channels 0-15 --out site",
                 "vizcnn gallery demo shapes:200 --layer features.0 --channels 0-7 "
@@ -585,6 +622,37 @@ def _add_excite(commands) -> None:
     exc.add_argument("--steps", type=int, default=20)
 
 
+def _add_visualize(commands) -> None:
+    from vizcnn.featvis import DEFAULT_STEPS
+
+    vis = _figure_command(commands, "visualize", "feature visualization: images optimized from "
+                          "noise until each channel (one unit, a class) fires as strongly as "
+                          "it can", _visualize, image=False)
+    vis.add_argument("--layer", metavar="L", help="layer whose channels are visualized")
+    vis.add_argument("--channels", metavar="LIST", help="e.g. 0-15, 3,7,9-11 or all "
+                     "(default: all)")
+    vis.add_argument("--objective", default="channel", choices=["channel", "neuron", "class"],
+                     help="channel: the mean of the channel's map (default); neuron: one unit "
+                     "(--unit, default the centre); class: a class score (--class)")
+    vis.add_argument("--unit", type=int, nargs=2, metavar=("Y", "X"),
+                     help="the unit of --objective neuron (default: the map's centre)")
+    vis.add_argument("--class", dest="class_", action="append", metavar="NAME",
+                     help="class name or index for --objective class (repeatable)")
+    vis.add_argument("--n", type=int, default=1, help="images per channel (1)")
+    vis.add_argument("--diversity", type=float, default=0.0, metavar="W",
+                     help="weight of the penalty that pushes the --n images apart (0)")
+    vis.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                     help=f"optimization steps ({DEFAULT_STEPS})")
+    vis.add_argument("--size", type=int, nargs="+", metavar="N",
+                     help="image size H W (one number: square; default: the model's input size)")
+    vis.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    vis.add_argument("--mean", type=float, nargs="+", metavar="M",
+                     help="the model's input normalisation: mean per channel, of pixels in 0-1")
+    vis.add_argument("--std", type=float, nargs="+", metavar="S",
+                     help="standard deviation per channel, of pixels in 0-1")
+    _add_output_option(vis)
+
+
 def _add_invariance(commands) -> None:
     inv = _figure_command(commands, "invariance", "translate, scale and rotate an image: "
                           "feature distances and P(true class) (Fig. 5)", _invariance)
@@ -620,6 +688,13 @@ def _add_gallery(commands) -> None:
                          help="leave the paper figures out of the index")
     gallery.add_argument("--no-health", action="store_true",
                          help="leave the health report (vizcnn doctor) out of the index")
+    vis = gallery.add_mutually_exclusive_group()
+    vis.add_argument("--no-feature-vis", action="store_true", help="leave the feature "
+                     "visualizations out (they are on where the model's normalisation is "
+                     "known: its own, or --mean and --std)")
+    vis.add_argument("--feature-vis-steps", type=int, metavar="N", help="optimization steps "
+                     "per feature visualization: fewer is faster and weaker (default: as "
+                     "vizcnn visualize)")
     gallery.add_argument("--checkpoints", nargs="+", metavar="CKPT",
                          help="earlier checkpoints of MODEL's training run (paths or demo:N; "
                          "see vizcnn evolution; MODEL is added as the last where it is not "
@@ -688,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for add in (_add_summary, _add_activations, _add_filters, _add_maps, _add_deconv, _add_topk,
-                _add_occlusion, _add_adversarial, _add_excite, _add_invariance, _add_gallery,
+                _add_occlusion, _add_adversarial, _add_excite, _add_visualize, _add_invariance,
+                _add_gallery,
                 _add_evolution, _add_doctor, _add_demo, _add_train_demo):
         add(commands)
     return parser

@@ -40,6 +40,8 @@ __all__ = [
     "excite_figure",
     "feature_maps_figure",
     "feature_maps_rows",
+    "feature_visualization_figure",
+    "featvis_beside_top_figure",
     "figure_path",
     "filters_figure",
     "first_layers_figure",
@@ -255,6 +257,107 @@ def top_patches_figure(patches, *, mean=None, std=None, columns: int = 4,
         title = (f"{patches.layer}: top {k} projections (left) and image patches (right) "
                  "per channel")
     ax.set_title(title, fontsize=8)
+    return fig
+
+
+def feature_visualization_figure(result, *, columns: int = 8, natural=None,
+                                 title: str | None = None) -> Figure:
+    """Feature visualizations, one tile per image: per channel its n images side by side,
+    titled with the channel and the strongest unit the image reached (and, with ``natural``
+    (K,), the channel's strongest natural unit). A channel that never fired shows a crossed
+    grey tile saying so, never its grey picture.
+
+    Args:
+        result: a ``featvis.FeatureVisualization``.
+        columns: channel blocks per row.
+    """
+    from vizcnn.render.grid import pixel_tiles
+
+    count, n = result.images.shape[:2]
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    fig = Figure(figsize=(min(7.0, 1.0 * columns * n), 1.15 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns * n, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, channel in enumerate(result.channels.tolist()):
+        row, column = divmod(k, columns)
+        tiles = pixel_tiles(result.images[k])
+        for i in range(n):
+            ax = axes[row, column * n + i]
+            if bool(result.failed[k]):
+                ax.imshow(np.full_like(tiles[i], 200))
+                ax.plot([0, tiles.shape[2] - 1], [0, tiles.shape[1] - 1], color="0.4", lw=0.8)
+                ax.text(tiles.shape[2] / 2, tiles.shape[1] / 2, "never\nfired", ha="center",
+                        va="center", fontsize=5)
+            else:
+                ax.imshow(tiles[i], interpolation="nearest")
+            if i == 0:
+                text = f"{channel}: {float(result.strongest[k].max()):.3g}"
+                if natural is not None:
+                    text += f" ({float(natural[k]):.3g})"
+                ax.set_title(text, fontsize=5, pad=2)
+    what = {"channel": "channel mean", "neuron": "one unit", "class": "class score"}
+    fig.suptitle(title or f"{result.layer}: feature visualization ({what[result.recipe.objective]}"
+                 f", {result.recipe.steps} steps); title: strongest unit reached"
+                 + (" (strongest natural unit)" if natural is not None else ""), fontsize=7)
+    return fig
+
+
+def featvis_beside_top_figure(rows, *, mean=None, std=None, title: str | None = None
+                              ) -> Figure:
+    """Zeiler & Fergus Fig. 2 with the third picture of the field: per channel its top-k
+    projections, the image patches they came from, and its feature visualization (the image
+    optimized until the channel's centre unit fires most, cropped to that unit's receptive
+    field), one row of channels per layer.
+
+    Args:
+        rows: per layer ``(layer, patches, result, box)``: a ``deconv.TopPatches``, the
+            ``featvis.FeatureVisualization`` of the same channels and the receptive field
+            (top, left, bottom, right) of the optimized unit.
+        mean, std: the model's normalisation, to show the patches in their own colours.
+    """
+    from vizcnn.render.grid import pixel_tiles
+
+    def square(rgb: np.ndarray) -> np.ndarray:
+        """A tile mosaic or crop at ``side`` x ``side`` pixels: every layer's row the same
+        height, small receptive fields enlarged pixel by pixel."""
+        small = max(rgb.shape[:2]) < side
+        return cv2.resize(np.ascontiguousarray(rgb), (side, side),
+                          interpolation=cv2.INTER_NEAREST if small else cv2.INTER_AREA)
+
+    side, label = 96, 16
+    strips = []
+    for _, patches, result, box in rows:
+        k = patches.values.shape[1]
+        columns = math.ceil(math.sqrt(k))
+        top_, left, bottom, right = box
+        crops = pixel_tiles(result.images[:, 0])[:, top_:bottom, left:right]
+        blocks = []
+        for c in range(len(patches.channels)):
+            crop = square(crops[c])
+            if bool(result.failed[c]):
+                crop[:] = 200
+            gap = np.full((side, 4, 3), 255, np.uint8)
+            blocks.append(np.concatenate([
+                square(tile(projection_tiles(patches.projections[c]), columns=columns)), gap,
+                square(tile(image_tiles(patches.images[c], mean, std), columns=columns)), gap,
+                crop], axis=1))
+        strip = tile(np.stack(blocks), columns=len(blocks), padding=8)
+        strips.append(np.pad(strip, ((label, 0), (0, 0), (0, 0)), constant_values=255))
+    width = max(strip.shape[1] for strip in strips)
+    strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255)
+              for s in strips]
+    mosaic = np.concatenate(strips, axis=0)
+    fig, ax = _new_axes(7.0, 7.0 * mosaic.shape[0] / mosaic.shape[1] + 0.4, None)
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for number, (layer, patches, _, _) in enumerate(rows):
+        channels = ", ".join(str(int(c)) for c in patches.channels)
+        ax.text(8, number * strips[0].shape[0] + label - 2, f"{layer}: channels {channels}",
+                fontsize=6, va="bottom", ha="left")
+    ax.set_title(title or "Top-9 projections, image patches and feature visualization "
+                 "(receptive field of the optimized unit) per channel", fontsize=8)
     return fig
 
 

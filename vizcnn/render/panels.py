@@ -27,6 +27,7 @@ from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import model_info, normalisation_of, preprocess
 from vizcnn.render import figures
 from vizcnn.render.grid import image_tiles
+from vizcnn.scan import first_input
 
 __all__ = [
     "Panel",
@@ -37,6 +38,8 @@ __all__ = [
     "evolution_panel",
     "excite_panel",
     "feature_maps_panel",
+    "feature_visualization_panel",
+    "featvis_beside_top_panel",
     "filters_panel",
     "first_layers_panel",
     "invariance_panel",
@@ -260,6 +263,59 @@ def excite_panel(model: nn.Module, image: Any, layer: str, channel: int | None =
             f"{float(result.after[0]):.4g} (eps {result.eps:.4f})")
     mean, std = display_normalisation(model)
     return Panel(figures.excite_figure(x, result, mean=mean, std=std), (note,), result)
+
+
+def feature_visualization_panel(model: nn.Module, layer: str | None,
+                                channels: Sequence[int] | None = None, **options: Any) -> Panel:
+    """Images optimized until each channel (unit, class) fires (``vizcnn.featvis``); the
+    ``options`` go to ``feature_visualization``."""
+    from vizcnn.featvis import describe, feature_visualization
+
+    result = feature_visualization(model, layer, channels, **options)
+    if result.recipe.objective == "class":
+        info = model_info(model)
+        names = [info.class_name(c) for c in result.channels.tolist()]
+        notes = [f"class {name}: score {float(v.max()):.4g}"
+                 for name, v in zip(names, result.activation, strict=True)]
+    else:
+        notes = [f"{result.layer} channel {c}: strongest unit {float(v.max()):.4g}"
+                 + (" (never fired)" if bool(f) else "")
+                 for c, v, f in zip(result.channels.tolist(), result.strongest, result.failed,
+                                    strict=True)]
+    return Panel(figures.feature_visualization_figure(result), (describe(result), *notes),
+                 result)
+
+
+def featvis_beside_top_panel(model: nn.Module, top: Any, data: Any, layers: Sequence[str],
+                             per_layer: int = 4, **options: Any) -> Panel:
+    """Per layer the ``per_layer`` channels with the strongest natural units: their top-k
+    projections and patches (Fig. 2) beside their feature visualization (the centre unit's
+    objective, cropped to its receptive field); ``options`` go to
+    ``feature_visualization``."""
+    from vizcnn.deconv import top_patches
+    from vizcnn.featvis import feature_visualization
+    from vizcnn.receptive import receptive_field
+
+    rows, notes = [], []
+    info = model_info(model)
+    size = info.input_size or tuple(first_input(model, data).shape[-2:])
+    for layer in layers:
+        strongest = top.values[layer][:, 0]
+        channels = sorted(strongest.argsort(descending=True)[:per_layer].tolist())
+        patches = top_patches(model, top, data, layer, channels)
+        result = feature_visualization(model, layer, channels, objective="neuron",
+                                       size=size, progress=False, **options)
+        height, width = activations(model, torch.zeros(1, result.images.shape[2], *size),
+                                    [layer])[layer].shape[-2:]
+        box = receptive_field(model, layer, size).box(height // 2, width // 2)
+        rows.append((layer, patches, result, box))
+        notes.append(f"{layer}: channels {channels}, strongest unit reached "
+                     + ", ".join(f"{float(v.max()):.3g}" for v in result.strongest)
+                     + " (natural " + ", ".join(f"{float(strongest[c]):.3g}" for c in channels)
+                     + ")")
+    mean, std = display_normalisation(model)
+    return Panel(figures.featvis_beside_top_figure(rows, mean=mean, std=std), tuple(notes),
+                 rows)
 
 
 def invariance_panel(model: nn.Module, images: Sequence[Any], *,
