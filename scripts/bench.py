@@ -15,6 +15,23 @@ Sections:
     adversarial  FGSM / PGD success at 2, 4, 8 grey levels and L-BFGS success and distortion on
             200 correctly classified demo images; the demo model's invariance numbers.
 
+    featvis  feature visualization of the demo network's features.6 (64 px): vizcnn, all
+            channels batched, against Lucent's ``render_vis`` with its own recipe, one call
+            per channel as a Lucent user writes it, at the same size and steps; channel-steps
+            per second and the activation each image reached (the strongest unit of the map
+            on the untransformed image, both sides measured alike). Needs torch-lucent:
+            ``pip install --no-deps torch-lucent==0.1.8 kornia decorator ipython`` (a bench
+            dependency only; two kornia functions it calls by their old names get aliases
+            here, in the bench).
+
+    featvis-quality  for every live channel of the demo network's 5 conv layers (its
+            strongest natural unit over shapes:2000 above 0), whether its feature
+            visualization (neuron objective, the map's centre unit) reaches that natural
+            unit, per layer, at 64, 128, 256 and 512 steps (--quick: the default steps only);
+            and the same at the default steps on a network unlike ours (PReLU, GELU as a
+            function, a ceil-mode pool, LeakyReLU, its own normalisation, 57 px inputs),
+            trained here for a minute on the shapes.
+
 Weights are random (seeded): nothing is downloaded, and speed does not depend on the weights.
 The images are crops of scikit-image's and scikit-learn's photographs.
 """
@@ -512,8 +529,171 @@ def bench_gallery(quick: bool) -> None:
     print("  pages %: the share of figures + pages (rendering and writing) in the total")
 
 
+def _lucent():
+    """Lucent's optvis, or None where it is not installed; its two renamed kornia calls
+    aliased (bench only)."""
+    try:
+        import kornia
+        import kornia.geometry.transform as kornia_transform
+    except ImportError:
+        return None
+    kornia.get_rotation_matrix2d = getattr(kornia, "get_rotation_matrix2d",
+                                           kornia_transform.get_rotation_matrix2d)
+    kornia.warp_affine = getattr(kornia, "warp_affine", kornia_transform.warp_affine)
+    try:
+        from lucent.optvis import param, render, transform
+    except ImportError:
+        return None
+    return param, render, transform
+
+
+def _strongest(model, images: torch.Tensor, layer: str, channels: list[int]) -> torch.Tensor:
+    """(C,) the strongest unit of each channel's map on its own image, pixels (C, 3, H, W)."""
+    from vizcnn.hooks import activations
+
+    mean, std = vizcnn.model_info(model).preprocessing.pixel_normalisation(3)
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    maps = activations(model, x, [layer])[layer]
+    return maps[torch.arange(len(channels)), torch.tensor(channels)].flatten(1).amax(1)
+
+
+def bench_featvis(quick: bool, layer: str = "features.6", steps: int = 128) -> None:
+    """vizcnn's batched feature visualization against Lucent's one call per channel."""
+    import copy
+
+    from torchvision.transforms import Normalize
+
+    from vizcnn.featvis import feature_visualization
+
+    lucent = _lucent()
+    model = vizcnn.load_model("demo")
+    width = resolve_layer(model, layer).out_channels
+    channels = list(range(0, width, width // (4 if quick else 16)))
+    print(f"feature visualization, demo {layer} at 64 px, {steps} steps, "
+          f"{torch.get_num_threads()} threads")
+    for objective in ("channel", "neuron"):
+        for label, wanted in ((f"{len(channels)} channels", channels),
+                              (f"all {width} channels", list(range(width)))):
+            if quick and wanted is not channels:
+                continue
+            result, seconds = _timed(feature_visualization, model, layer, wanted,
+                                     objective=objective, steps=steps, progress=False)
+            print(f"  vizcnn {objective:<8} {label:<16} {len(wanted) * steps / seconds:8.0f} "
+                  f"channel-steps/s  ({seconds:.1f} s)")
+            if wanted is channels and objective == "channel":
+                ours = result.strongest[:, 0]
+    if lucent is None:
+        print("  Lucent: not installed (see the module docstring); no comparison")
+        return
+    param, render, transform = lucent
+    mean, std = vizcnn.model_info(model).preprocessing.pixel_normalisation(3)
+    transforms = [*transform.standard_transforms, Normalize(mean, std)]
+    images, started = [], time.perf_counter()
+    for channel in channels:
+        torch.manual_seed(channel)
+        fresh = copy.deepcopy(model)  # Lucent never removes its hooks (lucent issue 45)
+        final = render.render_vis(fresh, f"{layer.replace('.', '_')}:{channel}",
+                                  lambda: param.image(64), transforms=transforms,
+                                  thresholds=(steps,), preprocess=False, progress=False,
+                                  show_image=False, fixed_image_size=64)
+        images.append(torch.from_numpy(final[-1]).permute(0, 3, 1, 2))
+    seconds = time.perf_counter() - started
+    theirs = _strongest(model, torch.cat(images), layer, channels)
+    rate = len(channels) * steps / seconds
+    print(f"  Lucent channel   {len(channels)} channels, one call each {rate:8.0f} "
+          f"channel-steps/s  ({seconds:.1f} s; its best: our normalisation, fixed_image_size"
+          "=64, a fresh model copy per call)")
+    print(f"  activation reached (strongest unit), channel objective: vizcnn >= Lucent on "
+          f"{int((ours >= theirs).sum())} of {len(channels)} channels; median vizcnn "
+          f"{float(ours.median()):.2f}, Lucent {float(theirs.median()):.2f}")
+    print("  per channel (vizcnn / Lucent): " + ", ".join(
+        f"{c}: {float(a):.1f}/{float(b):.1f}" for c, a, b in zip(channels, ours, theirs,
+                                                                   strict=True)))
+
+
+class _Unlike(torch.nn.Module):
+    """Not our network: PReLU, GELU as a function, a ceil-mode pool, LeakyReLU, 57 px."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 32, 5, stride=2, padding=2)
+        self.act1 = nn.PReLU(32)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(32, 48, 3, padding=1)
+        self.conv3 = nn.Conv2d(48, 64, 3)
+        self.act3 = nn.LeakyReLU(0.1)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        x = self.pool(self.act1(self.conv1(x)))
+        x = self.act3(self.conv3(torch.nn.functional.gelu(self.conv2(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _trained_unlike(images: int = 6000, epochs: int = 3) -> torch.nn.Module:
+    """``_Unlike`` with its own normalisation, trained on the shapes (training seed) at
+    57 px with Adam: about a minute on 2 cores."""
+    from vizcnn.data.shapes import TRAIN_SEED, ShapesDataset
+
+    preprocessing = Preprocessing(resize=(57, 57), crop=None, mean=(0.45, 0.5, 0.55),
+                                  std=(0.2, 0.25, 0.3))
+    torch.manual_seed(0)
+    model = vizcnn.with_model_info(_Unlike(), preprocessing=preprocessing)
+    data = ShapesDataset(images, seed=TRAIN_SEED, transform=preprocessing)
+    x = torch.stack([data[i][0] for i in range(images)])
+    y = torch.tensor([data[i][1] for i in range(images)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(images).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _reached(model, layers: list[str], steps: int, top) -> str:
+    """Per layer: live channels whose feature visualization reaches the strongest natural
+    unit, and the ratio's 5th percentile and median."""
+    from vizcnn.featvis import feature_visualization
+
+    parts, started = [], time.perf_counter()
+    for layer in layers:
+        natural = top.values[layer][:, 0]
+        result = feature_visualization(model, layer, objective="neuron", steps=steps,
+                                       progress=False)
+        live = natural > 0
+        ratio = (result.strongest.amax(1) / natural)[live]
+        parts.append(f"{layer} {int((ratio >= 1).sum())}/{int(live.sum())} "
+                     f"({100 * float((ratio >= 1).float().mean()):.1f} %, q05 "
+                     f"{float(ratio.quantile(0.05)):.2f}, median {float(ratio.median()):.2f}"
+                     f", failed {int(result.failed.sum())})")
+    return f"{time.perf_counter() - started:6.1f} s  " + "; ".join(parts)
+
+
+def bench_featvis_quality(quick: bool) -> None:
+    """The feature visualizations' activation against the data's strongest unit."""
+    from vizcnn.featvis import DEFAULT_STEPS
+
+    demo = vizcnn.load_model("demo")
+    layers = vizcnn.list_layers(demo, "conv")
+    top = vizcnn.scan_topk(demo, "shapes:2000", layers, k=1, progress=False)
+    print("feature visualization (neuron objective) against the strongest natural unit over "
+          f"shapes:2000: live channels reached, {torch.get_num_threads()} threads")
+    for steps in (DEFAULT_STEPS,) if quick else (64, 128, 256, 512):
+        print(f"  demo, {steps:3d} steps: {_reached(demo, layers, steps, top)}")
+    unlike = _trained_unlike(2000 if quick else 6000)
+    accuracy = vizcnn.accuracy(unlike, "shapes:2000").fraction
+    layers = ["conv1", "conv2", "conv3"]
+    top = vizcnn.scan_topk(unlike, "shapes:2000", layers, k=1, progress=False)
+    print(f"  unlike ours ({100 * accuracy:.0f} % held-out accuracy), {DEFAULT_STEPS} steps: "
+          f"{_reached(unlike, layers, DEFAULT_STEPS, top)}")
+
+
 SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
-            "gallery": bench_gallery,
+            "gallery": bench_gallery, "featvis": bench_featvis,
+            "featvis-quality": bench_featvis_quality,
             "adversarial": bench_adversarial}
 
 

@@ -56,8 +56,8 @@ def first_layer_experiment(out_dir: Path, alexnet_run: Path) -> list[str]:
     return [*written, str(out_dir / "first_layers.txt")]
 
 
-def make_gallery(out_dir: str | Path = "gallery", alexnet_run: str | Path = "runs/alexnet"
-                 ) -> list[str]:
+def make_gallery(out_dir: str | Path = "gallery", alexnet_run: str | Path = "runs/alexnet",
+                 experiment: bool = True) -> list[str]:
     out_dir = Path(out_dir)
     photo = cv2.resize(skimage.data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
     fig = Figure(figsize=(8.6, 3.4), layout="constrained")
@@ -78,6 +78,8 @@ def make_gallery(out_dir: str | Path = "gallery", alexnet_run: str | Path = "run
                 shutil.copy(path, out_dir / "demo" / path.name)
                 written.append(str(out_dir / "demo" / path.name))
         written += screenshots(Path(scratch) / "demo" / "gallery", out_dir)
+    if not experiment:  # its committed files stay as they are
+        return written
     return written + first_layer_experiment(out_dir, Path(alexnet_run))
 
 
@@ -110,8 +112,11 @@ if __name__ == "__main__":
                         "network's training run (trained there when missing)")
     parser.add_argument("--only-experiment", action="store_true",
                         help="write only the first-layer experiment")
+    parser.add_argument("--skip-experiment", action="store_true",
+                        help="write everything but the first-layer experiment")
     args = parser.parse_args()
     paths = (first_layer_experiment(Path(args.out), Path(args.alexnet_run))
-             if args.only_experiment else make_gallery(args.out, args.alexnet_run))
+             if args.only_experiment else make_gallery(args.out, args.alexnet_run,
+                                                      not args.skip_experiment))
     for path in paths:
         print(f"wrote {path}")

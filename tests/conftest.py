@@ -28,6 +28,14 @@ def _torchvision(arch: str) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None).eval()
 
 
+@pytest.fixture(autouse=True)
+def _few_feature_vis_steps(monkeypatch):
+    """Feature visualizations at 4 steps unless a test asks for more: the gallery and the
+    demo make them for every channel they show, and their tests are about the pages, not the
+    pictures (test_featvis.py gives its steps, and checks what they reach)."""
+    monkeypatch.setattr("vizcnn.featvis.DEFAULT_STEPS", 4)
+
+
 @pytest.fixture(scope="session")
 def alexnet() -> nn.Module:
     return _torchvision("alexnet")

@@ -100,6 +100,11 @@ def test_walk_the_demo_gallery_by_clicking(browser, tmp_path):
                                                                              ".card")
              if c.is_displayed()]
     assert set(shown) == {str(c) for c in range(12)} - set(dead)
+    browser.find_element(By.ID, "show-vis").click()  # the cards show feature visualizations
+    assert all(not a.is_displayed() for a in browser.find_elements(By.CSS_SELECTOR, ".card .top"))
+    assert all(c.find_element(By.CSS_SELECTOR, ".vis").is_displayed()
+               for c in browser.find_elements(By.CSS_SELECTOR, ".card") if c.is_displayed())
+    browser.find_element(By.ID, "show-vis").click()
     _no_console_errors(browser)
     _shot(browser, "gallery_layer.png", tmp_path)
 

@@ -81,7 +81,8 @@ def test_demo_writes_figures_and_report(tmp_path):
     assert "filters_layer1.png" in names and "report.txt" in names
     assert len([n for n in names if n.startswith("maps_layer")]) == 5  # every conv layer
     assert [n for n in names if n.startswith("fig2_")] == [
-        "fig2_layer1_features.0.png", "fig2_layer2_features.3.png", "fig2_layer3_features.6.png",
+        "fig2_feature_visualization.png", "fig2_layer1_features.0.png",
+        "fig2_layer2_features.3.png", "fig2_layer3_features.6.png",
         "fig2_layer4_features.8.png", "fig2_layer5_features.10.png"]
     assert "fig7_occlusion.png" in names and "fig4_evolution.png" in names
     health = (tmp_path / "demo" / "health.txt").read_text()

@@ -209,7 +209,7 @@ def test_a_killed_gallery_leaves_the_earlier_site_whole(tmp_path, capsys):
 
     out = tmp_path / "site"
     argv = ["gallery", "demo", "shapes:40", "--layer", "features.3", "--layer", "features.8",
-            "--no-figures", "--out", str(out)]
+            "--no-figures", "--feature-vis-steps", "4", "--out", str(out)]
     assert main(argv) == 0
     capsys.readouterr()
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -229,3 +229,57 @@ def test_a_killed_gallery_leaves_the_earlier_site_whole(tmp_path, capsys):
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
     assert check_links(out) == 1 + 2 + 96 + 128
+
+
+# --------------------------------------------------------------------------- feature visualization
+
+
+def test_channel_pages_show_the_apis_feature_visualization(demo_site):
+    import json
+
+    from vizcnn.featvis import feature_visualization
+    from vizcnn.render.grid import pixel_tiles
+
+    demo, site, index = demo_site
+    record = json.loads((site / "gallery.json").read_text())["feature_visualization"]
+    result = feature_visualization(demo, "features.8", [2, 5], objective="neuron",
+                                   steps=record["steps"], progress=False)
+    tiles = pixel_tiles(result.images[:, 0])
+    for row, channel in enumerate((2, 5)):
+        written = _png(site / "img" / "layer2_features.8" / f"v{channel}.png").astype(int)
+        assert np.abs(written - tiles[row].astype(int)).max() <= 2  # the same, batch or not
+        page = (site / "layer2_features.8" / f"{channel}.html").read_text()
+        assert f"../img/layer2_features.8/vc{channel}.png" in page
+        assert f"Its strongest unit: {float(result.strongest[row, 0]):.4g}" in page
+    layer = (site / "layer2_features.8.html").read_text()
+    assert 'id="show-vis"' in layer and layer.count('class="vis" hidden') == 6
+    assert record["objective"] == "neuron" and record["layers"]["features.8"]["channels"] == 6
+    assert "img/first_layer_feature_vis.png" in index.read_text()
+    assert "feature visualization" in json.loads((site / "gallery.json").read_text())["seconds"]
+
+
+def test_only_the_strongest_channels_and_none_without_a_normalisation(tmp_path):
+    demo = vizcnn.load_model("demo")
+    index = write_gallery(demo, "shapes:30", tmp_path / "some", layers=["features.6"],
+                          channels=list(range(8)), figures=False, health=False,
+                          feature_vis_channels=3, progress=False)
+    top = vizcnn.scan_topk(demo, "shapes:30", ["features.6"], progress=False)
+    strongest = top.values["features.6"][:8, 0].argsort(descending=True)[:3].tolist()
+    folder = index.parent / "layer1_features.6"
+    for channel in range(8):
+        page = (folder / f"{channel}.html").read_text()
+        assert ("not computed in this gallery" in page) == (channel not in strongest)
+        assert (index.parent / "img" / "layer1_features.6" / f"v{channel}.png").exists() == (
+            channel in strongest)
+    plain = vizcnn.with_model_info(vizcnn.load_model("demo"),
+                                   preprocessing=vizcnn.Preprocessing(resize=(64, 64), crop=None,
+                                                                      mean=None, std=None))
+    index = write_gallery(plain, "shapes:12", tmp_path / "plain", layers=["features.6"],
+                          channels=[0], figures=False, health=False, progress=False)
+    assert "normalisation is unknown" in index.read_text()
+    assert "Feature visualization" not in (index.parent / "layer1_features.6" / "0.html"
+                                           ).read_text()
+    with pytest.raises(vizcnn.BadArgument, match="normalisation"):
+        write_gallery(plain, "shapes:12", tmp_path / "refused", layers=["features.6"],
+                      feature_vis=True, progress=False)
+    assert not (tmp_path / "refused").exists()

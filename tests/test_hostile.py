@@ -534,7 +534,8 @@ status = open("/proc/self/status").read()
 cap = int(re.search(r"VmSize:\\s+(\\d+)", status).group(1)) * 1024 + 2 * 2**30
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 sys.exit(vizcnn.cli.main(["gallery", "demo", "shapes:50", "--layer", "classifier.1",
-                          "--channels", "all", "--k", "3", "--out", {str(site)!r}]))
+                          "--channels", "all", "--k", "3", "--feature-vis-steps", "4",
+                          "--out", {str(site)!r}]))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -620,7 +621,7 @@ import vizcnn.cli
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 sys.exit(vizcnn.cli.main(["gallery", "demo", "shapes:12", "--layer", "features.0",
-                          "--no-figures", "--out", {str(site)!r}]))
+                          "--no-figures", "--feature-vis-steps", "4", "--out", {str(site)!r}]))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

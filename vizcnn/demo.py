@@ -43,6 +43,10 @@ DEMO_IMAGES = (0, 1, 2, 3)
 HELD_OUT_SAMPLE = 1000
 TOP_K_SCAN = "shapes:2000"  # the held-out images scanned for the Fig. 2 figures
 TOP_K_CHANNELS = 16  # channels shown per layer
+FEATVIS_CHANNELS = 4  # channels per layer beside their feature visualization (the strongest)
+# channels per layer whose feature visualization the demo's gallery computes (the strongest):
+# 80 of 496 keep the demo at two minutes; `vizcnn gallery demo shapes:2000` computes all
+GALLERY_FEATURE_VIS = 16
 OCCLUSION_IMAGES = (0, 1, 2)  # held-out images of the Fig. 7 figure
 OCCLUSION_LAYER = "features.11"  # conv5 after its ReLU: the paper's "layer 5" feature maps
 PROBE_IMAGE = 1  # the held-out image of the adversarial and excite panels
@@ -67,6 +71,9 @@ def _figures(model, conv_layers: list[str]) -> Iterator[tuple[str, Figure]]:
         yield (f"fig2_layer{number}_{layer}.png",
                panels.top_patches_panel(model, top, TOP_K_SCAN, layer,
                                         range(TOP_K_CHANNELS)).figure)
+    yield ("fig2_feature_visualization.png",
+           panels.featvis_beside_top_panel(model, top, TOP_K_SCAN, conv_layers,
+                                           FEATVIS_CHANNELS).figure)
     yield "fig7_occlusion.png", panels.occlusion_panel(
         model, [held_out_image(i) for i in OCCLUSION_IMAGES], window=16, stride=2,
         layer=OCCLUSION_LAYER, progress=False).figure
@@ -105,7 +112,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = load_model("demo")
     conv_layers = list_layers(model, "conv")
     # the bar is closed before any error or Ctrl-C message reaches the terminal
-    with (progress_bar(total=2 * len(conv_layers) + 9, desc="vizcnn demo",
+    with (progress_bar(total=2 * len(conv_layers) + 10, desc="vizcnn demo",
                        disable=not progress) as bar,
           atomic_path(out_dir) as staging):
         staging.mkdir()
@@ -125,7 +132,8 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
             staging / "fig4_evolution.png")
         bar.update()
         write_gallery(model, GALLERY_DATA, staging / "gallery", progress=False,
-                      command="vizcnn demo", health=health, checkpoints=evolution)
+                      command="vizcnn demo", health=health, checkpoints=evolution,
+                      feature_vis_channels=GALLERY_FEATURE_VIS)
         bar.update()
         written = sorted(p.name for p in staging.iterdir())
     if progress:

@@ -56,7 +56,14 @@ from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, model_info
 from vizcnn.progress import progress_bar
 from vizcnn.render.figures import save_figure, settledness_figure
-from vizcnn.render.grid import filter_grid, image_tiles, projection_tiles, write_image
+from vizcnn.render.grid import (
+    filter_grid,
+    image_tiles,
+    pixel_tiles,
+    projection_tiles,
+    tile,
+    write_image,
+)
 from vizcnn.render.panels import display_normalisation, filters_panel
 from vizcnn.scan import (
     ImageFolder,
@@ -101,7 +108,10 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   workers: int | None = None, figures: bool = True,
                   progress: bool = True, command: str | None = None,
                   state_path: str | os.PathLike | None = None, health: Any = True,
-                  checkpoints: Any = None, checkpoint_options: dict | None = None) -> Path:
+                  checkpoints: Any = None, checkpoint_options: dict | None = None,
+                  feature_vis: bool | None = None,
+                  feature_vis_steps: int | None = None,
+                  feature_vis_channels: int | None = None) -> Path:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
     of its ``index.html``.
 
@@ -133,6 +143,15 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
             last, and is added (with a warning) where it is not among them (``_with_model``).
         checkpoint_options: ``arch``, ``num_classes``, ``trust_checkpoint`` for loading the
             checkpoints.
+        feature_vis: show each channel's feature visualization beside its top-k
+            (``vizcnn.featvis``, the "neuron" objective at the map's centre unit: what one
+            unit of the channel responds to most, the question the top-k patches answer from
+            the data). None (default): where the model's normalisation is known; True
+            refuses a model whose normalisation is unknown.
+        feature_vis_steps: optimization steps (default ``featvis.DEFAULT_STEPS``).
+        feature_vis_channels: visualize only this many channels per layer, those with the
+            strongest natural units (default: every channel shown); the other channels'
+            pages say that theirs was not computed.
 
     A run that fails with an error leaves nothing: no site, no scan state; one interrupted
     (Ctrl-C) keeps its scan state at ``state_path``, to resume. The model and the
@@ -155,6 +174,9 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     data, concepts = _with_masks(data, concepts, masks)
     if checkpoints is not None and not isinstance(checkpoints, FeatureEvolution):
         checkpoints = _with_model(model, checkpoints, **(checkpoint_options or {}))
+    steps, vis_fact = _feature_vis_wanted(model, feature_vis, feature_vis_steps)
+    if feature_vis_channels is not None:
+        positive_int(feature_vis_channels, "feature_vis_channels")
     clock = _Stages(progress)
     with clock:
         data = clock.run("reading", _read, model, data, workers)
@@ -167,7 +189,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
             _after_scan(model, data, out, clock, layers=layers, size=size, rows=rows,
                         shown=shown, top=top, batch_size=batch_size, concepts=concepts,
                         health=health, checkpoints=checkpoints, figures=figures,
-                        command=command, source=source or top.source)
+                        command=command, source=source or top.source,
+                        feature_vis=(steps, feature_vis_channels, vis_fact))
     discard_state(state_path)  # it was kept to resume an interrupted gallery: done
     return out / "index.html"
 
@@ -175,7 +198,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
 def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layers: list[str],
                 size: tuple[int, int], rows: dict, shown: dict[str, list[int]], top: Any,
                 batch_size: int, concepts: list[str] | None, health: Any, checkpoints: Any,
-                figures: bool, command: str | None, source: str) -> None:
+                figures: bool, command: str | None, source: str,
+                feature_vis: tuple[int | None, int | None, str]) -> None:
     """The stages after the scan: statistics, accuracy, dissection, health, evolution, then
     the site (projections, figures, pages), written whole into ``out``."""
     stats = clock.run("statistics", channel_stats, model, data, layers,
@@ -197,17 +221,130 @@ def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layer
         evolution = clock.run("evolution", feature_evolution, checkpoints, data, layers,
                               shown, settle_layers=layers, batch_size=batch_size,
                               progress=False)
+    steps, per_layer, vis_fact = feature_vis
+    if steps is None:
+        visualized = clock.skip("feature visualization", {})
+    else:
+        chosen = {name: _strongest_channels(top, name, channels, per_layer)
+                  for name, channels in shown.items()}
+        clock.bar.set_postfix_str(f"feature visualization, about "
+                                  f"{_feature_vis_estimate(model, chosen, size, steps)}")
+        visualized = clock.run("feature visualization", _feature_vis, model, chosen, size,
+                               steps, top, rows)
     with atomic_path(out) as root, _Site(
             model, data, root, layers=layers, size=size, rows=rows, top=top, stats=stats,
             dissections=dissections, command=command, figures=figures, source=source,
-            score=score, health=report, evolution=evolution) as site:
+            score=score, health=report, evolution=evolution, visualized=visualized,
+            vis_fact=vis_fact) as site:
         clock.run("projections", site.project, shown)
         clock.run("figures", site.draw_figures)
         clock.run("pages", site.write)
         (root / "gallery.json").write_text(json.dumps(
             {"seconds": clock.seconds, "layers": layers, "images": top.images,
              "skipped": len(top.skipped),
-             "channels": sum(len(channels) for channels in shown.values())}, indent=2))
+             "channels": sum(len(channels) for channels in shown.values()),
+             "feature_visualization": _feature_vis_summary(visualized)}, indent=2))
+
+
+@dataclass(frozen=True)
+class _Visualized:
+    """A layer's feature visualizations as the pages need them.
+
+    Attributes:
+        result: the ``FeatureVisualization`` of the shown channels (neuron objective).
+        natural: (C,) each shown channel's strongest unit over the data (the scan's top 1).
+        box: (top, left, bottom, right) the optimized unit's receptive field in the image.
+    """
+
+    result: Any
+    natural: torch.Tensor
+    box: tuple[int, int, int, int]
+
+    def reached(self) -> torch.Tensor:
+        """(C,) bool: the image's strongest unit reaches the strongest natural one."""
+        return self.result.strongest.amax(1) >= self.natural
+
+
+def _feature_vis_wanted(model: nn.Module, wanted: bool | None, steps: int | None
+                        ) -> tuple[int | None, str]:
+    """The feature visualization's steps, or None where the gallery leaves it out (not
+    wanted, or by default the model's normalisation unknown), and what the index says about
+    it. Asked for explicitly on a model whose normalisation is unknown: the one-line
+    refusal of ``feature_visualization``."""
+    from vizcnn.featvis import DEFAULT_STEPS
+    from vizcnn.models import normalisation_of
+
+    steps = positive_int(steps, "feature_vis_steps") if steps is not None else DEFAULT_STEPS
+    if wanted is False:
+        return None, "left out (--no-feature-vis)"
+    if wanted is None and not model_info(model).preprocessing.known:
+        return None, ("none: the model's input normalisation is unknown (give it with --mean "
+                      "and --std)")
+    normalisation_of(model, None, "the gallery's feature visualization")
+    return steps, (f"{steps} steps per channel, the centre unit of its map (see a channel "
+                   "page)")
+
+
+def _feature_vis_estimate(model: nn.Module, shown: dict[str, list[int]],
+                          size: tuple[int, int], steps: int) -> str:
+    """How long the stage will take, from two timed steps of a few rows per layer."""
+    from vizcnn.featvis import feature_visualization
+
+    seconds = 0.0
+    for name, channels in shown.items():
+        rows = channels[:8]
+        started = time.perf_counter()
+        feature_visualization(model, name, rows, objective="neuron", steps=2, size=size,
+                              redirect_steps=0, progress=False)
+        seconds += (time.perf_counter() - started) / 2 / len(rows) * len(channels) * steps
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _strongest_channels(top: Any, name: str, channels: list[int], count: int | None
+                        ) -> list[int]:
+    """The ``count`` of ``channels`` with the strongest natural units (all for None), in
+    channel order."""
+    if count is None or count >= len(channels):
+        return channels
+    values = top.values[name][torch.tensor(channels), 0]
+    return sorted(channels[i] for i in values.argsort(descending=True)[:count].tolist())
+
+
+def _feature_vis(model: nn.Module, shown: dict[str, list[int]], size: tuple[int, int],
+                 steps: int, top: Any, rows: dict) -> dict[str, _Visualized]:
+    """Each layer's feature visualizations (the centre unit of each channel in ``shown``);
+    the stage's own bar is the gallery's (its postfix says how long it will take)."""
+    from vizcnn.featvis import feature_visualization
+
+    visualized = {}
+    for name, channels in shown.items():
+        result = feature_visualization(model, name, channels, objective="neuron", steps=steps,
+                                       size=size, progress=False)
+        shape, field = rows[name].output_shape, rows[name].field
+        box = (0, 0, *size)
+        if field is not None and len(shape) == 3:
+            box = field.box(shape[1] // 2, shape[2] // 2)
+        natural = top.values[name][torch.tensor(channels), 0].cpu()
+        visualized[name] = _Visualized(result, natural, box)
+    return visualized
+
+
+def _feature_vis_summary(visualized: dict[str, _Visualized]) -> dict | None:
+    """gallery.json's record: per layer the channels visualized, how many never fired, and
+    how many of the live ones (strongest natural unit above 0) reached their strongest
+    natural unit."""
+    if not visualized:
+        return None
+    layers = {}
+    for name, seen in visualized.items():
+        live = seen.natural > 0
+        layers[name] = {"channels": len(seen.natural), "failed": int(seen.result.failed.sum()),
+                        "live": int(live.sum()),
+                        "reached": int((seen.reached() & live).sum()),
+                        "ratio_median": float((seen.result.strongest.amax(1) / seen.natural)
+                                              [live].median()) if live.any() else None}
+    first = next(iter(visualized.values())).result.recipe
+    return {"objective": first.objective, "steps": first.steps, "layers": layers}
 
 
 def _read(model: nn.Module, data: Any, workers: int | None) -> Any:
@@ -268,7 +405,7 @@ class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
     NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "health",
-             "evolution", "projections", "figures", "pages")
+             "evolution", "feature visualization", "projections", "figures", "pages")
 
     def __init__(self, progress: bool):
         self.bar = progress_bar(total=len(self.NAMES), desc="gallery", unit="stage",
@@ -381,8 +518,9 @@ class _Site:
     def __init__(self, model: nn.Module, data: Any, root: Path, *, layers: list[str],
                  size: tuple[int, int], rows: dict, top: Any, stats: dict, dissections: dict,
                  command: str | None, figures: bool, source: str, score: Any, health: Any,
-                 evolution: Any):
+                 evolution: Any, visualized: dict[str, _Visualized], vis_fact: str):
         self.model, self.data, self.root, self.layers = model, data, root, layers
+        self.visualized, self.vis_fact = visualized, vis_fact
         self.health, self.evolution = health, evolution
         self.source, self.score = source, score
         self.size, self.rows = size, rows
@@ -457,6 +595,7 @@ class _Site:
             (Path(__file__).parent / "templates" / "style.css").read_text())
         whole = self._whole_images()
         for number, name in enumerate(self.layers):
+            self._feature_vis_tiles(number, name)
             self._layer(number, name, whole)
         self._index()
         self.writes.wait()
@@ -474,6 +613,7 @@ class _Site:
                  ("data", f"{self.source} ({self.top.images:,} images"
                   + (f", {len(self.top.skipped):,} unreadable" if self.top.skipped else "")
                   + ")"),
+                 ("feature visualization", self.vis_fact),
                  ("made by", self.command or "vizcnn.render.write_gallery"),
                  ("date", datetime.date.today().isoformat()),
                  ("vizcnn", _version())]
@@ -500,7 +640,8 @@ class _Site:
         if self.evolution is not None:
             settled = "img/settledness.png"
             save_figure(settledness_figure(self.evolution), self.root / settled, dpi=110)
-        self._render("index.html", self.root / "index.html",
+        first_vis = self._feature_vis_mosaic()
+        self._render("index.html", self.root / "index.html", first_vis=first_vis,
                      title=f"vizcnn gallery: {self.info.spec or type(self.model).__name__}",
                      facts=facts, layers=layers, filters=filters, figures=figures, notes=notes,
                      concepts=bool(self.dissections), health=self.health, settled=settled,
@@ -527,7 +668,8 @@ class _Site:
                 "patch": f"img/{_layer_folder(number, name)}/i{channel}_0{ext}",
                 "strongest": float(strongest[channel]), "fires": float(fires[channel]),
                 "selectivity": float(selectivity[channel]) if labelled else 0.0,
-                "dead": bool(dead[channel]), "label": label})
+                "dead": bool(dead[channel]), "label": label,
+                "feature_vis": self._feature_vis_card(number, name, channel)})
             self._channel(number, name, row, shown, whole, label,
                           None if means is None else (means[channel], selectivity[channel]))
         page = self.rows.get(name)
@@ -535,6 +677,7 @@ class _Site:
                      kind=type(resolve_layer(self.model, name)).__name__,
                      shape="x".join(map(str, page.output_shape)) if page and page.output_shape
                      else "-", cards=cards, labelled=labelled,
+                     feature_vis=name in self.visualized,
                      previous=_layer_page(number - 1, self.layers[number - 1]) if number else None,
                      next=_layer_page(number + 1, self.layers[number + 1])
                      if number + 1 < len(self.layers) else None)
@@ -588,7 +731,69 @@ class _Site:
             strip=self._strip(number, name, channel),
             histogram=[round(100 * c / max(counts.max(), 1), 1) for c in counts],
             low=float(edges[0]), high=float(edges[-1]), class_means=class_means,
-            selectivity=selectivity)
+            selectivity=selectivity, feature_vis=self._feature_vis_page(number, name, channel))
+
+    # ------------------------------------------------------------------ feature visualization
+
+    def _feature_vis_tiles(self, number: int, name: str) -> None:
+        """Each visualized channel's image (``v<channel>.png``) and the optimized unit's
+        receptive field in it (``vc<channel>.png``), beside the layer's other tiles."""
+        if name not in self.visualized:
+            return
+        seen = self.visualized[name]
+        top_, left, bottom, right = seen.box
+        folder = self.root / "img" / _layer_folder(number, name)
+        images = seen.result.images[:, 0]
+        for channel, rgb in zip(seen.result.channels.tolist(), pixel_tiles(images), strict=True):
+            self.writes.image(folder / f"v{channel}.png", rgb)
+            self.writes.image(folder / f"vc{channel}.png",
+                              np.ascontiguousarray(rgb[top_:bottom, left:right]))
+
+    def _feature_vis_card(self, number: int, name: str, channel: int) -> dict | None:
+        """A layer card's feature visualization: its crop, or None (none computed)."""
+        row = self._feature_vis_row(name, channel)
+        if row is None:
+            return None
+        return {"crop": f"img/{_layer_folder(number, name)}/vc{channel}.png",
+                "failed": bool(self.visualized[name].result.failed[row])}
+
+    def _feature_vis_page(self, number: int, name: str, channel: int) -> dict | None:
+        """A channel page's feature visualization section: None where the gallery has none
+        at all, ``computed`` False where this channel's was not computed."""
+        if name not in self.visualized:
+            return None
+        seen, row = self.visualized[name], self._feature_vis_row(name, channel)
+        if row is None:
+            return {"computed": False, "count": len(seen.result.channels),
+                    "steps": seen.result.recipe.steps}
+        folder = _layer_folder(number, name)
+        return {"computed": True, "image": f"../img/{folder}/v{channel}.png",
+                "crop": f"../img/{folder}/vc{channel}.png",
+                "failed": bool(seen.result.failed[row]),
+                "reached": float(seen.result.strongest[row].max()),
+                "natural": float(seen.natural[row]), "steps": seen.result.recipe.steps}
+
+    def _feature_vis_row(self, name: str, channel: int) -> int | None:
+        if name not in self.visualized:
+            return None
+        channels = self.visualized[name].result.channels.tolist()
+        return channels.index(channel) if channel in channels else None
+
+    def _feature_vis_mosaic(self) -> str | None:
+        """The first layer's feature visualizations (each unit's receptive field, enlarged)
+        as one image for the index; None where it has none."""
+        name = self.layers[0]
+        if name not in self.visualized:
+            return None
+        seen = self.visualized[name]
+        top_, left, bottom, right = seen.box
+        crops = pixel_tiles(seen.result.images[:, 0])[:, top_:bottom, left:right]
+        scale = max(1, 32 // max(crops.shape[1:3]))
+        crops = crops.repeat(scale, axis=1).repeat(scale, axis=2)
+        crops[seen.result.failed.numpy()] = 200
+        path = "img/first_layer_feature_vis.png"
+        self.writes.image(self.root / path, tile(crops, columns=16, padding=2))
+        return path
 
     # ------------------------------------------------------------------ pieces
 
@@ -604,9 +809,9 @@ class _Site:
         for start in range(0, len(wanted), 64):
             chunk = wanted[start:start + 64]
             tiles = image_tiles(images_at(self.model, self.data, chunk), self.mean, self.std)
-            for index, tile in zip(chunk, tiles, strict=True):
+            for index, rgb in zip(chunk, tiles, strict=True):
                 paths[index] = f"img/data/{index}{_extension(self.size)}"
-                self.writes.image(self.root / paths[index], tile)
+                self.writes.image(self.root / paths[index], rgb)
         return paths
 
     def _filter(self, number: int, name: str, channel: int
