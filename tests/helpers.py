@@ -142,6 +142,18 @@ def tuple_net(**kwargs) -> nn.Module:
     return TupleNet().eval()
 
 
+class _Pair(nn.Module):
+    """A layer whose output is a tuple: no channels to visualize."""
+
+    def forward(self, x):
+        return x, x
+
+
+def pair_net(**kwargs) -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), _Pair())
+
+
 # --------------------------------------------------------------------------- the gallery
 
 

@@ -96,3 +96,15 @@ def test_folder_scan_with_workers_feeds_the_gpu(tmp_path):
     on_cpu = vizcnn.scan_topk(vizcnn.load_model("demo"), str(tmp_path), ["features.10"],
                               workers=0, progress=False)
     assert torch.equal(on_gpu.indices["features.10"], on_cpu.indices["features.10"])
+
+
+def test_feature_visualization_on_cuda_follows_the_cpu():
+    cpu = vizcnn.load_model("demo")
+    gpu = vizcnn.load_model("demo", device="cuda")
+    on_cpu = vizcnn.feature_visualization(cpu, "features.6", [1, 2], steps=8, progress=False)
+    on_gpu = vizcnn.feature_visualization(gpu, "features.6", [1, 2], steps=8, progress=False)
+    assert on_gpu.images.is_cuda and not on_gpu.failed.any()
+    # the same random streams (drawn on the CPU) and the same steps: the same images, to
+    # the arithmetic's noise
+    assert torch.allclose(on_gpu.images.cpu(), on_cpu.images, atol=5e-3)
+    assert all(not module._forward_hooks for module in gpu.modules())

@@ -282,7 +282,7 @@ def test_interrupted_save_leaves_nothing(demo, tmp_path, monkeypatch):
     (lambda m: feature_visualization(m, "features.99"), LayerNotFound),
     (lambda m: feature_visualization(m, "features.3", [96]), "channel 96 out of range"),
     (lambda m: feature_visualization(m, "features.3", steps=0), "steps must be"),
-    (lambda m: feature_visualization(m, "features.3", n=0), "n (images per channel)"),
+    (lambda m: feature_visualization(m, "features.3", n=0), "n must be"),
     (lambda m: feature_visualization(m, None, objective="class", classes=["hexagon"]),
      "hexagon"),
     (lambda m: feature_visualization(m, "features.3", objective="sharpness"),
@@ -314,3 +314,42 @@ def test_a_layer_without_channels_is_refused():
     model = _described(nn.Sequential(nn.Conv2d(3, 4, 3), Pair()), 16, [0.5] * 3, [0.25] * 3)
     with pytest.raises(BadArgument, match="no spatial output"):
         feature_visualization(model, "1", steps=2)
+
+
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(capfd, tmp_path):
+    from helpers import one_channel_net, pair_net
+    from test_hostile import refused
+
+    out = tmp_path / "fv.png"
+    for argv, expected in [
+        (["--layer", "features.3", "--channels", "200"], "channel 200 out of range"),
+        (["--layer", "features.3", "--steps", "0"], "--steps must be a positive integer"),
+        (["--layer", "features.3", "--n", "0"], "--n must be a positive integer"),
+        (["--objective", "class", "--class", "hexagon"], "hexagon"),
+        (["--objective", "class"], "--class"),
+        (["--layer", "features.99"], "not found"),
+    ]:
+        refused(capfd, "visualize", "demo", *argv, "--out", out, expected=expected,
+                output=out)
+    weights = tmp_path / "gray.pth"
+    torch.save(one_channel_net().state_dict(), weights)
+    refused(capfd, "visualize", weights, "--arch", "helpers:one_channel_net", "--layer", "0",
+            "--size", "32", "--out", out, expected="--mean and --std", output=out)
+    weights = tmp_path / "pair.pth"
+    torch.save(pair_net().state_dict(), weights)
+    refused(capfd, "visualize", weights, "--arch", "helpers:pair_net", "--layer", "1",
+            "--mean", "0.5", "--std", "0.25", "--size", "16", "--out", out,
+            expected="no spatial output", output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.pth", "pair.pth"]
+
+
+def test_the_cli_writes_png_pdf_and_svg(capsys, tmp_path):
+    from vizcnn.cli import main
+
+    for suffix in ("png", "pdf", "svg"):
+        out = tmp_path / f"fv.{suffix}"
+        assert main(["visualize", "demo", "--layer", "features.0", "--channels", "0-3",
+                     "--steps", "4", "--out", str(out)]) == 0
+        assert out.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "4 feature visualization(s) of features.0, 4 steps" in printed

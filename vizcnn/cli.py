@@ -422,7 +422,7 @@ def _visualize(args: argparse.Namespace) -> None:
             raise BadArgument(f"--objective {args.objective} needs --layer L",
                               "see `vizcnn summary MODEL` for the layer names")
         layer, channels, classes = args.layer, parse_channels(args.channels, None), None
-    size = tuple(args.size) if args.size else None
+    size = None if not args.size else args.size[0] if len(args.size) == 1 else tuple(args.size)
     _write(feature_visualization_panel(
         model, layer, channels, objective=args.objective, classes=classes,
         unit=tuple(args.unit) if args.unit else None, output=parse_selector(args.output),

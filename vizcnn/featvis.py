@@ -69,6 +69,7 @@ __all__ = [
     "FeatureVisualization",
     "Recipe",
     "TransformRecipe",
+    "describe",
     "feature_visualization",
 ]
 
@@ -447,7 +448,7 @@ def _check_arguments(model: nn.Module, layer: str | None, objective: str, steps:
     if objective not in ("channel", "neuron", "class"):
         raise BadArgument(f"unknown objective {objective!r}", "use channel, neuron or class")
     positive_int(steps, "steps")
-    positive_int(n, "n (images per channel)")
+    positive_int(n, "n")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise BadArgument(f"lr must be a number > 0, got {lr!r}")
     if not (isinstance(diversity, (int, float)) and math.isfinite(diversity) and diversity >= 0):
