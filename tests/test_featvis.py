@@ -353,3 +353,21 @@ def test_the_cli_writes_png_pdf_and_svg(capsys, tmp_path):
         assert out.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "4 feature visualization(s) of features.0, 4 steps" in printed
+
+
+def test_in_place_activations_of_other_kinds_take_the_redirected_gradient():
+    """LeakyReLU, ReLU6 (hardtanh) and ELU in place, the first conv's units all off at the
+    start: the redirect runs them out of place (autograd keeps its inputs) and wakes them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 3),
+                          nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(8, 8, 3),
+                          nn.ELU(inplace=True), nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-1.0)
+        model[6].weight.abs_()
+    model = _described(model, 24, [0.5] * 3, [0.25] * 3)
+    before = snapshot(model)
+    asleep = feature_visualization(model, "6", steps=48, redirect_steps=0, progress=False)
+    woken = feature_visualization(model, "6", steps=48, progress=False)
+    assert torch.all(woken.activation[:, 0] > asleep.activation[:, 0])
+    assert_unchanged(model, before)

@@ -20,7 +20,8 @@ The recipe is Lucid's (and Lucent's, ``lucent/optvis``), with these constants ta
   Lucent's ``fixed_image_size``).
 - **Dead starts**: Lucid's redirected ReLU gradient (``misc/redirected_relu_grad.py``) for the
   first ``redirect_steps`` steps (16), and after them, up to half of the steps, for as long
-  as some image of the batch has not yet made its channel fire: at every elementwise
+  as some image of the batch has not yet made its channel fire or the last redirected step
+  still found an image whose gradient was blocked: at every elementwise
   nonlinearity (module or function, ``layers.ACTIVATION_FUNCTIONS``), where the ordinary
   gradient of an image is zero everywhere, the gradient passes unchanged, except where it would
   push a negative input lower.
@@ -283,9 +284,10 @@ class _Redirected(torch.autograd.Function):
     incoming gradient, except where it would push a negative input lower."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, function, args: tuple, kwargs: dict) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, function, args: tuple, kwargs: dict,
+                mode: _Redirecting) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.function, ctx.args, ctx.kwargs = function, args, kwargs
+        ctx.function, ctx.args, ctx.kwargs, ctx.mode = function, args, kwargs, mode
         return function(x, *args, **kwargs)
 
     @staticmethod
@@ -300,15 +302,22 @@ class _Redirected(torch.autograd.Function):
                                                   inner, grad)
         blocked = ordinary.flatten(1).eq(0).all(1)
         if not bool(blocked.any()):
-            return ordinary, None, None, None
+            return ordinary, None, None, None, None
+        ctx.mode.blocked = True
         # ``grad`` is d(loss)/d(output) for a loss to minimize: > 0 pushes the input lower
         redirected = torch.where((x < 0) & (grad > 0), 0.0, grad)
         blocked = blocked.view(-1, *[1] * (grad.dim() - 1))
-        return torch.where(blocked, redirected, ordinary), None, None, None
+        return torch.where(blocked, redirected, ordinary), None, None, None, None
 
 
 class _Redirecting(TorchFunctionMode):
-    """While active, every elementwise nonlinearity's call goes through ``_Redirected``."""
+    """While active, every elementwise nonlinearity's call goes through ``_Redirected``;
+    ``blocked`` says whether a backward pass through them found a row whose ordinary
+    gradient was zero everywhere (and redirected it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocked = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -316,7 +325,7 @@ class _Redirecting(TorchFunctionMode):
         if (name in ACTIVATION_FUNCTIONS and args and isinstance(args[0], torch.Tensor)
                 and args[0].requires_grad and args[0].dim() >= 2):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
-            return _Redirected.apply(args[0], _out_of_place(func), args[1:], kwargs)
+            return _Redirected.apply(args[0], _out_of_place(func), args[1:], kwargs, self)
         return func(*args, **kwargs)
 
 
@@ -409,12 +418,15 @@ def _optimize(seen: _Model, target: _Target, recipe: Recipe, images_per_channel:
     optimizer = torch.optim.Adam([spectrum], lr=recipe.lr)
     curve = torch.empty(recipe.steps, rows, device=device)
     fired = torch.zeros(rows, dtype=torch.bool, device=device)
+    blocked = True  # whether the last redirected step found a row with no gradient
     for step in range(recipe.steps):
         # redirected for the first steps, and after them, up to half of the steps, for as
-        # long as some row has never fired (a channel that can fire but had not yet)
+        # long as some row has never fired or the last redirected step found one blocked
         redirect = step < recipe.redirect_steps or (
-            recipe.redirect_steps > 0 and step < recipe.steps // 2 and not bool(fired.all()))
-        with _Redirecting() if redirect else contextlib.nullcontext():
+            recipe.redirect_steps > 0 and step < recipe.steps // 2
+            and (blocked or not bool(fired.all())))
+        mode = _Redirecting() if redirect else None
+        with mode or contextlib.nullcontext():
             transformed = _transform(images.pixels(), draws_t[step], recipe.transforms)
             maps = seen.outputs(transformed)
             value, strongest = _per_row(maps, target)
@@ -424,6 +436,7 @@ def _optimize(seen: _Model, target: _Target, recipe: Recipe, images_per_channel:
                 loss = loss + recipe.diversity * _diversity_penalty(maps, target.group)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        blocked = mode.blocked if mode is not None else blocked
         optimizer.step()
         curve[step] = value.detach()
         bar.update(rows)
