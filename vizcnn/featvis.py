@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from vizcnn.checks import channel_indices, check_channels, feature_maps, positive_int
 from vizcnn.errors import BadArgument
-from vizcnn.geometry import as_pair, input_channels, trace_calls, traced_names
+from vizcnn.geometry import as_pair, input_channels, last_call, trace_calls
 from vizcnn.hooks import forward_to, model_device, preserved_state, run_forward
 from vizcnn.io import atomic_path, save_tensors
 from vizcnn.layers import ACTIVATION_FUNCTIONS, resolve_layer
@@ -383,7 +383,10 @@ class _Model:
                  mean: torch.Tensor, std: torch.Tensor, size: tuple[int, int]):
         self.model, self.layer, self.output = model, layer, output
         self.mean, self.std = mean, std
-        self.traced = traced_names(model, size, [layer]) if layer is not None else None
+        self.calls = trace_calls(model, size)  # one trace: the stop and the chunk size
+        if layer is not None:
+            last_call(self.calls, layer)  # the layer runs at this size, or one line says why
+        self.traced = [call.name for call in self.calls]
 
     def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels - self.mean) / self.std
@@ -443,12 +446,12 @@ def _optimize(seen: _Model, target: _Target, recipe: Recipe, images_per_channel:
     return images.pixels().detach(), curve
 
 
-def _chunk_rows(seen: _Model, size: tuple[int, int], requested: int | None) -> int:
+def _chunk_rows(seen: _Model, requested: int | None) -> int:
     """Rows per chunk: ``requested``, or as many as keep the forward pass's activations near
     ``_CHUNK_BYTES`` (measured on one image: every module output up to the layer)."""
     if requested is not None:
         return positive_int(requested, "batch_size")
-    calls = trace_calls(seen.model, size)
+    calls = seen.calls
     stop = max((i for i, call in enumerate(calls) if call.name == seen.layer),
                default=len(calls) - 1)
     per_row = sum(call.output.numel() * call.output.element_size()
@@ -551,7 +554,7 @@ def feature_visualization(
             probe = seen.outputs(torch.full((1, channels_in, *size), 0.5, device=device))
         wanted = _wanted(model, info, probe, layer, channels, classes, objective, unit)
         return _run(seen, wanted, objective, unit, recipe, n, channels_in,
-                    _chunk_rows(seen, size, batch_size), progress,
+                    _chunk_rows(seen, batch_size), progress,
                     "output" if objective == "class" else layer)
 
 
