@@ -227,8 +227,9 @@ def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layer
     else:
         chosen = {name: _strongest_channels(top, name, channels, per_layer)
                   for name, channels in shown.items()}
-        clock.bar.set_postfix_str(f"feature visualization, about "
-                                  f"{_feature_vis_estimate(model, chosen, size, steps)}")
+        if not clock.bar.disable:  # the estimate costs two steps per layer: only for a bar
+            clock.bar.set_postfix_str(f"feature visualization, about "
+                                      f"{_feature_vis_estimate(model, chosen, size, steps)}")
         visualized = clock.run("feature visualization", _feature_vis, model, chosen, size,
                                steps, top, rows)
     with atomic_path(out) as root, _Site(
