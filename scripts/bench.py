@@ -32,6 +32,10 @@ Sections:
             function, a ceil-mode pool, LeakyReLU, its own normalisation, 57 px inputs),
             trained here (8 epochs of 6,000 shapes, under a minute).
 
+    gallery-scale  the demo gallery over 2,000, 8,000 and 20,000 shapes: seconds per stage,
+            peak memory, images decoded, forward passes, the data pass against a bare decode
+            + forward pass; 1 and 2 processes under torchrun.
+
 Weights are random (seeded): nothing is downloaded, and speed does not depend on the weights.
 The images are crops of scikit-image's and scikit-learn's photographs.
 """
@@ -39,6 +43,7 @@ The images are crops of scikit-image's and scikit-learn's photographs.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -699,9 +704,110 @@ def bench_featvis_quality(quick: bool) -> None:
           f"{_reached(unlike, layers, DEFAULT_STEPS, top)}")
 
 
+# --------------------------------------------------------------------------- gallery at scale
+
+_SCALE_RUN = """
+import json, sys, threading, time
+import vizcnn
+from vizcnn.demo import EVOLUTION_CHECKPOINTS
+from vizcnn.render.gallery import write_gallery
+
+peak = [0]
+def sample():  # resident anonymous memory: a memory map's file pages are the page cache's
+    while True:
+        for line in open('/proc/self/status'):
+            if line.startswith('RssAnon'):
+                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+count, out, checkpoints = int(sys.argv[1]), sys.argv[2], sys.argv[3] == 'yes'
+started = time.perf_counter()
+write_gallery(vizcnn.load_model('demo'), f'shapes:{count}', out, progress=False, figures=False,
+              feature_vis=False, checkpoints=EVOLUTION_CHECKPOINTS if checkpoints else None)
+total = time.perf_counter() - started
+hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))
+print(json.dumps({'total': total, 'anon': peak[0], 'hwm': hwm,
+                  **json.load(open(out + '/gallery.json'))}))
+"""
+
+
+def _bare_pass(count: int) -> float:
+    """Seconds of a bare decode (vizcnn's own, as the gallery's) + no-grad forward pass of the
+    whole demo model over ``shapes:count``, batches of 64."""
+    from vizcnn.scan import input_batches
+
+    model = vizcnn.load_model("demo").eval()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _, batch, _ in input_batches(model, f"shapes:{count}", 64):
+            model(batch)
+    return time.perf_counter() - started
+
+
+def _scale_run(count: int, checkpoints: bool, folder: Path) -> dict:
+    import json
+
+    out = folder / f"site{count}{'e' if checkpoints else ''}"
+    done = subprocess.run([sys.executable, "-c", _SCALE_RUN, str(count), str(out),
+                           "yes" if checkpoints else "no"], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _torchrun_gallery(count: int, ranks: int, folder: Path) -> tuple[float, dict]:
+    import json
+    import os
+
+    out = folder / f"ranks{ranks}_{count}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // ranks))}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", str(ranks), "-m", "vizcnn.cli", "gallery", "demo",
+                    f"shapes:{count}", "--no-figures", "--no-feature-vis", "--out", str(out)],
+                   check=True, capture_output=True, env=env)
+    return time.perf_counter() - started, json.loads((out / "gallery.json").read_text())
+
+
+def bench_gallery_scale(quick: bool) -> None:
+    """The demo gallery (every channel of the 5 conv layers, no figures, no feature
+    visualization) over 2,000, 8,000 and 20,000 shapes, each in a fresh process: seconds per
+    stage, peak resident anonymous memory (a memory map's file pages aside: the cache of
+    decoded inputs and the per-image tables are read through them) and peak RSS, images
+    decoded, forward passes, and the data pass against a bare decode + forward pass of the
+    whole model over the same images; with the 5 training checkpoints' evolution strips; and
+    the same gallery under torchrun with 1 and 2 processes."""
+    import tempfile
+
+    counts = (500, 2000) if quick else (2000, 8000, 20000)
+    print(f"gallery at scale: demo network, {torch.get_num_threads()} threads")
+    print(f"{'images':>7} {'evo':>4} {'total s':>8} {'pass s':>7} {'bare s':>7} {'ratio':>6} "
+          f"{'anon MB':>8} {'RSS MB':>7} {'decoded':>8} {'forward':<32} stages")
+    with tempfile.TemporaryDirectory(dir=".") as scratch:
+        for count in counts:
+            bare = _bare_pass(count)
+            for checkpoints in (False, True):
+                run = _scale_run(count, checkpoints, Path(scratch))
+                stages = run["seconds"]
+                text = " ".join(f"{name} {value:.1f}" for name, value in stages.items())
+                models = 1 + (len(run["forward_passes"]) - 1)
+                print(f"{count:>7} {'yes' if checkpoints else 'no':>4} {run['total']:8.1f} "
+                      f"{stages['data pass']:7.1f} {bare * models:7.1f} "
+                      f"{stages['data pass'] / (bare * models):5.2f}x "
+                      f"{run['anon'] / 2**20:8.0f} {run['hwm'] / 2**20:7.0f} "
+                      f"{run['images_decoded']:>8} {json.dumps(run['forward_passes']):<32} "
+                      f"{text}")
+        print("  bare s: decode + forward of the whole model, times the models the pass runs")
+        for count in counts[-1:]:
+            for ranks in (1, 2):
+                seconds, report = _torchrun_gallery(count, ranks, Path(scratch))
+                text = " ".join(f"{n} {v:.1f}" for n, v in report["seconds"].items())
+                print(f"torchrun --nproc-per-node {ranks}: {count} images {seconds:.1f} s "
+                      f"(rank 0's stages: {text})")
+
+
 SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
             "gallery": bench_gallery, "featvis": bench_featvis,
-            "featvis-quality": bench_featvis_quality,
+            "featvis-quality": bench_featvis_quality, "gallery-scale": bench_gallery_scale,
             "adversarial": bench_adversarial}
 
 

@@ -68,7 +68,7 @@ LEVELS = {
     "checks": 2, "layers": 2, "io": 2, "data.images": 2, "data.shapes": 2, "data": 2,
     "hooks": 3, "geometry": 3.5,
     "models": 4, "receptive": 4, "summary": 4,
-    "deconv_graph": 4.5, "deconv": 5, "scan": 5, "units": 5, "probes": 5, "probes.occlusion": 5,
+    "deconv_graph": 4.5, "deconv": 5, "scan": 5, "datapass": 5, "units": 5, "probes": 5, "probes.occlusion": 5,
     "probes.adversarial": 5,
     "probes.invariance": 5, "featvis": 5, "train": 5, "doctor": 5.5, "evolution": 5.5,
     "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5, "render.gallery": 6.7,

@@ -474,7 +474,7 @@ def test_the_gallery_adds_its_model_to_the_checkpoints_and_says_so(capfd, tmp_pa
 def test_checkpoints_are_checked_before_the_scan(capfd, tmp_path, monkeypatch):
     import vizcnn.render.gallery as gallery
 
-    monkeypatch.setattr(gallery, "scan_topk", lambda *a, **k: pytest.fail("scanned"))
+    monkeypatch.setattr(gallery, "run_pass", lambda *a, **k: pytest.fail("read the data"))
     alexnet_like = checkpoint(tmp_path, vizcnn.models.demo_network(arch="demo_alexnet"),
                               "first_epoch3.pt", arch="demo_alexnet")
     five = checkpoint(tmp_path, vizcnn.models.demo_network(num_classes=5), "five_epoch3.pt")
@@ -683,23 +683,23 @@ def test_an_interrupted_gallery_keeps_its_state_and_an_error_then_removes_it(tmp
 
     model = vizcnn.load_model("demo")
     state = tmp_path / ".site.scan-state"
-    real = gallery.channel_stats
+    real = gallery._after_pass
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gallery, "channel_stats", interrupt)
+    monkeypatch.setattr(gallery, "_after_pass", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_gallery(model, "shapes:8", tmp_path / "site", layers=["features.0"],
                       state_path=state, progress=False)
-    assert (state / "topk.pt").is_file()  # to resume
-    monkeypatch.setattr(gallery, "channel_stats", lambda *a, **k: (_ for _ in ()).throw(
-        vizcnn.BadArgument("a failure after the scan")))
+    assert (state / "pass.pt").is_file()  # to resume
+    monkeypatch.setattr(gallery, "_after_pass", lambda *a, **k: (_ for _ in ()).throw(
+        vizcnn.BadArgument("a failure after the pass")))
     with pytest.raises(vizcnn.BadArgument):
         write_gallery(model, "shapes:8", tmp_path / "site", layers=["features.0"],
                       state_path=state, progress=False)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(gallery, "channel_stats", real)
+    monkeypatch.setattr(gallery, "_after_pass", real)
 
 
 # --------------------------------------------------------------------------- 4. clear lines

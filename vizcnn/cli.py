@@ -225,7 +225,8 @@ def parse_channels(spec: str | None, count: int | None, default: int = 16
 
 def _join_torchrun() -> int:
     """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) join the process group (gloo on
-    the CPU, nccl on GPUs) so that scan_topk splits the data; returns this process's rank."""
+    the CPU, nccl on GPUs) so that the passes over the data split it; returns this process's
+    rank."""
     import os
 
     import torch
@@ -234,7 +235,14 @@ def _join_torchrun() -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import datetime
+
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # the ranks wait for rank 0's own stages (the feature visualization, the index):
+        # far longer than the default 30 minutes on a big model
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=12))
     return dist.get_rank()
 
 
@@ -310,7 +318,8 @@ def _gallery(args: argparse.Namespace) -> None:
     model = _load(args)
     out = Path(args.out)
     state = out.parent / f".{out.name}.scan-state"
-    if state.exists():
+    rank = _join_torchrun()  # every rank reads its shard and writes its share of the pages
+    if state.exists() and rank == 0:
         print(f"resuming the scan saved in {state}")
     try:
         index = write_gallery(model, args.data, out, layers=args.layer, k=args.k,
@@ -324,13 +333,15 @@ def _gallery(args: argparse.Namespace) -> None:
                                                   "num_classes": args.num_classes,
                                                   "trust_checkpoint": args.trust_checkpoint},
                               feature_vis=False if args.no_feature_vis else None,
-                              feature_vis_steps=args.feature_vis_steps)
+                              feature_vis_steps=args.feature_vis_steps,
+                              progress=rank == 0)
     except KeyboardInterrupt:
-        if state.exists():
+        if state.exists() and rank == 0:
             print(f"scan state saved in {state}; run the same command again to resume",
                   file=sys.stderr)
         raise
-    print(f"wrote {index}")
+    if rank == 0:
+        print(f"wrote {index}")
 
 
 def _evolution(args: argparse.Namespace) -> None:
@@ -352,9 +363,12 @@ def _evolution(args: argparse.Namespace) -> None:
     layers = args.layer or list_layers(final, "conv")
     # a layer narrower than the list is refused by name, with its channel count
     channels = "all" if args.channels == "all" else parse_channels(args.channels, None)
-    _write(evolution_panel({epoch: _with_input_options(model, args)
-                            for epoch, _, model in loaded}, args.data, layers,
-                           channels, progress=True, batch_size=args.batch_size), args.out)
+    rank = _join_torchrun()  # every rank reads its shard; rank 0 draws
+    panel = evolution_panel({epoch: _with_input_options(model, args)
+                             for epoch, _, model in loaded}, args.data, layers,
+                            channels, progress=rank == 0, batch_size=args.batch_size)
+    if rank == 0:
+        _write(panel, args.out)
 
 
 def _doctor(args: argparse.Namespace) -> None:
@@ -365,7 +379,12 @@ def _doctor(args: argparse.Namespace) -> None:
     if args.json:
         check_outside(args.json, data_folder(args.data))
         file_target(args.json)
-    report = doctor(_load(args), args.data, args.layer, batch_size=args.batch_size)
+    model = _load(args)
+    rank = _join_torchrun()  # every rank reads its shard; rank 0 reports
+    report = doctor(model, args.data, args.layer, batch_size=args.batch_size,
+                    progress=rank == 0)
+    if rank != 0:
+        return
     print(report.text(), end="")
     if args.json:
         with atomic_path(args.json) as temporary:
@@ -836,6 +855,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = shown
+        # a failed run's frames may hold memory maps of the work files it removed: release
+        # them (and their disk space) now, not at some later collection
+        import gc
+
+        gc.collect()
     return 0
 
 

@@ -50,7 +50,7 @@ from torch import nn
 from vizcnn.checks import describe_non_finite, non_finite_weights
 from vizcnn.deconv import Deconvnet
 from vizcnn.errors import BadArgument
-from vizcnn.hooks import require_hookable
+from vizcnn.hooks import model_device, require_hookable
 from vizcnn.io import atomic_path, writable_parent
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import model_info
@@ -442,16 +442,15 @@ def _aliasing(model: nn.Module, data: Any, name: str, stats: ChannelStats, strid
               ) -> tuple[torch.Tensor, float]:
     """(C,) the grid share of each channel's projection at its strongest unit over the data
     (channels that never fire: 0), and the grid's share of the frequency bins."""
-    strongest = stats.maxima.argmax(dim=0)  # (C,) row of each channel's best image
-    live = torch.nonzero(stats.maxima.max(dim=0).values > 0).flatten()
-    shares = stats.maxima.new_zeros(stats.maxima.shape[1])
+    values, rows = stats.strongest()  # (C,) and the row of each channel's best image
+    live = torch.nonzero(values > 0).flatten()
+    shares = torch.zeros(len(values))
     if not len(live):
         return shares, 0.0
-    rows = strongest[live]
-    images = images_at(model, data, stats.indices[rows.cpu()].tolist())
-    projections = Deconvnet(model).project_many(images.to(stats.maxima.device), name,
+    images = images_at(model, data, stats.indices[rows[live]].tolist())
+    projections = Deconvnet(model).project_many(images.to(model_device(model)), name,
                                                 live.tolist())
-    shares[live] = aliasing_share(projections, stride).to(shares.device)
+    shares[live] = aliasing_share(projections, stride).cpu()
     height, width = (side // stride * stride for side in images.shape[-2:])
     return shares, float(grid_mask(height, width, stride).float().mean())
 

@@ -25,20 +25,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vizcnn.checks import check_channels, require_finite_weights
+from vizcnn.datapass import rank_and_world, row_chunks, run_pass, work_folder
 from vizcnn.deconv import Deconvnet
 from vizcnn.errors import BadArgument, BadCheckpoint
-from vizcnn.hooks import activations, require_hookable
+from vizcnn.hooks import activations, model_device, require_hookable
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, load_model, model_info
-from vizcnn.progress import progress_bar
 from vizcnn.scan import first_input, images_at, in_memory
-from vizcnn.units import channel_stats, require_finite_activations
+from vizcnn.units import ChannelStats, StatsPass, data_classes, require_finite_activations
 
 __all__ = [
     "FeatureEvolution",
@@ -211,25 +212,44 @@ def feature_evolution(checkpoints: Sequence[Any] | Mapping[int, Any], data: Any,
         resolve_layer(final, name)
     opened = in_memory(final, data)  # read once for every checkpoint
     chosen = _chosen_channels(final, opened, drawn, channels)  # checked before the long part
-    strongest: list[dict[str, torch.Tensor]] = []
+    with work_folder() as work:
+        passes = checkpoint_passes(loaded, measured, work)
+        record = run_pass(opened, passes, batch_size=batch_size, progress=progress,
+                          desc="feature evolution")
+        classes = data_classes(opened)
+        stats = [consumer.finish(record, classes) for consumer in passes]
+        return evolution_from_stats(loaded, opened, drawn, chosen, stats)
+
+
+def checkpoint_passes(loaded: list[tuple[int, str, nn.Module]], layers: Sequence[str],
+                      work: Path) -> list[StatsPass]:
+    """A statistics consumer per checkpoint (``load_checkpoints``' list), for one pass over
+    the data that runs every checkpoint on each batch (tables in ``work``)."""
+    rank = rank_and_world()[0]
+    return [StatsPass(model, layers, work / f"rank{rank}" / f"checkpoint{number}")
+            for number, (_, _, model) in enumerate(loaded)]
+
+
+def evolution_from_stats(loaded: list[tuple[int, str, nn.Module]], data: Any,
+                         drawn: Sequence[str], chosen: dict[str, tuple[int, ...]],
+                         stats: list[dict[str, ChannelStats]]) -> FeatureEvolution:
+    """Fig. 4 from each checkpoint's statistics over ``data`` (of the drawn layers and the
+    layers whose settledness is measured): the checkpoints' activations are checked finite,
+    each drawn channel's strongest unit is projected, and the settledness and overlap
+    measured against the last checkpoint."""
     pictures: list[dict[str, tuple]] = []
-    with progress_bar(total=len(loaded), desc="feature evolution", unit="checkpoint",
-                      disable=not progress) as bar:
-        for epoch, source, model in loaded:
-            stats = channel_stats(model, opened, measured, batch_size=batch_size,
-                                  progress=False)
-            require_finite_activations(stats, f"checkpoint '{source}' (epoch {epoch})")
-            strongest.append({name: stats[name].maxima for name in measured})
-            pictures.append({name: _strongest_patches(model, opened, name, chosen[name],
-                                                      stats[name]) for name in drawn})
-            bar.update()
+    for (epoch, source, model), found in zip(loaded, stats, strict=True):
+        require_finite_activations(found, f"checkpoint '{source}' (epoch {epoch})")
+        pictures.append({name: _strongest_patches(model, data, name, chosen[name], found[name])
+                         for name in drawn})
+    measured = list(stats[-1])
 
     def per_epoch(part: int) -> dict[str, torch.Tensor]:  # (E, ...) of one _strongest_patches part
         return {name: torch.stack([p[name][part] for p in pictures]) for name in drawn}
 
     def against_last(measure) -> dict[str, torch.Tensor]:  # (E,) per measured layer
-        return {name: torch.stack([measure(s[name], strongest[-1][name]) for s in strongest])
-                for name in measured}
+        return {name: torch.stack([measure(s[name].maxima, stats[-1][name].maxima)
+                                   for s in stats]) for name in measured}
 
     return FeatureEvolution(
         epochs=tuple(epoch for epoch, _, _ in loaded),
@@ -256,32 +276,56 @@ def _chosen_channels(model: nn.Module, data: Any, layers: list[str], channels: A
 
 
 def _strongest_patches(model: nn.Module, data: Any, layer: str, channels: tuple[int, ...],
-                       stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       stats: ChannelStats
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(projections, images, values, indices) of each channel's strongest unit over the data."""
-    maxima = stats.maxima[:, list(channels)]  # (N, C)
-    values, rows = maxima.max(dim=0)
-    indices = stats.indices[rows.cpu()]
-    x = images_at(model, data, indices.tolist()).to(maxima.device)
+    strongest, rows = stats.strongest()
+    wanted = torch.tensor(channels, dtype=torch.long)
+    values, indices = strongest[wanted], stats.indices[rows[wanted]]
+    device = model_device(model)
+    x = images_at(model, data, indices.tolist()).to(device)
     patches = Deconvnet(model).project_patches(x, layer, list(channels))
-    return patches.projections, patches.images, values, indices.to(maxima.device)
+    return patches.projections, patches.images, values.to(device), indices.to(device)
 
 
 def _correlation(maxima: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Mean over channels of the correlation over images of (N, C) with (N, C)."""
-    a = maxima.double() - maxima.double().mean(dim=0)
-    b = final.double() - final.double().mean(dim=0)
-    scale = a.norm(dim=0) * b.norm(dim=0)
-    correlation = torch.where(scale > 0, (a * b).sum(dim=0) / scale.clamp_min(1e-300),
+    """Mean over channels of the correlation over images of (N, C) with (N, C), a chunk of
+    images at a time (the tables may be on disk)."""
+    count = len(maxima)
+    sums = [torch.zeros(maxima.shape[1], dtype=torch.float64) for _ in range(2)]
+    for first, chunk in row_chunks(maxima):
+        sums[0] += chunk.double().sum(dim=0)
+        sums[1] += final[first:first + len(chunk)].double().sum(dim=0)
+    means = [total / max(count, 1) for total in sums]
+    products = torch.zeros(3, maxima.shape[1], dtype=torch.float64)
+    for first, chunk in row_chunks(maxima):
+        a = chunk.double() - means[0]
+        b = final[first:first + len(chunk)].double() - means[1]
+        products += torch.stack([(a * b).sum(dim=0), a.square().sum(dim=0),
+                                 b.square().sum(dim=0)])
+    scale = products[1].sqrt() * products[2].sqrt()
+    correlation = torch.where(scale > 0, products[0] / scale.clamp_min(1e-300),
                               torch.zeros_like(scale))
     return correlation.mean().float()
 
 
 def _overlap(maxima: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     """Mean over channels of the share of each channel's top-k images (by its strongest
-    activation) that are among its top-k images in ``final``."""
+    activation; ties to the earlier image) that are among its top-k images in ``final``."""
     k = min(TOP_K, len(maxima))
-    mine = maxima.topk(k, dim=0).indices  # (k, C)
-    theirs = final.topk(k, dim=0).indices
+    mine, theirs = _top_rows(maxima, k), _top_rows(final, k)  # (k, C)
     shared = (mine[:, None, :] == theirs[None, :, :]).any(dim=1).float()  # (k, C)
     return shared.mean()
 
+
+def _top_rows(table: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, C) the rows of each column's k largest values, ties to the earlier row, a chunk of
+    rows at a time."""
+    values = rows = None
+    for first, chunk in row_chunks(table):
+        chunk_rows = torch.arange(first, first + len(chunk)).unsqueeze(1).expand_as(chunk)
+        if values is not None:
+            chunk, chunk_rows = torch.cat([values, chunk]), torch.cat([rows, chunk_rows])
+        order = torch.sort(chunk, dim=0, descending=True, stable=True).indices[:k]
+        values, rows = chunk.gather(0, order), chunk_rows.gather(0, order)
+    return rows

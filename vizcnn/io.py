@@ -33,6 +33,7 @@ __all__ = [
     "check_outside",
     "check_replaceable",
     "file_target",
+    "output_errors",
     "output_path",
     "recover",
     "save_tensors",
@@ -139,6 +140,19 @@ def recover(target: str | os.PathLike) -> None:
         owner = name[len(prefix):].split("-", 1)[0]
         if not (owner.isdigit() and _running(int(owner))):
             _remove(partial)
+
+
+@contextlib.contextmanager
+def output_errors(target: str | os.PathLike) -> Iterator[None]:
+    """A block whose failed writes (a full disk, a file too large, a read-only folder) are
+    one ``BadOutput`` line naming ``target``, the output they were for (such as the work
+    files written beside a gallery before the gallery itself)."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, VizCNNError) or error.errno not in _WRITE_ERRORS:
+            raise
+        raise _write_failed(output_path(target), error) from None
 
 
 @contextlib.contextmanager

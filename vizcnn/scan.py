@@ -69,6 +69,7 @@ __all__ = [
     "input_mask",
     "no_readable_image",
     "open_data",
+    "probe",
     "read_concepts",
     "scan_topk",
     "sibling_masks",
@@ -427,24 +428,25 @@ class InMemory(Dataset):
 
 
 def in_memory(model: nn.Module, data: Any, budget: int = 512 * 2**20,
-              workers: int | None = None) -> Any:
+              workers: int | None = None, known: dict[int, tuple] | None = None) -> Any:
     """``data`` read once into memory as ``InMemory``, when it is an indexable data set whose
     model inputs fit in ``budget`` bytes and whose every item reads cleanly; else ``data``
     itself. Several passes over the same images (a gallery's scan, statistics and
     dissection) then decode and preprocess each image once, in ``workers`` processes (see
-    ``default_workers``)."""
+    ``default_workers``). ``known``: items decoded already (``probe``), not decoded again."""
     opened = open_data(data)
     if not (isinstance(opened, Dataset) and hasattr(opened, "__len__")) or not len(opened):
         return data
     recipe = input_recipe(model)
-    try:
-        size = _as_input(recipe, _first(opened[0])).numel() * 4
-    except BadImage:
+    known = dict(known or {})
+    if 0 not in known:
+        known[0] = _Decoding(opened, recipe, [0], whole=True)[0]
+    if isinstance(known[0][1], str):
         return data  # an unreadable image: the passes skip it one by one, as always
-    if size * len(opened) > budget:
+    if known[0][1].numel() * 4 * len(opened) > budget:
         return data
     items = list(_decoded(opened, recipe, range(len(opened)), _workers(workers, model, opened),
-                          whole=True))
+                          whole=True, known=known))
     if any(isinstance(x, str) for _, x, _, _ in items):
         return data  # the passes skip such an image one by one, as always
     inputs = torch.stack([x for _, x, _, _ in items])
@@ -511,14 +513,18 @@ class _Decoding(Dataset):
     (the mask at the input's size). What a worker process runs."""
 
     def __init__(self, data: Dataset, recipe: InputRecipe, indices: Sequence[int],
-                 whole: bool = False):
+                 whole: bool = False, known: dict[int, tuple] | None = None):
         self.data, self.recipe, self.indices, self.whole = data, recipe, indices, whole
+        self.known = known or {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple:
         index = self.indices[position]
+        if index in self.known:  # decoded already (``probe``): not again
+            item = self.known[index]
+            return item if self.whole else item[:2]
         try:
             item = self.data[index]
         except BadImage as error:  # one unreadable file must not end a long scan
@@ -539,10 +545,10 @@ class _Decoding(Dataset):
 
 
 def _decoded(data: Dataset, recipe: InputRecipe, indices: Sequence[int], workers: int, *,
-             whole: bool = False) -> Iterator[tuple]:
+             whole: bool = False, known: dict[int, tuple] | None = None) -> Iterator[tuple]:
     """The items of ``_Decoding`` in the order of ``indices``, read here (``workers`` 0) or in
     worker processes (the same items in the same order)."""
-    decoding = _Decoding(data, recipe, indices, whole)
+    decoding = _Decoding(data, recipe, indices, whole, known)
     if workers == 0 or len(indices) < 2:
         yield from (decoding[i] for i in range(len(decoding)))
         return
@@ -609,9 +615,13 @@ def _input_mask(preprocessing: Preprocessing, image: Any, mask: Any) -> torch.Te
 
 
 def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
-                  shard: tuple[int, int] = (0, 1), workers: int | None = None
-                  ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-    """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on.
+                  shard: tuple[int, int] = (0, 1), workers: int | None = None, *,
+                  whole: bool = False, known: dict[int, tuple] | None = None
+                  ) -> Iterator[tuple]:
+    """Yield ``(indices, batch (B, C, H, W), skipped)`` from data-set index ``start`` on;
+    with ``whole``, ``(indices, batch, skipped, labels, masks)``: each image's label (a list,
+    None where the data has none) and concept mask at the input's size ((B, H, W) long, or
+    None). ``known``: ``{index: item}`` decoded already (see ``probe``).
 
     A batch holds items of one size (a size change closes the batch). ``skipped`` lists the
     images that were left out as ``(index, reason)`` (unreadable, NaN or inf values): their
@@ -629,7 +639,7 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
         mine = [i for i in range(start, len(data)) if i % world == rank]
         for first in range(0, len(mine), batch_size):
             chosen = mine[first:first + batch_size]
-            yield _without_non_finite(chosen, data[chosen])
+            yield _without_non_finite(chosen, data[chosen]) + ((None, None) if whole else ())
         return
     recipe = input_recipe(model)
     if isinstance(data, DataLoader):
@@ -641,44 +651,85 @@ def input_batches(model: nn.Module, data: Any, batch_size: int, start: int = 0,
             if chosen:
                 rows = [i - index for i in chosen]
                 yield _without_non_finite(chosen, _loader_batch(recipe, images[rows] if isinstance(
-                    images, torch.Tensor) else [images[r] for r in rows]))
+                    images, torch.Tensor) else [images[r] for r in rows])) + (
+                    (None, None) if whole else ())
             index += len(images)
         return
     pin = workers > 0 and model_device(model).type == "cuda"
     pending: list[torch.Tensor] = []
     indices: list[int] = []
     skipped: list[tuple[int, str]] = []
+    labels: list[Any] = []
+    masks: list[Any] = []
 
-    def stacked() -> torch.Tensor:
-        batch = torch.stack(pending)
-        return batch.pin_memory() if pin else batch
+    def batch() -> tuple:
+        stacked = torch.stack(pending) if pending else torch.empty(0)
+        stacked = stacked.pin_memory() if pin and pending else stacked
+        if not whole:
+            return indices, stacked, skipped
+        with_labels = bool(labels) and all(label is not None for label in labels)
+        with_masks = bool(masks) and all(mask is not None for mask in masks)
+        return (indices, stacked, skipped, labels if with_labels else None,
+                torch.stack(masks).long() if with_masks else None)
 
-    for index, image in _inputs(data, recipe, start, shard, workers):
+    for index, image, *parts in _inputs(data, recipe, start, shard, workers, whole, known):
         if isinstance(image, str):
             skipped.append((index, image))
             continue
-        if pending and (len(pending) == batch_size or image.shape != pending[0].shape):
-            yield indices, stacked(), skipped
-            pending, indices, skipped = [], [], []
+        if pending and image.shape != pending[0].shape:
+            yield batch()
+            pending, indices, skipped, labels, masks = [], [], [], [], []
         pending.append(image)
         indices.append(index)
+        if whole:
+            labels.append(_label_of(parts[0]) if parts else None)
+            masks.append(parts[1] if parts else None)
+        if len(pending) == batch_size:  # now: not after decoding the next image
+            yield batch()
+            pending, indices, skipped, labels, masks = [], [], [], [], []
     if pending or skipped:
-        yield indices, stacked() if pending else torch.empty(0), skipped
+        yield batch()
 
 
-def _inputs(data: Any, recipe: InputRecipe, start: int, shard: tuple[int, int], workers: int
-            ) -> Iterator[tuple[int, torch.Tensor | str]]:
+def _inputs(data: Any, recipe: InputRecipe, start: int, shard: tuple[int, int], workers: int,
+            whole: bool = False, known: dict[int, tuple] | None = None) -> Iterator[tuple]:
     """``(index, model input or why it was skipped)`` for each item of this rank's shard
-    from ``start`` on, in order: decoded by ``_decoded`` where the data can be indexed, else
-    read one by one from the iterable."""
+    from ``start`` on, in order (with ``whole``: ``(index, input, label, mask)``): decoded
+    by ``_decoded`` where the data can be indexed, else read one by one from the
+    iterable."""
     rank, world = shard
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         mine = [i for i in range(start, len(data)) if i % world == rank]
-        yield from _decoded(data, recipe, mine, 0 if isinstance(data, InMemory) else workers)
+        yield from _decoded(data, recipe, mine, 0 if isinstance(data, InMemory) else workers,
+                            whole=whole, known=known)
         return
     for index, item in enumerate(data):
         if index >= start and index % world == rank:
             yield index, _checked_input(recipe, index, item)
+
+
+def _label_of(label: Any) -> int | None:
+    """A data-set item's label as an int (an int or a 0-dim tensor), else None."""
+    if isinstance(label, torch.Tensor) and label.dim() == 0 and not label.is_floating_point():
+        return int(label)
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
+
+
+def probe(model: nn.Module, data: Any) -> dict[int, tuple]:
+    """The data's items decoded up to its first readable image, as ``{index: (index, input
+    or why it was skipped, label, mask)}``: what a pass is told it need not decode again
+    (``known``). Empty for data that cannot be indexed (it is read again)."""
+    opened = open_data(data)
+    if not (isinstance(opened, Dataset) and hasattr(opened, "__len__")) or isinstance(
+            opened, InMemory):
+        return {}
+    decoding = _Decoding(opened, input_recipe(model), range(len(opened)), whole=True)
+    known = {}
+    for index in range(len(opened)):
+        known[index] = decoding[index]
+        if not isinstance(known[index][1], str):
+            break
+    return known
 
 
 def _without_non_finite(indices: list[int], batch: torch.Tensor
@@ -694,12 +745,13 @@ def _without_non_finite(indices: list[int], batch: torch.Tensor
     return kept, batch[finite.to(batch.device)], skipped
 
 
-def first_input(model: nn.Module, data: Any) -> torch.Tensor:
+def first_input(model: nn.Module, data: Any, known: dict[int, tuple] | None = None
+                ) -> torch.Tensor:
     """(1, C, H, W): the model input of the data's first readable image (to check layers,
     channels and sizes on before long work), or a one-line error that says why there is
-    none."""
+    none. ``known``: items decoded already (``probe``)."""
     skipped: list[str] = []
-    for _, batch, left_out in input_batches(model, data, 1, workers=0):
+    for _, batch, left_out in input_batches(model, data, 1, workers=0, known=known):
         skipped += [reason for _, reason in left_out]
         if len(batch):
             return batch
@@ -939,11 +991,17 @@ class _Scan:
         if self.traced is None or batch.shape[-2:] != self.input_size:
             self.input_size = batch.shape[-2:]
             self.traced = traced_names(self.model, tuple(self.input_size), self.names)
-        found = forward_to(self.model, batch, self.names, self.traced,
-                           lambda _, out: _strongest(out))
+        self.merge(indices, forward_to(self.model, batch, self.names, self.traced,
+                                       lambda _, out: _strongest(out)))
+
+    def merge(self, indices: list[int], found: dict[str, tuple[torch.Tensor, torch.Tensor]]
+              ) -> None:
+        """Merge one batch's strongest units, ``{layer: (values (B, C), positions (B, C,
+        2))}`` of the data-set ``indices``, into the lists."""
         order = torch.tensor(indices, device=self.device)
         for name in self.names:
             values, positions = found[name]
+            values, positions = values.to(self.device), positions.to(self.device)
             if name not in self.kept:
                 self.kept[name] = _empty(self.k, values.shape[1], self.device)
             self.kept[name] = _merge(self.kept[name], values, positions, order, self.k)

@@ -23,28 +23,39 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vizcnn.checks import feature_maps, positive_int
 from vizcnn.data.images import UNLABELLED, foreign_mask_value
-from vizcnn.errors import BadArgument
-from vizcnn.geometry import traced_names
+from vizcnn.datapass import (
+    Batch,
+    Consumer,
+    LayerOutput,
+    PassRecord,
+    Table,
+    barrier,
+    gather,
+    merge_tables,
+    rank_and_world,
+    read_table,
+    row_chunks,
+    run_pass,
+    work_folder,
+)
+from vizcnn.errors import BadArgument, VizCNNError
 from vizcnn.hooks import (
-    forward_to,
     model_device,
-    preserved_state,
-    run_forward,
-    strongest_units,
 )
 from vizcnn.layers import resolve_layer
 from vizcnn.models import model_info
 from vizcnn.probes import class_scores
-from vizcnn.progress import progress_bar
-from vizcnn.scan import input_batches, input_mask, no_readable_image, open_data
+from vizcnn.scan import no_readable_image, open_data
 
 __all__ = [
     "IOU_CUTOFF",
@@ -66,9 +77,13 @@ TOP_QUANTILE = 0.005  # ... with its map thresholded at its top 0.5 % of activat
 class ChannelStats:
     """Per image and channel of one layer, the strongest activation over a data set.
 
+    The per-image numbers (``maxima``, ``minima``) may be memory-mapped from a table on disk
+    (``vizcnn.datapass.Table``): every summary below reads them a bounded chunk of rows at a
+    time, so its memory does not grow with the images.
+
     Attributes:
         layer: the layer's name.
-        maxima: (N, C) each image's strongest activation of each channel.
+        maxima: (N, C) each image's strongest activation of each channel (on the CPU).
         indices: (N,) the data-set index of each row (unreadable images are left out).
         labels: (N,) each image's class, or None where the data has no labels.
         classes: the name of each class where the data names them (``data_classes``).
@@ -86,25 +101,43 @@ class ChannelStats:
     skipped: tuple[str, ...] = ()
 
     @property
+    def images(self) -> int:
+        return self.maxima.shape[0]
+
+    def _sum(self, measure, *tables: torch.Tensor) -> torch.Tensor:
+        """Sum over images of ``measure(rows of each table)``, a chunk of rows at a time."""
+        total = None
+        for first, rows in row_chunks(tables[0]):
+            others = [t[first:first + len(rows)] for t in tables[1:]]
+            part = measure(rows, *others)
+            total = part if total is None else total + part
+        return total if total is not None else measure(*(t[:0] for t in tables))
+
+    @property
     def non_finite(self) -> torch.Tensor:
         """(C,) long: on how many images the channel's activations hold a NaN or an infinity
         somewhere (their strongest or weakest value is not finite): the model's forward pass
         broke there, and no other statistic of the channel means anything."""
-        broken = ~torch.isfinite(self.maxima)
-        if self.minima is not None:
-            broken |= ~torch.isfinite(self.minima)
-        return broken.sum(dim=0)
+        if self.minima is None:
+            return self._sum(lambda a: (~torch.isfinite(a)).sum(dim=0), self.maxima)
+        return self._sum(lambda a, b: (~torch.isfinite(a) | ~torch.isfinite(b)).sum(dim=0),
+                         self.maxima, self.minima)
+
+    @property
+    def fire_count(self) -> torch.Tensor:
+        """(C,) long: on how many images the channel's strongest activation is above 0."""
+        return self._sum(lambda a: (a > 0).sum(dim=0), self.maxima)
 
     @property
     def fire_rate(self) -> torch.Tensor:
         """(C,) the fraction of images where the channel's strongest activation is above 0."""
-        return (self.maxima > 0).float().mean(dim=0)
+        return self.fire_count.float() / self.images
 
     @property
     def dead(self) -> torch.Tensor:
         """(C,) bool: never above 0 on any image (a channel whose activations are NaN or
         infinite is not called dead: see ``non_finite``)."""
-        return ~(self.maxima > 0).any(dim=0) & (self.non_finite == 0)
+        return (self.fire_count == 0) & (self.non_finite == 0)
 
     @property
     def always_on(self) -> torch.Tensor:
@@ -113,7 +146,47 @@ class ChannelStats:
         if self.minima is None:
             raise BadArgument("these statistics kept no minima", "compute them with "
                               "channel_stats")
-        return (self.minima > 0).all(dim=0)
+        return self._sum(lambda a: (a <= 0).sum(dim=0), self.minima) == 0
+
+    def strongest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) each channel's strongest activation over the images and (C,) long the row of
+        the first image where it is reached (NaN, where there is one, counts as strongest)."""
+        best = rows = None
+        for first, chunk in row_chunks(self.maxima):
+            values, where = chunk.max(dim=0)
+            if best is None:
+                best, rows = values, where + first
+                continue
+            better = (values > best) | (values.isnan() & ~best.isnan())
+            best, rows = torch.where(better, values, best), torch.where(better, where + first,
+                                                                        rows)
+        return best, rows
+
+    def histograms(self, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C, bins) counts of each channel's strongest activation per image over ``bins``
+        equal bins from its lowest to its highest, and (C, 2) those ends: what
+        ``np.histogram(maxima[:, c], bins)`` gives, a chunk of rows at a time."""
+        low = np.asarray(self._extreme(torch.minimum).numpy())
+        high = np.asarray(self.strongest()[0].numpy())
+        counts = np.zeros((len(low), bins), dtype=np.int64)
+        edges = np.zeros((len(low), 2), dtype=np.float64)
+        for channel in range(len(low)):
+            edges[channel] = np.histogram(np.empty(0, np.float32), bins, range=(
+                low[channel], high[channel]))[1][[0, -1]]
+        for _, chunk in row_chunks(self.maxima):
+            chunk = chunk.numpy()
+            for channel in range(len(low)):
+                counts[channel] += np.histogram(chunk[:, channel], bins, range=(
+                    low[channel], high[channel]))[0]
+        return counts, edges
+
+    def _extreme(self, pick) -> torch.Tensor:
+        """(C,) the lowest (``torch.minimum``) of each channel's strongest activations."""
+        result = None
+        for _, chunk in row_chunks(self.maxima):
+            part = chunk.min(dim=0).values
+            result = part if result is None else pick(result, part)
+        return result
 
     def class_means(self, classes: int | None = None) -> torch.Tensor:
         """(C, K) the mean strongest activation, rectified (what the next layer sees), over
@@ -122,11 +195,11 @@ class ChannelStats:
         if self.labels is None:
             raise BadArgument("the data has no labels", "give data with (image, label) items")
         count = classes or (len(self.classes) if self.classes else int(self.labels.max()) + 1)
-        rectified = self.maxima.clamp_min(0.0).double()
-        sums = torch.zeros(count, rectified.shape[1], dtype=torch.float64,
-                           device=rectified.device)
-        sums.index_add_(0, self.labels, rectified)
-        sizes = torch.bincount(self.labels, minlength=count).double()
+        sums = torch.zeros(count, self.maxima.shape[1], dtype=torch.float64)
+        for first, chunk in row_chunks(self.maxima):
+            labels = self.labels[first:first + len(chunk)].cpu()
+            sums.index_add_(0, labels, chunk.cpu().clamp_min(0.0).double())
+        sizes = torch.bincount(self.labels.cpu(), minlength=count).double()
         return (sums / sizes[:, None]).T.float()
 
     def selectivity(self, classes: int | None = None) -> torch.Tensor:
@@ -143,32 +216,93 @@ class ChannelStats:
                            torch.zeros_like(total))
 
 
+class StatsPass(Consumer):
+    """A pass's consumer that keeps, per image, each channel's strongest and weakest
+    activation of ``layers`` in tables on disk (``folder``), and its label."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], folder: Path):
+        self.model, self.layers, self.folder = model, list(layers), Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tables = {name: (Table(self.folder / f"{i}.max.f32"),
+                              Table(self.folder / f"{i}.min.f32"))
+                       for i, name in enumerate(self.layers)}
+        self.indices: list[int] = []
+        self.labels: list[Any] = []
+
+    def add(self, batch: Batch, found: dict[str, LayerOutput], output: Any) -> None:
+        for name in self.layers:
+            self.tables[name][0].append(found[name].values)
+            self.tables[name][1].append(found[name].minima)
+        self.indices += batch.indices
+        self.labels += batch.labels if batch.labels is not None else [None] * len(batch.indices)
+
+    def state(self) -> dict:
+        return {"tables": {name: (a.state(), b.state()) for name, (a, b) in self.tables.items()},
+                "indices": list(self.indices), "labels": list(self.labels)}
+
+    def restore(self, state: dict) -> None:
+        for name, (a, b) in self.tables.items():
+            a.restore(state["tables"][name][0])
+            b.restore(state["tables"][name][1])
+        self.indices, self.labels = list(state["indices"]), list(state["labels"])
+
+    def close(self) -> None:
+        for a, b in self.tables.values():
+            a.close()
+            b.close()
+
+    def finish(self, record: PassRecord, classes: tuple[str, ...] | None
+               ) -> dict[str, ChannelStats]:
+        """Every rank's rows in data-set order, as ``ChannelStats`` per layer (call on every
+        rank)."""
+        self.close()
+        parts = gather((str(self.folder), self.indices, self.labels,
+                        {name: (a.rows, a.width) for name, (a, _) in self.tables.items()},
+                        record.skipped))
+        indices = torch.tensor([i for part in parts for i in part[1]], dtype=torch.long)
+        labels = [label for part in parts for label in part[2]]
+        order = torch.argsort(indices, stable=True)
+        skipped = sorted((s for part in parts for s in part[4]), key=lambda s: s[0])
+        if not len(indices):
+            raise no_readable_image([reason for _, reason in skipped])
+        merged = self.folder.parent / f"{self.folder.name}-merged"
+        if len(parts) > 1 and rank_and_world()[0] == 0:
+            merged.mkdir(exist_ok=True)
+            for i, name in enumerate(self.layers):
+                rows = [part[3][name][0] for part in parts]
+                width = next(part[3][name][1] for part in parts if part[3][name][1])
+                for kind in ("max", "min"):
+                    merge_tables([Path(part[0]) / f"{i}.{kind}.f32" for part in parts], rows,
+                                 width, order, merged / f"{i}.{kind}.f32")
+        barrier()
+        with_labels = all(label is not None for label in labels)
+        label_tensor = torch.tensor([int(labels[i]) for i in order]) if with_labels else None
+        result = {}
+        for i, name in enumerate(self.layers):
+            width = next(part[3][name][1] for part in parts if part[3][name][1])
+            folder = merged if len(parts) > 1 else self.folder
+            tables = [read_table(folder / f"{i}.{kind}.f32", len(indices), width)
+                      for kind in ("max", "min")]
+            result[name] = ChannelStats(name, tables[0], indices[order], label_tensor,
+                                        classes, tables[1], tuple(r for _, r in skipped))
+        return result
+
+
 def channel_stats(model: nn.Module, data: Any, layers: str | Sequence[str], *,
-                  batch_size: int = 64, progress: bool = True) -> dict[str, ChannelStats]:
+                  batch_size: int = 64, progress: bool = True,
+                  workers: int | None = None) -> dict[str, ChannelStats]:
     """``ChannelStats`` of each layer over ``data`` (anything ``scan_topk`` takes), from one
-    forward pass per batch that stops at the deepest layer."""
+    forward pass per batch that stops at the deepest layer. The per-image numbers are kept
+    in a table on disk (a temporary file, memory-mapped); under torchrun each rank reads its
+    shard and every rank gets the same statistics, those of one process."""
     names = _layers(model, layers)
     positive_int(batch_size, "batch_size")
     opened = open_data(data)
-    maxima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    minima: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    indices: list[int] = []
-    skipped: list[str] = []
-    for batch_indices, _, outputs in _passes(model, opened, names, batch_size, progress,
-                                             "statistics", _extremes, skipped):
-        indices += batch_indices
-        for name in names:
-            maxima[name].append(outputs[name][0])
-            minima[name].append(outputs[name][1])
-    if not indices:
-        raise no_readable_image(skipped)
-    labels = _labels(opened, indices)
-    order = torch.tensor(indices)
-    classes = data_classes(opened) if labels is not None else None
-    return {name: ChannelStats(name, torch.cat(maxima[name]), order,
-                               None if labels is None else labels.to(maxima[name][0].device),
-                               classes, torch.cat(minima[name]), tuple(skipped))
-            for name in names}
+    with work_folder() as work:
+        consumer = StatsPass(model, names, work / f"rank{rank_and_world()[0]}" / "stats")
+        record = run_pass(opened, [consumer], batch_size=batch_size, workers=workers,
+                          progress=progress, desc="statistics")
+        return consumer.finish(record, data_classes(opened))
 
 
 def require_finite_activations(stats: dict[str, ChannelStats], what: str) -> None:
@@ -212,6 +346,60 @@ class Accuracy:
         return self.correct / self.total
 
 
+class AccuracyPass(Consumer):
+    """A pass's consumer that counts the images whose most probable class is their label
+    (the forward pass runs to the end). A model that is not a classifier of the data's
+    classes is not measured: ``finish`` says why."""
+
+    output = True
+
+    def __init__(self, model: nn.Module, data: Any, output: Any = None):
+        self.model, self.selector = model, output
+        self.correct = self.total = 0
+        self.error: str | None = None
+        self.to_model, self.matched = None, ""
+        try:
+            self.to_model, self.matched = _label_to_output(model, data_classes(data))
+        except BadArgument as error:
+            self.error = str(error)
+
+    def add(self, batch: Batch, found: dict[str, LayerOutput], output: Any) -> None:
+        if self.error is not None:
+            return
+        if batch.labels is None:
+            self.error = str(BadArgument("the data has no labels", "give a folder with a "
+                                         "sub-folder per class, or (image, label) items"))
+            return
+        labels = torch.tensor(batch.labels)
+        labels = labels if self.to_model is None else self.to_model[labels]
+        try:
+            scores = class_scores(output, self.selector)
+        except VizCNNError as error:
+            self.error = str(error)
+            return
+        if int(labels.max()) >= scores.shape[1]:
+            self.error = str(BadArgument(f"the data has label {int(labels.max())}, the model "
+                                         f"only {scores.shape[1]} outputs",
+                                         "give data of the model's classes"))
+            return
+        self.correct += int((scores.argmax(dim=1).cpu() == labels).sum())
+        self.total += len(batch.indices)
+
+    def state(self) -> tuple:
+        return self.correct, self.total, self.error
+
+    def restore(self, state: tuple) -> None:
+        self.correct, self.total, self.error = state
+
+    def finish(self) -> Accuracy | str:
+        """Every rank's counts summed, or why the accuracy was not measured."""
+        parts = gather(self.state())
+        errors = [error for _, _, error in parts if error is not None]
+        if errors:
+            return errors[0]
+        return Accuracy(sum(p[0] for p in parts), sum(p[1] for p in parts), self.matched)
+
+
 def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int = 64,
              progress: bool = True) -> Accuracy:
     """How often the model's most probable class is the image's label.
@@ -226,32 +414,16 @@ def accuracy(model: nn.Module, data: Any, *, output: Any = None, batch_size: int
     """
     positive_int(batch_size, "batch_size")
     opened = open_data(data)
-    to_model, matched = _label_to_output(model, data_classes(opened))
-    correct = total = 0
-    skipped: list[str] = []
-    with (progress_bar(total=len(opened) if hasattr(opened, "__len__") else None,
-                       desc="accuracy", unit="img", disable=not progress) as bar,
-          preserved_state(model, eval_mode=True), torch.no_grad()):
-        for indices, batch, left_out in input_batches(model, opened, batch_size):
-            bar.update(len(indices) + len(left_out))
-            skipped += [reason for _, reason in left_out]
-            if not len(batch):
-                continue
-            labels = _labels(opened, indices)
-            if labels is None:
-                raise BadArgument("the data has no labels",
-                                  "give a folder with a sub-folder per class, or (image, label) "
-                                  "items")
-            labels = labels if to_model is None else to_model[labels]
-            scores = class_scores(run_forward(model, batch.to(model_device(model))), output)
-            if int(labels.max()) >= scores.shape[1]:
-                raise BadArgument(f"the data has label {int(labels.max())}, the model only "
-                                  f"{scores.shape[1]} outputs", "give data of the model's classes")
-            correct += int((scores.argmax(dim=1).cpu() == labels).sum())
-            total += len(indices)
-    if not total:
-        raise no_readable_image(skipped)
-    return Accuracy(correct, total, matched)
+    _label_to_output(model, data_classes(opened))  # refused before the pass
+    counting = AccuracyPass(model, opened, output)
+    record = run_pass(opened, [counting], batch_size=batch_size, progress=progress,
+                      desc="accuracy")
+    result = counting.finish()
+    if isinstance(result, str):
+        raise BadArgument(result)
+    if not result.total:
+        raise no_readable_image([reason for _, reason in record.skipped])
+    return result
 
 
 def _label_to_output(model: nn.Module, names: tuple[str, ...] | None
@@ -315,33 +487,182 @@ def dissect(model: nn.Module, data: Any, layers: str | Sequence[str],
     """Label each channel of each conv layer with the concept its strongest activations
     cover (Network Dissection). ``data`` items are ``(image, label, mask)`` with an (H, W)
     integer mask of concept indices into ``concepts`` (255: unlabelled), at the model input's
-    size."""
+    size. Two passes over the data (thresholds, then IoU); under torchrun each rank reads its
+    shard and the ranks' results merge exactly."""
     names = _layers(model, layers)
     positive_int(batch_size, "batch_size")
-    if not 0 < quantile < 1:
-        raise BadArgument(f"quantile must be in (0, 1), got {quantile!r}")
     opened = open_data(data)
-    count = len(opened) if hasattr(opened, "__len__") else None
-    if count is None:
+    thresholds = ThresholdPass(model, names, quantile, dissection_length(opened))
+    run_pass(opened, [thresholds], batch_size=batch_size, progress=progress,
+             desc="thresholds")
+    overlap = OverlapPass(model, names, concepts, thresholds.finish())
+    run_pass(opened, [overlap], batch_size=batch_size, progress=progress, desc="dissection")
+    return overlap.finish()
+
+
+def dissection_length(data: Any) -> int:
+    """The number of images dissection's quantile counts (the data must say)."""
+    data = open_data(data)
+    if not hasattr(data, "__len__"):
         raise BadArgument("dissection needs a data set with a length (it reads it twice)")
-    thresholds = _thresholds(model, opened, names, quantile, count, batch_size, progress)
-    kinds = len(concepts)
-    inter = {name: torch.zeros(len(thresholds[name]), kinds, dtype=torch.float64)
-             for name in names}
-    area = {name: torch.zeros(len(thresholds[name]), dtype=torch.float64) for name in names}
-    concept_area = torch.zeros(kinds, dtype=torch.float64)
-    for indices, batch, outputs in _passes(model, opened, names, batch_size, progress,
-                                           "dissection"):
-        masks = _masks(model, opened, indices, batch.shape[-2:], kinds)  # (B, H, W) on the CPU
-        concept_area += torch.bincount(masks.flatten(), minlength=kinds + 1)[:kinds].double()
-        for name in names:
-            _overlap(outputs[name], thresholds[name], masks, kinds, inter[name], area[name])
-    results = {}
-    for name in names:
-        union = area[name][:, None] + concept_area[None, :] - inter[name]
-        iou = torch.where(union > 0, inter[name] / union.clamp_min(1), torch.zeros_like(union))
-        results[name] = Dissection(name, tuple(concepts), thresholds[name], iou.float())
-    return results
+    return len(data)
+
+
+class ThresholdPass(Consumer):
+    """A pass's consumer that finds each channel's threshold T of ``layers``: the m-th
+    largest activation over every position of every image, m = ceil(quantile x positions),
+    ``count`` images in all.
+
+    Each channel keeps its m largest values so far; once it has m, only the values above
+    the m-th (a bound that only rises) are set aside, and merged in when m of them have
+    gathered: the m-th largest value comes out exactly, at a cost that follows the values
+    that can still matter, not every position. Memory: C x m floats per layer (0.5 % of the
+    layer's activations over the data set: the price of an exact quantile in one pass)."""
+
+    maps = True
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], quantile: float, count: int):
+        if not 0 < quantile < 1:
+            raise BadArgument(f"quantile must be in (0, 1), got {quantile!r}")
+        self.model, self.layers, self.quantile, self.count = model, list(layers), quantile, count
+        self.kept: dict[str, _Largest] = {}
+
+    def add(self, batch: Batch, found: dict[str, LayerOutput], output: Any) -> None:
+        for name in self.layers:
+            maps = feature_maps(found[name].maps, name)
+            if name not in self.kept:
+                m = max(1, math.ceil(self.quantile * self.count * maps.shape[-2]
+                                     * maps.shape[-1]))
+                self.kept[name] = _Largest(m)
+            self.kept[name].add(maps.transpose(0, 1).flatten(1))
+
+    def state(self) -> dict:
+        return {name: (kept.m, kept.values()) for name, kept in self.kept.items()}
+
+    def restore(self, state: dict) -> None:
+        for name, (m, values) in state.items():
+            self.kept[name] = _Largest(m)
+            self.kept[name].kept = values
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """(C,) thresholds per layer, every rank's values merged (call on every rank)."""
+        parts = gather({name: (kept.m, kept.values().cpu())
+                        for name, kept in self.kept.items()})
+        thresholds = {}
+        for name in self.layers:
+            mine = [part[name] for part in parts if name in part]
+            values = torch.cat([values for _, values in mine], dim=1)
+            top = values.topk(min(mine[0][0], values.shape[1]), dim=1).values
+            thresholds[name] = top[:, -1].to(model_device(self.model))
+        return thresholds
+
+
+class _Largest:
+    """The m largest values of each row seen so far (see ``ThresholdPass``)."""
+
+    def __init__(self, m: int):
+        self.m = m
+        self.kept: torch.Tensor | None = None  # (C, <= m): the m largest at the last merge
+        self.pending: list[torch.Tensor] = []
+        self.waiting = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        """Take (C, P) more values."""
+        if self.kept is None or self.kept.shape[1] < self.m:
+            merged = values if self.kept is None else torch.cat([self.kept, values], dim=1)
+            self.kept = merged.topk(min(self.m, merged.shape[1]), dim=1).values
+            return
+        above = int((values > self.kept[:, -1:]).sum(dim=1).max())
+        if not above:
+            return
+        # every value above its row's bound is among that row's ``above`` largest
+        self.pending.append(values.topk(above, dim=1).values)
+        self.waiting += above
+        if self.waiting >= self.m:
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.pending:
+            merged = torch.cat([self.kept, *self.pending], dim=1)
+            self.kept = merged.topk(self.m, dim=1).values
+            self.pending, self.waiting = [], 0
+
+    def values(self) -> torch.Tensor:
+        self._merge()
+        return self.kept
+
+
+class OverlapPass(Consumer):
+    """A pass's consumer that sums, per channel of ``layers`` and concept, the pixels where
+    the channel's map (upsampled to the image) exceeds its threshold and the concept's mask
+    covers them: Network Dissection's intersections and areas."""
+
+    maps = True
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], concepts: Sequence[str],
+                 thresholds: dict[str, torch.Tensor]):
+        self.model, self.layers, self.concepts = model, list(layers), tuple(concepts)
+        self.thresholds = thresholds
+        kinds = len(self.concepts)
+        self.inter = {name: torch.zeros(len(thresholds[name]), kinds, dtype=torch.float64)
+                      for name in self.layers}
+        self.area = {name: torch.zeros(len(thresholds[name]), dtype=torch.float64)
+                     for name in self.layers}
+        self.concept_area = torch.zeros(kinds, dtype=torch.float64)
+
+    def add(self, batch: Batch, found: dict[str, LayerOutput], output: Any) -> None:
+        kinds = len(self.concepts)
+        masks = _checked_masks(batch, kinds)
+        self.concept_area += torch.bincount(masks.flatten(),
+                                            minlength=kinds + 1)[:kinds].double()
+        for name in self.layers:
+            _overlap(found[name].maps, self.thresholds[name], masks, kinds, self.inter[name],
+                     self.area[name])
+
+    def state(self) -> tuple:
+        return self.inter, self.area, self.concept_area
+
+    def restore(self, state: tuple) -> None:
+        self.inter, self.area, self.concept_area = state
+
+    def finish(self) -> dict[str, Dissection]:
+        """Each layer's ``Dissection``, the ranks' counts summed (exact: whole numbers)."""
+        parts = gather(self.state())
+        concept_area = sum(part[2] for part in parts)
+        results = {}
+        for name in self.layers:
+            inter = sum(part[0][name] for part in parts)
+            area = sum(part[1][name] for part in parts)
+            union = area[:, None] + concept_area[None, :] - inter
+            iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
+            results[name] = Dissection(name, self.concepts, self.thresholds[name], iou.float())
+        return results
+
+
+def _checked_masks(batch: Batch, kinds: int) -> torch.Tensor:
+    """(B, H, W) long concept masks of a batch, unlabelled pixels as concept ``kinds``, or a
+    one-line error: no masks, masks of another size than the input, a value that names no
+    concept."""
+    masks = batch.masks
+    if masks is None:
+        raise BadArgument("dissection needs data whose items are (image, label, mask) with an "
+                          "(H, W) mask", "e.g. ShapesDataset(..., masks=True)")
+    size = tuple(batch.inputs.shape[-2:])
+    if tuple(masks.shape[-2:]) != size:
+        raise BadArgument(f"a mask is {tuple(masks.shape[-2:])} after its image's resize and "
+                          f"crop, the model input is {size}", "give each mask at its image's "
+                          "size")
+    if foreign_mask_value(masks, kinds) is not None:
+        for index, mask in zip(batch.indices, masks, strict=True):
+            value = foreign_mask_value(mask, kinds)
+            if value is not None:
+                raise BadArgument(f"the mask of item {index} holds value {value}, which names "
+                                  f"no concept: {kinds} are named (values 0-{kinds - 1}; "
+                                  f"{UNLABELLED}: unlabelled)", "give each pixel the index "
+                                  "of its concept")
+    if kinds <= UNLABELLED:  # unlabelled pixels go to an extra concept that is dropped
+        masks = torch.where(masks == UNLABELLED, kinds, masks)
+    return masks.cpu()
 
 
 def _overlap(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, kinds: int,
@@ -369,21 +690,6 @@ def _overlap(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, 
     area.index_add_(0, channels, counts.sum(dim=1).double())  # each labelled pixel: 1 concept
 
 
-def _thresholds(model, data, names, quantile, count, batch_size, progress
-                ) -> dict[str, torch.Tensor]:
-    """(C,) per layer: the m-th largest activation of each channel over every position of
-    every image, m = ceil(quantile x positions), kept as a running top-m."""
-    kept: dict[str, torch.Tensor] = {}
-    for _, _, outputs in _passes(model, data, names, batch_size, progress, "thresholds"):
-        for name in names:
-            maps = outputs[name]
-            values = maps.transpose(0, 1).flatten(1)  # (C, B h w)
-            m = max(1, math.ceil(quantile * count * maps.shape[-2] * maps.shape[-1]))
-            merged = values if name not in kept else torch.cat([kept[name], values], dim=1)
-            kept[name] = merged.topk(min(m, merged.shape[1]), dim=1).values
-    return {name: values[:, -1] for name, values in kept.items()}
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -394,91 +700,3 @@ def _layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     for name in names:
         resolve_layer(model, name)
     return names
-
-
-def _extremes(name: str, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) twice: each image's strongest and weakest activation per channel (for a linear
-    layer its features, twice), taken before any later in-place op can change the output."""
-    output = feature_maps(output, name, flat_ok=True)
-    if output.dim() == 2:
-        return output.clone(), output.clone()
-    return strongest_units(output)[0], output.flatten(2).amin(dim=2)
-
-
-def _copy(name: str, output: Any) -> torch.Tensor:
-    return feature_maps(output, name).clone()  # an in-place ReLU after the layer must not reach it
-
-
-def _passes(model, data, names, batch_size, progress, what, on_output=_copy, skipped=None):
-    """(indices, batch, {layer: on_output(layer, output)}) per batch of ``data``, forward
-    passes stopping at the deepest layer, in eval mode without gradients; the reasons of the
-    images left out go into the list ``skipped``, where one is given."""
-    traced, size = None, None
-    total = len(data) if hasattr(data, "__len__") else None
-    with (progress_bar(total=total, desc=what, unit="img", disable=not progress) as bar,
-          preserved_state(model, eval_mode=True), torch.no_grad()):
-        for indices, batch, left_out in input_batches(model, data, batch_size):
-            bar.update(len(indices) + len(left_out))
-            if skipped is not None:
-                skipped += [reason for _, reason in left_out]
-            if not len(batch):
-                continue
-            batch = batch.to(model_device(model), non_blocking=True)
-            if traced is None or batch.shape[-2:] != size:
-                size = batch.shape[-2:]
-                traced = traced_names(model, tuple(size), names)
-            yield indices, batch, forward_to(model, batch, names, traced, on_output)
-
-
-def _labels(data: Any, indices: list[int]) -> torch.Tensor | None:
-    """(N,) the class of each data-set index, or None where the data has no labels: from the
-    data set's ``label(i)`` (the shapes; a folder in the ImageFolder layout), else from its
-    items ``(image, label, ...)``."""
-    if hasattr(data, "label"):
-        labels = [data.label(i) for i in indices]
-    elif hasattr(data, "__getitem__"):
-        labels = [_item_part(data[i], 1) for i in indices]
-    else:
-        return None
-    if not labels or any(label is None for label in labels):
-        return None
-    return torch.tensor([int(label) for label in labels])
-
-
-def _masks(model: nn.Module, data: Any, indices: list[int], size: torch.Size,
-           kinds: int) -> torch.Tensor:
-    """(B, H, W) long concept masks of the given data-set indices, at the input's size."""
-    masks = []
-    for index in indices:
-        item = data[index]
-        mask = _item_part(item, 2)
-        if mask is None or getattr(mask, "ndim", 0) != 2:
-            raise BadArgument("dissection needs data whose items are (image, label, mask) "
-                              "with an (H, W) mask", "e.g. ShapesDataset(..., masks=True)")
-        mask = input_mask(model, item[0], mask)
-        if tuple(mask.shape) != tuple(size):
-            raise BadArgument(f"a mask is {tuple(mask.shape)} after its image's resize and "
-                              f"crop, the model input is {tuple(size)}",
-                              "give each mask at its image's size")
-        value = foreign_mask_value(mask, kinds)
-        if value is not None:
-            raise BadArgument(f"the mask of item {index} holds value {value}, which names no "
-                              f"concept: {kinds} are named (values 0-{kinds - 1}; "
-                              f"{UNLABELLED}: unlabelled)", "give each pixel the index of "
-                              "its concept")
-        if kinds <= UNLABELLED:  # unlabelled pixels go to an extra concept that is dropped
-            mask = torch.where(mask == UNLABELLED, kinds, mask)
-        masks.append(mask)
-    return torch.stack(masks)
-
-
-def _item_part(item: Any, position: int) -> Any:
-    """Element ``position`` of an ``(image, label, mask)`` item, or None (an integer for the
-    label: a 0-dim tensor or an int)."""
-    if not isinstance(item, (tuple, list)) or len(item) <= position:
-        return None
-    part = item[position]
-    if position == 1 and not (isinstance(part, int) or (
-            isinstance(part, torch.Tensor) and part.dim() == 0)):
-        return None
-    return part

@@ -20,6 +20,7 @@ and moved into place whole (``vizcnn.io``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -40,18 +41,39 @@ from torch import nn
 
 from vizcnn.checks import positive_int, require_finite_weights
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
+from vizcnn.datapass import (
+    MEMORY_BUDGET,
+    DecodedCache,
+    PassRecord,
+    PassState,
+    TopKPass,
+    barrier,
+    decoded_source,
+    gather,
+    rank_and_world,
+    run_pass,
+    work_folder,
+)
 from vizcnn.deconv import top_patches
 from vizcnn.doctor import health_report
 from vizcnn.errors import BadArgument, BadCheckpoint, VizCNNError
 from vizcnn.evolution import (
     FeatureEvolution,
     architecture_difference,
-    feature_evolution,
+    checkpoint_passes,
+    evolution_from_stats,
     load_checkpoints,
     same_weights,
 )
 from vizcnn.hooks import require_hookable
-from vizcnn.io import atomic_path, check_outside, check_replaceable, writable_parent
+from vizcnn.io import (
+    atomic_path,
+    check_outside,
+    check_replaceable,
+    output_errors,
+    output_path,
+    writable_parent,
+)
 from vizcnn.layers import list_layers, resolve_layer
 from vizcnn.models import checkpoint_epoch, model_info
 from vizcnn.progress import progress_bar
@@ -67,23 +89,29 @@ from vizcnn.render.grid import (
 from vizcnn.render.panels import display_normalisation, filters_panel
 from vizcnn.scan import (
     ImageFolder,
+    InMemory,
+    _data_identity,
+    _describe,
     data_folder,
     discard_state,
     discarded_on_error,
     first_input,
     images_at,
     in_memory,
+    model_fingerprint,
     open_data,
-    scan_topk,
+    probe,
     sibling_masks,
 )
 from vizcnn.summary import summarize
 from vizcnn.units import (
-    Accuracy,
-    ChannelStats,
-    accuracy,
-    channel_stats,
-    dissect,
+    TOP_QUANTILE,
+    AccuracyPass,
+    OverlapPass,
+    StatsPass,
+    ThresholdPass,
+    data_classes,
+    dissection_length,
     require_finite_activations,
 )
 
@@ -171,46 +199,158 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     for name in layers:
         resolve_layer(model, name)
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
+    original = data
     data, concepts = _with_masks(data, concepts, masks)
     if checkpoints is not None and not isinstance(checkpoints, FeatureEvolution):
         checkpoints = _with_model(model, checkpoints, **(checkpoint_options or {}))
     steps, vis_fact = _feature_vis_wanted(model, feature_vis, feature_vis_steps)
     if feature_vis_channels is not None:
         positive_int(feature_vis_channels, "feature_vis_channels")
-    clock = _Stages(progress)
-    with clock:
-        data = clock.run("reading", _read, model, data, workers)
-        size = _input_size(model, data)
+    identity = _data_identity(original) if state_path is not None else ""
+    state = PassState(state_path, _state_key(model, identity, layers, k, checkpoints, concepts))
+    state.load()  # a saved state of another run is refused now, and left as it was
+    rank, world = rank_and_world()
+    clock = _Stages(progress and rank == 0)
+    keep = Path(state_path) / "work" if state_path is not None else None
+    # a failed gallery leaves nothing: no state, no work files, no site
+    with (clock, discarded_on_error(state_path), output_errors(out),
+          work_folder(None if keep else output_path(out).parent, out.name, keep) as work):
+        known = probe(model, data)
+        data = clock.run("reading", _read, model, data, workers, known)
+        size = _input_size(model, data, known)
         rows = {row.name: row for row in summarize(model, size, layers)}
-        shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the scan
-        top = clock.run("scan", scan_topk, model, data, layers, k=k, batch_size=batch_size,
-                        state_path=state_path, workers=workers, progress=False)
-        with discarded_on_error(state_path):  # a failed gallery leaves no scan state behind
-            _after_scan(model, data, out, clock, layers=layers, size=size, rows=rows,
-                        shown=shown, top=top, batch_size=batch_size, concepts=concepts,
-                        health=health, checkpoints=checkpoints, figures=figures,
-                        command=command, source=source or top.source,
+        shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the pass
+        passes = _Passes(model, data, work, layers=layers, rows=rows, k=k, concepts=concepts,
+                         checkpoints=checkpoints, known=known, source=source, state=state)
+        try:
+            clock.run("data pass", passes.first, batch_size, workers)
+            _after_pass(model, passes, out, clock, layers=layers, size=size, rows=rows,
+                        shown=shown, batch_size=batch_size, health=health,
+                        checkpoints=checkpoints, figures=figures, command=command,
                         feature_vis=(steps, feature_vis_channels, vis_fact))
-    discard_state(state_path)  # it was kept to resume an interrupted gallery: done
+        finally:
+            passes.close()
+        barrier()  # every rank done before the state goes
+    if rank == 0:
+        discard_state(state_path)  # it was kept to resume an interrupted gallery: done
     return out / "index.html"
 
 
-def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layers: list[str],
-                size: tuple[int, int], rows: dict, shown: dict[str, list[int]], top: Any,
-                batch_size: int, concepts: list[str] | None, health: Any, checkpoints: Any,
-                figures: bool, command: str | None, source: str,
+def _state_key(model: nn.Module, identity: str, layers: list[str], k: int, checkpoints: Any,
+               concepts: list[str] | None) -> dict:
+    """What a saved pass must match to be resumed: the model, the data (``identity``), the
+    layers, k, the checkpoints and the concepts, and the number of ranks (each saves its own
+    shard)."""
+    epochs = ([model_fingerprint(m) for _, _, m in checkpoints]
+              if isinstance(checkpoints, list) else None)
+    return {"layers": list(layers), "k": k, "model": model_fingerprint(model),
+            "data": identity, "checkpoints": epochs,
+            "concepts": list(concepts or []), "ranks": rank_and_world()[1]}
+
+
+class _Passes:
+    """The gallery's passes over the data: the first feeds the top-k scan, the statistics,
+    the accuracy, dissection's thresholds and every earlier checkpoint's statistics (each
+    image decoded once, each model run once); the second, only with concept masks, measures
+    dissection's overlaps, reading the decoded inputs again (kept in memory, or in the work
+    folder's cache where they do not fit)."""
+
+    def __init__(self, model: nn.Module, data: Any, work: Path, *, layers: list[str],
+                 rows: dict, k: int, concepts: list[str] | None, checkpoints: Any,
+                 known: dict, source: str | None, state: PassState):
+        rank = rank_and_world()[0]
+        self.model, self.data, self.layers, self.concepts = model, data, layers, concepts
+        self.known, self.state = known, state
+        self.spatial = [name for name in layers if rows[name].output_shape
+                        and len(rows[name].output_shape) == 3]
+        in_memory_ = isinstance(data, (InMemory, torch.Tensor))
+        self.cache = None if in_memory_ else DecodedCache(work / f"rank{rank}" / "cache")
+        self.decoded_up_front = len(data) if isinstance(data, InMemory) else 0
+        self.describe = source or _describe(data)
+        self.top = TopKPass(model, layers, k, self.describe)
+        self.stats = StatsPass(model, layers, work / f"rank{rank}" / "stats")
+        first = next((item for item in known.values() if not isinstance(item[1], str)), None)
+        labelled = _labelled(data, first)
+        self.accuracy = AccuracyPass(model, data) if labelled else None
+        self.thresholds = (ThresholdPass(model, self.spatial, TOP_QUANTILE,
+                                         dissection_length(data))
+                           if concepts and self.spatial else None)
+        self.loaded = checkpoints if isinstance(checkpoints, list) else []
+        self.earlier = checkpoint_passes(self.loaded[:-1], layers, work)
+        self.forward_passes: dict[str, int] = {}
+        self.record: PassRecord | None = None
+
+    def first(self, batch_size: int, workers: int | None) -> None:
+        consumers = [self.top, self.stats, *([self.accuracy] if self.accuracy else []),
+                     *([self.thresholds] if self.thresholds else []), *self.earlier]
+        self.record = run_pass(self.data, consumers, batch_size=batch_size, workers=workers,
+                               cache=self.cache, state=self.state, known=self.known,
+                               progress=False)
+        self.forward_passes = {"model": 1, **{f"checkpoint epoch {epoch}": 1
+                                              for epoch, _, _ in self.loaded[:-1]}}
+        self.source = decoded_source(self.data, self.cache)
+
+    def results(self) -> tuple[Any, dict, Any]:
+        """(top-k, statistics, accuracy) of the first pass, every rank's merged."""
+        classes = data_classes(self.data)
+        top, stats = self.top.finish(), self.stats.finish(self.record, classes)
+        score = None
+        if self.accuracy is not None and stats[self.layers[0]].labels is not None:
+            score = self.accuracy.finish()
+            score = f"not measured: {score}" if isinstance(score, str) else score
+        return top, stats, score
+
+    def dissection(self, batch_size: int) -> dict:
+        """The second pass: dissection's overlaps over the decoded inputs."""
+        overlap = OverlapPass(self.model, self.spatial, self.concepts, self.thresholds.finish())
+        run_pass(self.source, [overlap], batch_size=batch_size, progress=False)
+        self.forward_passes["model"] += 1
+        return overlap.finish()
+
+    def evolution(self, stats: dict, shown: dict[str, list[int]]) -> FeatureEvolution:
+        """Fig. 4 from the first pass: the earlier checkpoints' statistics and the model's
+        own (the model is the last checkpoint)."""
+        classes = data_classes(self.data)
+        earlier = [consumer.finish(self.record, classes) for consumer in self.earlier]
+        loaded = [*self.loaded[:-1], (*self.loaded[-1][:2], self.model)]
+        chosen = {name: tuple(shown[name]) for name in self.layers}
+        return evolution_from_stats(loaded, self.source, self.layers, chosen, [*earlier, stats])
+
+    def close(self) -> None:
+        """Close the tables' files (a failed run's among them)."""
+        for consumer in (self.stats, *self.earlier):
+            consumer.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def decoded(self) -> int:
+        """Images read from the data: up front into memory, or by the ranks' passes."""
+        if self.decoded_up_front:
+            return self.decoded_up_front
+        return sum(gather(self.record.images + len(self.record.skipped)))
+
+
+def _labelled(data: Any, first: tuple | None) -> bool:
+    """Whether the data's images have labels (its first readable one has)."""
+    if isinstance(data, InMemory):
+        return all(label is not None for label in data.labels)
+    return first is not None and len(first) > 2 and first[2] is not None
+
+
+def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
+                layers: list[str], size: tuple[int, int], rows: dict,
+                shown: dict[str, list[int]], batch_size: int, health: Any, checkpoints: Any,
+                figures: bool, command: str | None,
                 feature_vis: tuple[int | None, int | None, str]) -> None:
-    """The stages after the scan: statistics, accuracy, dissection, health, evolution, then
-    the site (projections, figures, pages), written whole into ``out``."""
-    stats = clock.run("statistics", channel_stats, model, data, layers,
-                      batch_size=batch_size, progress=False)
+    """The stages after the first pass: dissection, health, evolution, feature
+    visualization, then the site (projections, figures, pages), written whole into ``out``
+    (the ranks share the projections and the pages; rank 0 moves the site into place)."""
+    rank, world = rank_and_world()
+    top, stats, score = passes.results()
     require_finite_activations(stats, "the model")
-    score = clock.run("accuracy", _accuracy, model, data, stats[layers[0]], batch_size)
-    spatial = [name for name in layers if rows[name].output_shape
-               and len(rows[name].output_shape) == 3]
-    dissections = (clock.run("dissection", dissect, model, data, spatial, concepts,
-                             batch_size=batch_size, progress=False)
-                   if concepts and spatial else clock.skip("dissection", {}))
+    data = passes.source
+    dissections = (clock.run("dissection", passes.dissection, batch_size)
+                   if passes.thresholds is not None else clock.skip("dissection", {}))
     if health is True:
         report = clock.run("health", health_report, model, data, layers, stats)
     else:
@@ -218,9 +358,7 @@ def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layer
     if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
         evolution = clock.skip("evolution", checkpoints)
     else:
-        evolution = clock.run("evolution", feature_evolution, checkpoints, data, layers,
-                              shown, settle_layers=layers, batch_size=batch_size,
-                              progress=False)
+        evolution = clock.run("evolution", passes.evolution, stats, shown)
     steps, per_layer, vis_fact = feature_vis
     if steps is None:
         visualized = clock.skip("feature visualization", {})
@@ -230,21 +368,34 @@ def _after_scan(model: nn.Module, data: Any, out: Path, clock: _Stages, *, layer
         if not clock.bar.disable:  # the estimate costs two steps per layer: only for a bar
             clock.bar.set_postfix_str(f"feature visualization, about "
                                       f"{_feature_vis_estimate(model, chosen, size, steps)}")
-        visualized = clock.run("feature visualization", _feature_vis, model, chosen, size,
-                               steps, top, rows)
-    with atomic_path(out) as root, _Site(
-            model, data, root, layers=layers, size=size, rows=rows, top=top, stats=stats,
-            dissections=dissections, command=command, figures=figures, source=source,
-            score=score, health=report, evolution=evolution, visualized=visualized,
-            vis_fact=vis_fact) as site:
-        clock.run("projections", site.project, shown)
-        clock.run("figures", site.draw_figures)
-        clock.run("pages", site.write)
-        (root / "gallery.json").write_text(json.dumps(
-            {"seconds": clock.seconds, "layers": layers, "images": top.images,
-             "skipped": len(top.skipped),
-             "channels": sum(len(channels) for channels in shown.values()),
-             "feature_visualization": _feature_vis_summary(visualized)}, indent=2))
+        visualized = clock.run("feature visualization", _on_rank0, _feature_vis, model,
+                               chosen, size, steps, top, rows)
+    source = passes.describe
+    decoded = passes.decoded()
+    with (atomic_path(out) if rank == 0 else contextlib.nullcontext()) as made:
+        root = Path(gather(str(made) if rank == 0 else None)[0])
+        with _Site(model, data, root, layers=layers, size=size, rows=rows, top=top,
+                   stats=stats, dissections=dissections, command=command, figures=figures,
+                   source=source, score=score, health=report, evolution=evolution,
+                   visualized=visualized, vis_fact=vis_fact) as site:
+            clock.run("projections", site.project, shown)
+            clock.run("figures", site.draw_figures)
+            clock.run("pages", site.write)
+        barrier()  # every rank's files are in the site before rank 0 moves it into place
+        if rank == 0:
+            (root / "gallery.json").write_text(json.dumps(
+                {"seconds": clock.seconds, "layers": layers, "images": top.images,
+                 "skipped": len(top.skipped),
+                 "channels": sum(len(channels) for channels in shown.values()),
+                 "images_decoded": decoded, "forward_passes": passes.forward_passes,
+                 "ranks": world, "feature_visualization": _feature_vis_summary(visualized)},
+                indent=2))
+
+
+def _on_rank0(function, *args: Any) -> Any:
+    """``function(*args)`` computed on rank 0 and handed to every rank."""
+    result = function(*args) if rank_and_world()[0] == 0 else None
+    return gather(result)[0] if rank_and_world()[1] > 1 else result
 
 
 @dataclass(frozen=True)
@@ -348,17 +499,19 @@ def _feature_vis_summary(visualized: dict[str, _Visualized]) -> dict | None:
     return {"objective": first.objective, "steps": first.steps, "layers": layers}
 
 
-def _read(model: nn.Module, data: Any, workers: int | None) -> Any:
+def _read(model: nn.Module, data: Any, workers: int | None, known: dict) -> Any:
     """The data read once into memory where it fits (``scan.in_memory``); a folder with
-    masks that does not fit has every mask checked now, before the scan: a bad mask is
-    refused before any long work, as the reading does for the data that fits."""
-    read = in_memory(model, data, workers=workers)
+    masks that does not fit has every mask checked now, before the pass: a bad mask is
+    refused before any long work, as the reading does for the data that fits. Past the
+    budget the first pass decodes each image and keeps it in the work folder's cache."""
+    read = in_memory(model, data, MEMORY_BUDGET, workers=workers, known=known)
     if isinstance(read, ImageFolder) and read.masks is not None:
         read.check_masks()
     return read
 
 
-def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int, nn.Module]:
+def _with_model(model: nn.Module, checkpoints: Any, **options: Any
+                ) -> list[tuple[int, str, nn.Module]]:
     """``checkpoints`` loaded and checked before any long work (``load_checkpoints``: epochs,
     one architecture, finite weights), as ``{epoch: model}`` ending with the gallery's own
     model. The model must be the last checkpoint (the settledness is measured against it);
@@ -383,7 +536,7 @@ def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int,
         if len(loaded) < 2:
             raise BadArgument("the only checkpoint given is the model itself",
                               "give the model's earlier checkpoints too")
-        return by_epoch
+        return loaded[:same[-1] + 1]
     epoch = checkpoint_epoch(spec) if model_info(model).spec else None
     if epoch is None:
         raise BadArgument(f"the model ({spec}) is not among the checkpoints, and its epoch "
@@ -399,14 +552,14 @@ def _with_model(model: nn.Module, checkpoints: Any, **options: Any) -> dict[int,
                           "the gallery shows the model, so it must be the last checkpoint")
     warnings.warn(f"the model ({spec}, epoch {epoch}) was not among the checkpoints: it is "
                   "added as the last", stacklevel=3)
-    return {**by_epoch, epoch: model}
+    return [*loaded, (epoch, spec, model)]
 
 
 class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
-    NAMES = ("reading", "scan", "statistics", "accuracy", "dissection", "health",
-             "evolution", "feature visualization", "projections", "figures", "pages")
+    NAMES = ("reading", "data pass", "dissection", "health", "evolution",
+             "feature visualization", "projections", "figures", "pages")
 
     def __init__(self, progress: bool):
         self.bar = progress_bar(total=len(self.NAMES), desc="gallery", unit="stage",
@@ -456,20 +609,9 @@ def _with_masks(data: Any, concepts: list[str] | None, masks: str | os.PathLike 
     return data, concepts
 
 
-def _accuracy(model: nn.Module, data: Any, stats: ChannelStats, batch_size: int
-              ) -> Accuracy | str | None:
-    """The model's accuracy on labelled data (None without labels), or why it has none."""
-    if stats.labels is None:
-        return None
-    try:
-        return accuracy(model, data, batch_size=batch_size, progress=False)
-    except VizCNNError as error:  # not a classifier, or not of the data's classes
-        return f"not measured: {error}"
-
-
-def _input_size(model: nn.Module, data: Any) -> tuple[int, int]:
+def _input_size(model: nn.Module, data: Any, known: dict) -> tuple[int, int]:
     """(H, W) of the model input, from the data's first readable image."""
-    return tuple(first_input(model, data).shape[-2:])
+    return tuple(first_input(model, data, known).shape[-2:])
 
 
 def _chosen(channels: list[int] | None, row: Any) -> list[int]:
@@ -531,8 +673,11 @@ class _Site:
         self.mean, self.std = display_normalisation(model)
         self.env = Environment(loader=PackageLoader("vizcnn.render", "templates"),
                                autoescape=select_autoescape(["html"]))
-        root.mkdir()
-        (root / "img").mkdir()
+        self.rank, self.world = rank_and_world()
+        if self.rank == 0:
+            root.mkdir()
+            (root / "img").mkdir()
+        barrier()
         self.figures_drawn: tuple[list[tuple[str, str]], list[str]] = ([], [])
         self.projected: dict[str, _Projected] = {}
         # thousands of small image files: OpenCV encodes them without the GIL, so threads
@@ -549,20 +694,27 @@ class _Site:
 
     def project(self, shown: dict[str, list[int]]) -> None:
         """Each layer's top-k projections and patches, computed a chunk of channels at a
-        time (``PROJECTION_BYTES``), their tiles written as they come."""
+        time (``PROJECTION_BYTES``), their tiles written as they come. Under torchrun each
+        rank projects every world-th channel, and every rank gets every channel's record."""
         for number, name in enumerate(self.layers):
             folder = self.root / "img" / _layer_folder(number, name)
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)
+            mine = shown[name][self.rank::self.world]
             chunk = max(1, PROJECTION_BYTES // self._bytes_per_channel(name))
             parts = []
-            for start in range(0, len(shown[name]), chunk):
-                parts.append(self._project_chunk(folder, name, shown[name][start:start + chunk]))
+            for start in range(0, len(mine), chunk):
+                parts.append(self._project_chunk(folder, name, mine[start:start + chunk]))
                 # the tiles are encoded while nothing else runs: encoding beside PyTorch's own
                 # threads slowed both (AlexNet, 200 crops, 2 cores: 41 s against 36 s)
                 self.writes.wait()
+            ranks = gather((mine, parts))
+            channels = [c for owned, _ in ranks for c in owned]
+            order = torch.tensor([channels.index(c) for c in shown[name]])
+            parts = [part for _, owned in ranks for part in owned]
             self.projected[name] = _Projected(
-                tuple(shown[name]), torch.cat([p[0] for p in parts]),
-                torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), parts[0][3])
+                tuple(shown[name]), torch.cat([p[0] for p in parts])[order],
+                torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order],
+                parts[0][3])
 
     def _bytes_per_channel(self, name: str) -> int:
         """Memory of one channel's top-k projections and patches (float32, RGB): k patches
@@ -588,17 +740,24 @@ class _Site:
         return patches.values.cpu(), patches.indices.cpu(), patches.boxes.cpu(), ext
 
     def draw_figures(self) -> None:
-        """The paper figures of the index (the slow part of the index, timed apart)."""
-        self.figures_drawn = self._figures()
+        """The paper figures of the index (the slow part of the index, timed apart; on
+        rank 0, which writes the index)."""
+        if self.rank == 0:
+            self.figures_drawn = self._figures()
 
     def write(self) -> None:
-        (self.root / "style.css").write_text(
-            (Path(__file__).parent / "templates" / "style.css").read_text())
+        """The pages: each rank writes every world-th channel page (and whole image);
+        rank 0 the index, the layer pages and the feature visualizations' tiles."""
+        if self.rank == 0:
+            (self.root / "style.css").write_text(
+                (Path(__file__).parent / "templates" / "style.css").read_text())
         whole = self._whole_images()
         for number, name in enumerate(self.layers):
-            self._feature_vis_tiles(number, name)
+            if self.rank == 0:
+                self._feature_vis_tiles(number, name)
             self._layer(number, name, whole)
-        self._index()
+        if self.rank == 0:
+            self._index()
         self.writes.wait()
 
     # ------------------------------------------------------------------ pages
@@ -650,14 +809,16 @@ class _Site:
 
     def _layer(self, number: int, name: str, whole: dict[int, str]) -> None:
         folder = self.root / _layer_folder(number, name)
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         projected, stats = self.projected[name], self.stats[name]
         labelled = stats.labels is not None
         # per layer once: class means and selectivity of every channel
         means = stats.class_means().cpu().nan_to_num(0.0) if labelled else None
         selectivity = stats.selectivity().cpu() if labelled else None
-        strongest = stats.maxima.max(dim=0).values.cpu()
-        fires, dead = stats.fire_rate.cpu(), stats.dead.cpu()
+        strongest = stats.strongest()[0]
+        fire_count, dead = stats.fire_count, stats.dead
+        fires = fire_count.float() / stats.images
+        histograms = stats.histograms(HISTOGRAM_BINS)
         ext = projected.ext
         cards = []
         shown = list(projected.channels)
@@ -671,8 +832,13 @@ class _Site:
                 "selectivity": float(selectivity[channel]) if labelled else 0.0,
                 "dead": bool(dead[channel]), "label": label,
                 "feature_vis": self._feature_vis_card(number, name, channel)})
-            self._channel(number, name, row, shown, whole, label,
-                          None if means is None else (means[channel], selectivity[channel]))
+            if row % self.world == self.rank:
+                self._channel(number, name, row, shown, whole, label,
+                              None if means is None else (means[channel], selectivity[channel]),
+                              (histograms[0][channel], histograms[1][channel],
+                               int(fire_count[channel]), float(strongest[channel])))
+        if self.rank:
+            return
         page = self.rows.get(name)
         self._render("layer.html", self.root / _layer_page(number, name), layer=name,
                      kind=type(resolve_layer(self.model, name)).__name__,
@@ -685,9 +851,11 @@ class _Site:
 
     def _channel(self, number: int, name: str, row: int, shown: list[int],
                  whole: dict[int, str], label: str | None,
-                 by_class: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+                 by_class: tuple[torch.Tensor, torch.Tensor] | None,
+                 numbers: tuple[np.ndarray, np.ndarray, int, float]) -> None:
         """One channel's page; ``by_class``: its mean per class (K,) and selectivity, or None
-        without labels."""
+        without labels; ``numbers``: the histogram of its strongest activation per image
+        (counts, (low, high)), on how many images it fires and its strongest activation."""
         projected, stats = self.projected[name], self.stats[name]
         channel = shown[row]
         folder = _layer_folder(number, name)
@@ -707,8 +875,8 @@ class _Site:
                 "box": [round(100 * top_ / height, 2), round(100 * left / width, 2),
                         round(100 * (bottom - top_) / height, 2),
                         round(100 * (right - left) / width, 2)]})
-        maxima = stats.maxima[:, channel].cpu().numpy()
-        counts, edges = np.histogram(maxima, bins=HISTOGRAM_BINS)
+        counts, edges, fired, strongest = numbers
+        images = stats.images
         class_means, selectivity = None, None
         if by_class is not None:
             means, selectivity = by_class[0], float(by_class[1])
@@ -726,8 +894,8 @@ class _Site:
             channel=channel, layer_page=f"../{_layer_page(number, name)}", label=label,
             previous=f"{shown[row - 1]}.html" if row else None,
             next=f"{shown[row + 1]}.html" if row + 1 < len(shown) else None,
-            strongest=float(maxima.max()), fires=float((maxima > 0).mean()),
-            images=len(maxima), dead=not bool((maxima > 0).any()), dissection=dissection,
+            strongest=strongest, fires=fired / images, images=images, dead=not fired,
+            dissection=dissection,
             filter_image=filter_image and f"../{filter_image}", norms=norms, tiles=tiles,
             strip=self._strip(number, name, channel),
             histogram=[round(100 * c / max(counts.max(), 1), 1) for c in counts],
@@ -805,13 +973,13 @@ class _Site:
         """Each image that is in some channel's top k, written once: {index: path}."""
         wanted = sorted({int(i) for p in self.projected.values() for i in p.indices.flatten()
                          if int(i) >= 0})
-        (self.root / "img" / "data").mkdir()
-        paths = {}
-        for start in range(0, len(wanted), 64):
-            chunk = wanted[start:start + 64]
+        (self.root / "img" / "data").mkdir(exist_ok=True)
+        paths = {index: f"img/data/{index}{_extension(self.size)}" for index in wanted}
+        mine = wanted[self.rank::self.world]
+        for start in range(0, len(mine), 64):
+            chunk = mine[start:start + 64]
             tiles = image_tiles(images_at(self.model, self.data, chunk), self.mean, self.std)
             for index, rgb in zip(chunk, tiles, strict=True):
-                paths[index] = f"img/data/{index}{_extension(self.size)}"
                 self.writes.image(self.root / paths[index], rgb)
         return paths
 

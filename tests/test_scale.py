@@ -1,0 +1,162 @@
+"""The gallery at the size of the data (vizcnn.datapass): each image decoded once past the
+memory budget, at most two forward passes of the model, the same site from the in-memory and
+the on-disk paths, and the same site, report and figure from two torchrun processes as from
+one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import shapes_folder
+
+import vizcnn
+from vizcnn.render.gallery import write_gallery
+
+ROOT = Path(__file__).resolve().parents[1]
+GALLERY = ["--layer", "features.3", "features.6", "--channels", "0-5", "--k", "4",
+           "--feature-vis-steps", "2", "--checkpoints", "demo:1", "demo:5", "demo"]
+
+
+def _site_files(site: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*"))
+            if p.is_file()}
+
+
+def _same_site(one: Path, other: Path) -> None:
+    """Every file of two sites equal, but gallery.json's timings and rank count."""
+    first, second = _site_files(one), _site_files(other)
+    assert sorted(first) == sorted(second)
+    for name, content in first.items():
+        if name == "gallery.json":
+            a, b = json.loads(content), json.loads(second[name])
+            for record in (a, b):
+                del record["seconds"], record["ranks"]
+            assert a == b
+        else:
+            assert content == second[name], name
+
+
+def test_each_image_is_decoded_once_past_the_memory_budget(tmp_path, monkeypatch):
+    """A folder whose inputs exceed the (lowered) budget: every file is read exactly once
+    (the first, probed for the input size, is not read again), the model runs twice (the
+    first pass, then dissection's IoU over the cached inputs) and each earlier checkpoint
+    once; the site equals the one made from inputs held in memory."""
+    import vizcnn.data.images as images
+    import vizcnn.render.gallery as gallery
+
+    folder = shapes_folder(tmp_path / "shapes", 24)
+    model = vizcnn.load_model("demo")
+    options = dict(layers=["features.3", "features.6"], channels=list(range(4)), k=3,
+                   figures=False, progress=False, feature_vis=False, command="test",
+                   checkpoints=["demo:1", "demo:5"])
+    write_gallery(model, folder, tmp_path / "memory", **options)
+    reads: Counter = Counter()
+    real = images.read_image
+
+    def counted(path, *args, **kwargs):
+        reads[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "read_image", counted)
+    monkeypatch.setattr(gallery, "MEMORY_BUDGET", 1)
+    with pytest.warns(UserWarning, match="added as the last"):
+        write_gallery(model, folder, tmp_path / "disk", **options)
+    assert len(reads) == 24 and set(reads.values()) == {1}
+    record = json.loads((tmp_path / "disk" / "gallery.json").read_text())
+    assert record["images_decoded"] == 24
+    assert record["forward_passes"] == {"model": 2, "checkpoint epoch 1": 1,
+                                        "checkpoint epoch 5": 1}
+    assert not list(tmp_path.glob(".disk*"))  # the work folder and its cache are gone
+    for page in ("index.html", "layer1_features.3/2.html", "layer2_features.6.html"):
+        assert ((tmp_path / "memory" / page).read_text()
+                == (tmp_path / "disk" / page).read_text()), page
+
+
+def test_the_statistics_read_back_from_disk_equal_brute_force(tmp_path):
+    """channel_stats keeps the per-image numbers in a table on disk; its summaries, read a
+    chunk of rows at a time (a tiny chunk here), equal those of the whole tensor."""
+    import vizcnn.datapass as datapass
+
+    model = vizcnn.load_model("demo")
+    stats = vizcnn.channel_stats(model, "shapes:30", ["features.3"], progress=False)
+    layer = stats["features.3"]
+    whole = layer.maxima.clone()
+    original = datapass.TABLE_BYTES
+    try:
+        datapass.TABLE_BYTES = 4 * whole.shape[1] * 7  # 7 rows a chunk
+        values, rows = layer.strongest()
+        assert torch.equal(values, whole.max(dim=0).values)
+        assert torch.equal(rows, whole.argmax(dim=0))
+        assert torch.equal(layer.fire_rate, (whole > 0).float().mean(dim=0))
+        counts, edges = layer.histograms(24)
+        for channel in range(whole.shape[1]):
+            expected, bins = np.histogram(whole[:, channel].numpy(), bins=24)
+            assert (counts[channel] == expected).all()
+            assert edges[channel][0] == bins[0] and edges[channel][1] == bins[-1]
+        sums = torch.zeros(int(layer.labels.max()) + 1, whole.shape[1], dtype=torch.float64)
+        sums.index_add_(0, layer.labels, whole.clamp_min(0).double())
+        means = (sums / torch.bincount(layer.labels)[:, None]).T.float()
+        assert torch.allclose(layer.class_means(), means, rtol=1e-6, equal_nan=True)
+    finally:
+        datapass.TABLE_BYTES = original
+
+
+def test_thresholds_kept_lazily_equal_a_full_sort():
+    """Dissection's top-quantile threshold, kept as the m largest values with a rising bound,
+    equals the m-th largest of all values, ties included."""
+    from vizcnn.units import _Largest
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 200, generator=generator).round(decimals=1) for _ in range(30)]
+    largest = _Largest(97)
+    for batch in batches:
+        largest.add(batch)
+    everything = torch.cat(batches, dim=1)
+    assert torch.equal(largest.values()[:, -1], everything.topk(97, dim=1).values[:, -1])
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "vizcnn.cli", *args], cwd=cwd,
+                          env=environment, capture_output=True, text=True, timeout=900)
+
+
+def _one_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "vizcnn.cli", *args], cwd=cwd,
+                          env=environment, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_torchrun_gallery_doctor_and_evolution_equal_one_process(tmp_path):
+    """Two gloo ranks: the same site (pages, numbers, images), the same health report and the
+    same evolution figure as one process. The data is a folder with concept masks, so that
+    the statistics, the accuracy, dissection's thresholds and overlaps, the evolution's
+    checkpoints, the projections and the pages are all split and merged."""
+    folder = shapes_folder(tmp_path / "data" / "shapes", 37)  # odd: the shards differ
+    runs = {}
+    for name, run in (("one", _one_process), ("two", _torchrun)):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        for args in (["gallery", "demo", str(folder), *GALLERY, "--out", "site"],
+                     ["doctor", "demo", str(folder), "--json", "health.json"],
+                     ["evolution", "demo:1", "demo:5", "demo", str(folder), "--layer",
+                      "features.3", "--out", "fig4.png"]):
+            done = run(args, cwd)
+            assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = cwd
+        assert sorted(p.name for p in cwd.iterdir()) == ["fig4.png", "health.json", "site"]
+    one, two = runs["one"], runs["two"]
+    _same_site(one / "site", two / "site")
+    assert json.loads((two / "site" / "gallery.json").read_text())["ranks"] == 2
+    assert (one / "health.json").read_text() == (two / "health.json").read_text()
+    assert (one / "fig4.png").read_bytes() == (two / "fig4.png").read_bytes()
