@@ -18,10 +18,12 @@ import torch
 from helpers import shapes_folder
 
 import vizcnn
+from vizcnn.data.shapes import SHAPE_CONCEPTS
 from vizcnn.render.gallery import write_gallery
+from vizcnn.scan import ImageFolder, InMemory, in_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-GALLERY = ["--layer", "features.3", "features.6", "--channels", "0-5", "--k", "4",
+GALLERY = ["--layer", "features.3", "--layer", "features.6", "--channels", "0-5", "--k", "4",
            "--feature-vis-steps", "2", "--checkpoints", "demo:1", "demo:5", "demo"]
 
 
@@ -44,20 +46,24 @@ def _same_site(one: Path, other: Path) -> None:
             assert content == second[name], name
 
 
-def test_each_image_is_decoded_once_past_the_memory_budget(tmp_path, monkeypatch):
-    """A folder whose inputs exceed the (lowered) budget: every file is read exactly once
-    (the first, probed for the input size, is not read again), the model runs twice (the
-    first pass, then dissection's IoU over the cached inputs) and each earlier checkpoint
-    once; the site equals the one made from inputs held in memory."""
+def test_each_image_is_decoded_once(tmp_path, monkeypatch):
+    """A folder of images with concept masks: every file is read exactly once (the first,
+    probed for the input size, is not read again), into the cache of decoded inputs that
+    the later stages read; the model runs twice (the first pass, then dissection's IoU) and
+    each earlier checkpoint once; the pages equal those made from the inputs decoded in
+    memory beforehand (no cache)."""
     import vizcnn.data.images as images
-    import vizcnn.render.gallery as gallery
 
     folder = shapes_folder(tmp_path / "shapes", 24)
     model = vizcnn.load_model("demo")
     options = dict(layers=["features.3", "features.6"], channels=list(range(4)), k=3,
                    figures=False, progress=False, feature_vis=False, command="test",
-                   checkpoints=["demo:1", "demo:5"])
-    write_gallery(model, folder, tmp_path / "memory", **options)
+                   checkpoints=["demo:1", "demo:5"], concepts=list(SHAPE_CONCEPTS))
+    masked = ImageFolder(folder, masks=folder.with_name("shapes-masks"))
+    decoded = in_memory(model, masked)
+    assert isinstance(decoded, InMemory)
+    with pytest.warns(UserWarning, match="added as the last"):
+        write_gallery(model, decoded, tmp_path / "memory", **options)
     reads: Counter = Counter()
     real = images.read_image
 
@@ -66,7 +72,6 @@ def test_each_image_is_decoded_once_past_the_memory_budget(tmp_path, monkeypatch
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(images, "read_image", counted)
-    monkeypatch.setattr(gallery, "MEMORY_BUDGET", 1)
     with pytest.warns(UserWarning, match="added as the last"):
         write_gallery(model, folder, tmp_path / "disk", **options)
     assert len(reads) == 24 and set(reads.values()) == {1}
@@ -74,10 +79,14 @@ def test_each_image_is_decoded_once_past_the_memory_budget(tmp_path, monkeypatch
     assert record["images_decoded"] == 24
     assert record["forward_passes"] == {"model": 2, "checkpoint epoch 1": 1,
                                         "checkpoint epoch 5": 1}
+    assert json.loads((tmp_path / "memory" / "gallery.json").read_text())[
+        "images_decoded"] == 0  # model inputs already
     assert not list(tmp_path.glob(".disk*"))  # the work folder and its cache are gone
-    for page in ("index.html", "layer1_features.3/2.html", "layer2_features.6.html"):
-        assert ((tmp_path / "memory" / page).read_text()
-                == (tmp_path / "disk" / page).read_text()), page
+    memory, disk = _site_files(tmp_path / "memory"), _site_files(tmp_path / "disk")
+    assert sorted(memory) == sorted(disk)
+    for name in memory:
+        if name not in ("index.html", "gallery.json"):  # they name the data as given
+            assert memory[name] == disk[name], name
 
 
 def test_the_statistics_read_back_from_disk_equal_brute_force(tmp_path):
@@ -115,11 +124,12 @@ def test_thresholds_kept_lazily_equal_a_full_sort():
     from vizcnn.units import _Largest
 
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(5, 200, generator=generator).round(decimals=1) for _ in range(30)]
+    batches = [torch.randn(4, 5, 5, 10, generator=generator).round(decimals=1)
+               for _ in range(30)]  # (B, C, h, w) maps
     largest = _Largest(97)
     for batch in batches:
-        largest.add(batch)
-    everything = torch.cat(batches, dim=1)
+        largest.add(batch, batch.flatten(2).max(dim=2).values)
+    everything = torch.cat([batch.transpose(0, 1).flatten(1) for batch in batches], dim=1)
     assert torch.equal(largest.values()[:, -1], everything.topk(97, dim=1).values[:, -1])
 
 

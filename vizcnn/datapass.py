@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,15 @@ def work_folder(parent: str | os.PathLike | None = None, name: str = "vizcnn",
 
 class Table:
     """Rows (N, C) float32 appended batch by batch to a file and read back through a memory
-    map: per-image numbers that would otherwise grow with the data in memory."""
+    map: per-image numbers that would otherwise grow with the data in memory. With
+    ``background``, the rows are written by a thread while the next batch is computed (a
+    write releases the GIL); ``state``, ``close`` and ``tensor`` wait for it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, background: bool = False):
         self.path, self.rows, self.width = Path(path), 0, None
         self._file = None
+        self._writer = ThreadPoolExecutor(max_workers=1) if background else None
+        self._pending: list[Future] = []
 
     def append(self, rows: torch.Tensor) -> None:
         """Add (B, C) rows."""
@@ -156,15 +161,30 @@ class Table:
         self.width = array.shape[1]
         if self._file is None:
             self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
-        self._file.write(array.tobytes())
         self.rows += len(array)
+        data = memoryview(array).cast("B")  # the array's bytes, not a copy
+        if self._writer is None:
+            self._file.write(data)
+            return
+        self._wait(keep=1)  # at most one batch in flight
+        self._pending.append(self._writer.submit(self._file.write, data))
+
+    def _wait(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            self._pending.pop(0).result()  # a failed write (a full disk) is raised here
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            self._wait()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._writer is not None:
+                self._writer.shutdown()
 
     def state(self) -> tuple[int, int | None]:
+        self._wait()
         if self._file is not None:
             self._file.flush()
         return self.rows, self.width
@@ -226,7 +246,7 @@ class DecodedCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.inputs = Table(self.folder / "inputs.f32")
+        self.inputs = Table(self.folder / "inputs.f32", background=True)
         self.masks = Table(self.folder / "masks.f32")
         self.indices: list[int] = []
         self.labels: list[Any] = []
@@ -516,8 +536,8 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
             for parts in input_batches(model, opened, batch_size, record.count,
                                        (rank, world), workers, whole=True, known=known):
                 indices, inputs, skipped, labels, masks = parts
-                record.decoded += len(indices) + len(skipped) - sum(
-                    1 for i in [*indices, *(s for s, _ in skipped)] if known and i in known)
+                record.decoded += sum(1 for i in [*indices, *(s for s, _ in skipped)]
+                                      if i not in (known or {}))
                 batch = Batch(indices, inputs, labels if whole else None, masks, skipped)
                 if cache is not None:
                     if not cache.fits(inputs):

@@ -535,8 +535,8 @@ class _Decoding(Dataset):
         if not self.whole:
             return index, image
         parts = item if isinstance(item, (tuple, list)) else (item,)
-        label = (self.data.label(index) if hasattr(self.data, "label")
-                 else parts[1] if len(parts) > 1 else None)
+        label = (parts[1] if len(parts) > 1 else
+                 self.data.label(index) if hasattr(self.data, "label") else None)
         # a third part is a concept mask where it is a map; the shapes' boxes (4,) are not
         mask = parts[2] if len(parts) > 2 and getattr(parts[2], "ndim", 0) == 2 else None
         if mask is not None:
@@ -715,18 +715,21 @@ def _label_of(label: Any) -> int | None:
     return label if isinstance(label, int) and not isinstance(label, bool) else None
 
 
-def probe(model: nn.Module, data: Any) -> dict[int, tuple]:
-    """The data's items decoded up to its first readable image, as ``{index: (index, input
-    or why it was skipped, label, mask)}``: what a pass is told it need not decode again
-    (``known``). Empty for data that cannot be indexed (it is read again)."""
+def probe(model: nn.Module, data: Any, shard: tuple[int, int] = (0, 1)) -> dict[int, tuple]:
+    """The items of this rank's ``shard`` (see ``input_batches``) decoded up to its first
+    readable image, as ``{index: (index, input or why it was skipped, label, mask)}``: what
+    a pass is told it need not decode again (``known``). Empty for data that cannot be
+    indexed (it is read again)."""
     opened = open_data(data)
     if not (isinstance(opened, Dataset) and hasattr(opened, "__len__")) or isinstance(
             opened, InMemory):
         return {}
-    decoding = _Decoding(opened, input_recipe(model), range(len(opened)), whole=True)
+    rank, world = shard
+    mine = range(rank, len(opened), world)
+    decoding = _Decoding(opened, input_recipe(model), mine, whole=True)
     known = {}
-    for index in range(len(opened)):
-        known[index] = decoding[index]
+    for position, index in enumerate(mine):
+        known[index] = decoding[position]
         if not isinstance(known[index][1], str):
             break
     return known

@@ -265,7 +265,8 @@ class StatsPass(Consumer):
         skipped = sorted((s for part in parts for s in part[4]), key=lambda s: s[0])
         if not len(indices):
             raise no_readable_image([reason for _, reason in skipped])
-        merged = self.folder.parent / f"{self.folder.name}-merged"
+        first = Path(parts[0][0])  # rank 0's folder: the merged tables go beside it
+        merged = first.parent / f"{first.name}-merged"
         if len(parts) > 1 and rank_and_world()[0] == 0:
             merged.mkdir(exist_ok=True)
             for i, name in enumerate(self.layers):
@@ -514,10 +515,12 @@ class ThresholdPass(Consumer):
     ``count`` images in all.
 
     Each channel keeps its m largest values so far; once it has m, only the values above
-    the m-th (a bound that only rises) are set aside, and merged in when m of them have
-    gathered: the m-th largest value comes out exactly, at a cost that follows the values
-    that can still matter, not every position. Memory: C x m floats per layer (0.5 % of the
-    layer's activations over the data set: the price of an exact quantile in one pass)."""
+    the m-th (a bound that only rises) are set aside (a compaction, not a sort; only the
+    maps whose strongest unit passes the bound are looked at), and merged in when as many
+    have gathered as are kept: the m-th largest value comes out exactly, at a cost that
+    follows the values that can still matter. Memory: up to 2 x C x m floats per layer (1 %
+    of the layer's activations over the data set: the price of an exact quantile in one
+    pass)."""
 
     maps = True
 
@@ -534,7 +537,7 @@ class ThresholdPass(Consumer):
                 m = max(1, math.ceil(self.quantile * self.count * maps.shape[-2]
                                      * maps.shape[-1]))
                 self.kept[name] = _Largest(m)
-            self.kept[name].add(maps.transpose(0, 1).flatten(1))
+            self.kept[name].add(maps, found[name].values)
 
     def state(self) -> dict:
         return {name: (kept.m, kept.values()) for name, kept in self.kept.items()}
@@ -563,29 +566,46 @@ class _Largest:
     def __init__(self, m: int):
         self.m = m
         self.kept: torch.Tensor | None = None  # (C, <= m): the m largest at the last merge
-        self.pending: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # set aside since: each value's row, and the value
+        self.values_: list[torch.Tensor] = []
         self.waiting = 0
 
-    def add(self, values: torch.Tensor) -> None:
-        """Take (C, P) more values."""
+    def add(self, maps: torch.Tensor, strongest: torch.Tensor) -> None:
+        """Take the values of (B, C, h, w) maps (row c: channel c), whose strongest units
+        are (B, C)."""
         if self.kept is None or self.kept.shape[1] < self.m:
+            values = maps.transpose(0, 1).flatten(1)
             merged = values if self.kept is None else torch.cat([self.kept, values], dim=1)
             self.kept = merged.topk(min(self.m, merged.shape[1]), dim=1).values
             return
-        above = int((values > self.kept[:, -1:]).sum(dim=1).max())
-        if not above:
+        bound = self.kept[:, -1]
+        # only a map whose strongest unit passes the bound holds a value above it
+        images, channels = (strongest > bound).nonzero(as_tuple=True)
+        if not len(channels):
             return
-        # every value above its row's bound is among that row's ``above`` largest
-        self.pending.append(values.topk(above, dim=1).values)
-        self.waiting += above
-        if self.waiting >= self.m:
+        planes = maps[images, channels]  # (P, h, w)
+        where = (planes > bound[channels].view(-1, 1, 1)).nonzero(as_tuple=True)
+        self.rows.append(channels[where[0]])
+        self.values_.append(planes[where])
+        self.waiting += len(where[0])
+        if self.waiting >= self.m * maps.shape[1]:  # as many set aside as kept: merge
             self._merge()
 
     def _merge(self) -> None:
-        if self.pending:
-            merged = torch.cat([self.kept, *self.pending], dim=1)
-            self.kept = merged.topk(self.m, dim=1).values
-            self.pending, self.waiting = [], 0
+        """The values set aside, laid out one row per channel (padded with -inf), merged in."""
+        if not self.rows:
+            return
+        rows, values = torch.cat(self.rows), torch.cat(self.values_)
+        order = torch.argsort(rows, stable=True)
+        rows, values = rows[order], values[order]
+        counts = torch.bincount(rows, minlength=self.kept.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        columns = torch.arange(len(rows), device=rows.device) - starts[rows]
+        pending = self.kept.new_full((self.kept.shape[0], int(counts.max())), float("-inf"))
+        pending[rows, columns] = values
+        merged = torch.cat([self.kept, pending], dim=1)
+        self.kept = merged.topk(self.m, dim=1).values
+        self.rows, self.values_, self.waiting = [], [], 0
 
     def values(self) -> torch.Tensor:
         self._merge()

@@ -42,7 +42,6 @@ from torch import nn
 from vizcnn.checks import positive_int, require_finite_weights
 from vizcnn.data.shapes import SHAPE_CONCEPTS, ShapesDataset
 from vizcnn.datapass import (
-    MEMORY_BUDGET,
     DecodedCache,
     PassRecord,
     PassState,
@@ -97,7 +96,6 @@ from vizcnn.scan import (
     discarded_on_error,
     first_input,
     images_at,
-    in_memory,
     model_fingerprint,
     open_data,
     probe,
@@ -215,8 +213,8 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
     # a failed gallery leaves nothing: no state, no work files, no site
     with (clock, discarded_on_error(state_path), output_errors(out),
           work_folder(None if keep else output_path(out).parent, out.name, keep) as work):
-        known = probe(model, data)
-        data = clock.run("reading", _read, model, data, workers, known)
+        data = clock.run("reading", _read, data)
+        known = probe(model, data, (rank, world))
         size = _input_size(model, data, known)
         rows = {row.name: row for row in summarize(model, size, layers)}
         shown = {name: _chosen(channels, rows[name]) for name in layers}  # before the pass
@@ -263,9 +261,8 @@ class _Passes:
         self.known, self.state = known, state
         self.spatial = [name for name in layers if rows[name].output_shape
                         and len(rows[name].output_shape) == 3]
-        in_memory_ = isinstance(data, (InMemory, torch.Tensor))
-        self.cache = None if in_memory_ else DecodedCache(work / f"rank{rank}" / "cache")
-        self.decoded_up_front = len(data) if isinstance(data, InMemory) else 0
+        decoded = isinstance(data, (InMemory, torch.Tensor))  # model inputs already
+        self.cache = None if decoded else DecodedCache(work / f"rank{rank}" / "cache")
         self.describe = source or _describe(data)
         self.top = TopKPass(model, layers, k, self.describe)
         self.stats = StatsPass(model, layers, work / f"rank{rank}" / "stats")
@@ -324,10 +321,10 @@ class _Passes:
             self.cache.close()
 
     def decoded(self) -> int:
-        """Images read from the data: up front into memory, or by the ranks' passes."""
-        if self.decoded_up_front:
-            return self.decoded_up_front
-        return sum(gather(self.record.images + len(self.record.skipped)))
+        """Images decoded by the ranks: by their probes and first passes, the only ones that
+        decode (none where the data are model inputs already)."""
+        mine = self.record.decoded + len(self.known) if self.cache is not None else 0
+        return sum(gather(mine))
 
 
 def _labelled(data: Any, first: tuple | None) -> bool:
@@ -499,15 +496,14 @@ def _feature_vis_summary(visualized: dict[str, _Visualized]) -> dict | None:
     return {"objective": first.objective, "steps": first.steps, "layers": layers}
 
 
-def _read(model: nn.Module, data: Any, workers: int | None, known: dict) -> Any:
-    """The data read once into memory where it fits (``scan.in_memory``); a folder with
-    masks that does not fit has every mask checked now, before the pass: a bad mask is
-    refused before any long work, as the reading does for the data that fits. Past the
-    budget the first pass decodes each image and keeps it in the work folder's cache."""
-    read = in_memory(model, data, MEMORY_BUDGET, workers=workers, known=known)
-    if isinstance(read, ImageFolder) and read.masks is not None:
-        read.check_masks()
-    return read
+def _read(data: Any) -> Any:
+    """The data, its concept masks checked first where it is a folder with masks: a bad
+    mask is refused before any long work. The images themselves are decoded once, by the
+    first pass, into the work folder's cache (``vizcnn.datapass.DecodedCache``), which every
+    later stage reads."""
+    if isinstance(data, ImageFolder) and data.masks is not None:
+        data.check_masks()
+    return data
 
 
 def _with_model(model: nn.Module, checkpoints: Any, **options: Any
