@@ -732,15 +732,20 @@ print(json.dumps({'total': total, 'anon': peak[0], 'hwm': hwm,
 
 
 def _bare_pass(count: int) -> float:
-    """Seconds of a bare decode (vizcnn's own, as the gallery's) + no-grad forward pass of the
-    whole demo model over ``shapes:count``, batches of 64."""
-    from vizcnn.scan import input_batches
+    """Seconds of a bare decode (vizcnn's own, as the gallery's: images, labels and concept
+    masks) + no-grad forward pass of the whole demo model over ``shapes:count``, batches of
+    64."""
+    from vizcnn.data.shapes import ShapesDataset
+    from vizcnn.scan import input_batches, open_data
 
     model = vizcnn.load_model("demo").eval()
+    shapes = open_data(f"shapes:{count}")
+    masked = ShapesDataset(shapes.length, seed=shapes.seed, image_size=shapes.image_size,
+                           masks=True)
     started = time.perf_counter()
     with torch.no_grad():
-        for _, batch, _ in input_batches(model, f"shapes:{count}", 64):
-            model(batch)
+        for parts in input_batches(model, masked, 64, whole=True):
+            model(parts[1])
     return time.perf_counter() - started
 
 
@@ -805,9 +810,104 @@ def bench_gallery_scale(quick: bool) -> None:
                       f"(rank 0's stages: {text})")
 
 
+# ImageNet at 50,000 images: what a ResNet50 gallery costs, from per-unit costs measured here
+IMAGENET_IMAGES = 50_000
+GPU_FORWARD_IMAGES_PER_S = 2_000  # an assumption: ResNet50 fp32 at 224, one A100/H100-class card
+DECODE_WORKERS_PER_GPU = 12  # the 16-core machine the device tool lends, less the main processes
+
+
+def _jpeg_folder(folder: Path, count: int) -> Path:
+    """``count`` JPEGs at ImageNet's typical 500 x 375, cut from real photographs."""
+    import cv2
+
+    images = photo_batch(count, size=375)  # normalised crops: back to pixels
+    mean, std = IMAGENET_PREPROCESSING.pixel_normalisation(3)
+    for i, image in enumerate(images):
+        pixels = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        array = (pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        array = cv2.resize(array, (500, 375), interpolation=cv2.INTER_AREA)
+        (folder / "photo").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / "photo" / f"{i:04d}.jpg"), array[:, :, ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return folder
+
+
+def bench_gallery_cost(quick: bool) -> None:
+    """The per-unit costs of a ResNet50 gallery (random weights, all 16 block outputs), each
+    measured here: decoding a 500 x 375 JPEG to a 224 input, the forward pass, the gallery's
+    data pass beside a bare forward pass, and the projections and pages per channel; then
+    those costs carried to 50,000 images and every channel (15,104), on this machine and on 1
+    and 8 GPUs under the stated assumptions (GPU_FORWARD_IMAGES_PER_S, the GPU's speed-up
+    over this machine applied alike to the forward pass, the statistics and the
+    projections; DECODE_WORKERS_PER_GPU decoding processes per GPU)."""
+    import json
+    import tempfile
+
+    from vizcnn.render.gallery import write_gallery
+    from vizcnn.scan import ImageFolder, input_batches
+    from vizcnn.summary import summarize
+
+    torch.manual_seed(0)
+    model = vizcnn.with_model_info(torchvision.models.resnet50().eval(),
+                                   preprocessing=IMAGENET_PREPROCESSING)
+    layers = [f"layer{i}.{j}" for i, blocks in enumerate((3, 4, 6, 3), 1)
+              for j in range(blocks)]
+    channels = sum(row.output_shape[0] for row in summarize(model, 224, layers))
+    count, shown = (16, 2) if quick else (64, 4)
+    images = photo_batch(count)
+    with tempfile.TemporaryDirectory(dir=".") as scratch:
+        folder = _jpeg_folder(Path(scratch) / "jpegs", count)
+        started = time.perf_counter()
+        for _ in input_batches(model, ImageFolder(folder), 32, workers=0):
+            pass
+        decode = (time.perf_counter() - started) / count
+        with torch.no_grad():
+            model(images[:4])
+            forward = _timed(lambda: [model(images[i:i + 32]) for i in range(0, count, 32)]
+                             )[1] / count
+        site = Path(scratch) / "site"
+        write_gallery(model, images, site, layers=layers, channels=list(range(shown)),
+                      k=9, figures=False, feature_vis=False, progress=False)
+        report = json.loads((site / "gallery.json").read_text())
+        size = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+    stages = report["seconds"]
+    pass_s = stages["data pass"] / count
+    drawn = shown * len(layers)
+    projection = stages["projections"] / drawn
+    pages = (stages["pages"] + stages.get("health", 0.0)) / drawn
+    per_channel = size / drawn
+    print(f"gallery cost: ResNet50 (random weights), {len(layers)} block outputs "
+          f"({channels} channels), {count} photo crops at 224, {torch.get_num_threads()} "
+          "threads")
+    print(f"  measured: decode {1e3 * decode:.1f} ms/image (500 x 375 JPEG, one process), "
+          f"forward {1e3 * forward:.0f} ms/image, data pass {1e3 * pass_s:.0f} ms/image "
+          f"({pass_s / forward:.2f}x the forward pass), projections "
+          f"{projection:.2f} s/channel (top-9), pages {1e3 * pages:.0f} ms/channel, site "
+          f"{per_channel / 2**10:.0f} KB/channel")
+    speedup = GPU_FORWARD_IMAGES_PER_S * forward
+    print(f"  {IMAGENET_IMAGES} images, {channels} channels; a GPU taken as "
+          f"{GPU_FORWARD_IMAGES_PER_S} images/s forward ({speedup:.0f}x this machine)")
+    print(f"  {'where':<18} {'decode h':>9} {'pass h':>7} {'projections h':>14} "
+          f"{'pages h':>8} {'total h':>8}")
+    for where, gpus in (("this machine", 0), ("1 GPU", 1), ("8 GPUs", 8)):
+        ranks, faster = max(1, gpus), speedup if gpus else 1.0
+        workers = DECODE_WORKERS_PER_GPU * ranks if gpus else torch.get_num_threads()
+        decode_h = IMAGENET_IMAGES * decode / workers / 3600
+        pass_h = IMAGENET_IMAGES * pass_s / faster / ranks / 3600
+        projections_h = channels * projection / faster / ranks / 3600
+        pages_h = channels * pages / ranks / 3600  # on CPUs, split by channel
+        # the decoding workers run beside the pass: the slower of the two sets its pace
+        total = max(decode_h, pass_h) + projections_h + pages_h
+        print(f"  {where:<18} {decode_h:9.2f} {pass_h:7.2f} {projections_h:14.2f} "
+              f"{pages_h:8.2f} {total:8.2f}")
+    print(f"  site: {channels * per_channel / 2**30:.1f} GB for every channel; cache of "
+          f"decoded inputs {IMAGENET_IMAGES * 3 * 224 * 224 * 4 / 2**30:.0f} GB while it runs")
+
+
 SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
             "gallery": bench_gallery, "featvis": bench_featvis,
             "featvis-quality": bench_featvis_quality, "gallery-scale": bench_gallery_scale,
+            "gallery-cost": bench_gallery_cost,
             "adversarial": bench_adversarial}
 
 

@@ -170,3 +170,82 @@ def test_torchrun_gallery_doctor_and_evolution_equal_one_process(tmp_path):
     assert json.loads((two / "site" / "gallery.json").read_text())["ranks"] == 2
     assert (one / "health.json").read_text() == (two / "health.json").read_text()
     assert (one / "fig4.png").read_bytes() == (two / "fig4.png").read_bytes()
+
+
+def test_the_cache_holds_inputs_of_several_sizes(tmp_path):
+    """Batches of two input sizes, with masks, labels and a skipped image, read back from the
+    cache as the data set they came from, also after a saved state is restored (rows written
+    after it dropped)."""
+    from vizcnn.datapass import DecodedCache
+    from vizcnn.errors import BadImage
+
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randn(3, 3, 8, 6, generator=generator)
+    large = torch.randn(2, 3, 10, 12, generator=generator)
+    small_masks = torch.randint(0, 5, (3, 8, 6), generator=generator)
+    cache = DecodedCache(tmp_path / "cache")
+    cache.add([0, 2, 3], small, [1, 0, 1], small_masks, [(1, "unreadable")])
+    saved = cache.state()
+    cache.add([5, 6], large, None, None, [(4, "NaN values")])
+    cache.restore(saved)  # as a resumed run: the second batch is written again
+    cache.add([5, 6], large, None, None, [(4, "NaN values")])
+    data = cache.dataset(("a", "b"))
+    assert len(data) == 7
+    for row, index in enumerate([0, 2, 3]):
+        image, label, mask = data[index]
+        assert torch.equal(image, small[row]) and label == [1, 0, 1][row]
+        assert torch.equal(mask, small_masks[row])
+    for row, index in enumerate([5, 6]):
+        image, label, mask = data[index]
+        assert torch.equal(image, large[row]) and label is None and mask is None
+    for index, reason in ((1, "unreadable"), (4, "NaN values")):
+        with pytest.raises(BadImage, match=reason):
+            data[index]
+
+
+def test_a_gallery_of_images_that_keep_their_sizes(tmp_path, capfd):
+    """A model whose preprocessing is unknown keeps each image's size: over a folder of two
+    sizes the statistics (through the cache, one table per size) equal a forward pass of
+    each image alone, while the gallery, which tiles a channel's images, refuses the data in
+    one line (API and CLI) and leaves nothing behind; with --size it is written."""
+    import cv2
+
+    from vizcnn.cli import main
+    from vizcnn.errors import BadArgument
+    from vizcnn.models import AssumedPreprocessingWarning
+    from vizcnn.units import channel_stats
+
+    folder = tmp_path / "photos" / "any"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 40), (33, 47), (40, 40), (33, 47), (40, 40)]):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(),
+                                torch.nn.Conv2d(4, 5, 3, stride=2), torch.nn.GELU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(5, 2)).eval()
+    with pytest.warns(AssumedPreprocessingWarning):
+        stats = channel_stats(model, folder.parent, ["3"], progress=False)["3"]
+    for row, path in enumerate(sorted(folder.iterdir())):
+        with pytest.warns(AssumedPreprocessingWarning):
+            x = vizcnn.preprocess(model, path)
+        with torch.no_grad():
+            maps = model[:4](x)[0]
+        assert torch.allclose(stats.maxima[row], maps.flatten(1).max(dim=1).values)
+    with pytest.warns(AssumedPreprocessingWarning), pytest.raises(
+            BadArgument, match="different sizes .33x47 and 40x40"):
+        write_gallery(model, folder.parent, tmp_path / "site", layers=["1", "3"], k=2,
+                      figures=False, feature_vis=False, progress=False)
+    torch.save(model, tmp_path / "net.pt")
+    argv = ["gallery", str(tmp_path / "net.pt"), str(folder.parent), "--layer", "3",
+            "--no-figures", "--no-feature-vis", "--out", str(tmp_path / "site"), "--k", "2",
+            "--trust-checkpoint"]
+    assert main(argv) == 2  # the one line of error follows the assumed-normalisation warning
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("vizcnn: error:") == 1
+    assert err.strip().splitlines()[-1].startswith("vizcnn: error: the images reach the model")
+    assert "(--size N, or preprocessing=)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt", "photos"]
+    assert main([*argv, "--size", "40"]) == 0
+    assert (tmp_path / "site" / "index.html").exists()

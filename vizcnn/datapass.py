@@ -240,78 +240,88 @@ def row_chunks(table: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 
 class DecodedCache:
     """The model inputs of a pass, written as they are decoded (per rank, in files of the work
-    folder) and read back as a data set indexed as the original: items ``(input, label,
-    mask)``, an unreadable image raising ``BadImage`` with the reason it was skipped."""
+    folder: one table per input size, for data whose images keep their own sizes) and read
+    back as a data set indexed as the original: items ``(input, label, mask)``, an unreadable
+    image raising ``BadImage`` with the reason it was skipped."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.inputs = Table(self.folder / "inputs.f32", background=True)
-        self.masks = Table(self.folder / "masks.f32")
-        self.indices: list[int] = []
-        self.labels: list[Any] = []
+        self.tables: dict[tuple[int, ...], tuple[Table, Table]] = {}  # size: inputs, masks
+        self.where: dict[int, tuple[tuple[int, ...], int, int]] = {}  # size, row, mask row
+        self.labels: dict[int, Any] = {}
         self.skipped: dict[int, str] = {}
-        self.shape: tuple[int, ...] | None = None
 
-    def fits(self, batch: torch.Tensor) -> bool:
-        """Whether a batch can join the cache (one input size for the whole cache)."""
-        return self.shape is None or tuple(batch.shape[1:]) == self.shape
+    def _tables(self, shape: tuple[int, ...]) -> tuple[Table, Table]:
+        if shape not in self.tables:
+            name = "x".join(map(str, shape))
+            self.tables[shape] = (Table(self.folder / f"inputs-{name}.f32", background=True),
+                                  Table(self.folder / f"masks-{name}.f32"))
+        return self.tables[shape]
 
     def add(self, indices: list[int], batch: torch.Tensor, labels: list | None,
             masks: torch.Tensor | None, skipped: list[tuple[int, str]]) -> None:
+        """Keep a batch: ``batch`` (B, C, H, W), ``masks`` (B, H, W) or None."""
         self.skipped.update(skipped)
         if not len(indices):
             return
-        self.shape = tuple(batch.shape[1:])
-        self.inputs.append(batch.flatten(1))
+        shape = tuple(batch.shape[1:])
+        inputs, mask_table = self._tables(shape)
+        row, mask_row = inputs.rows, mask_table.rows if masks is not None else -1
+        inputs.append(batch.flatten(1))
         if masks is not None:
-            self.masks.append(masks.flatten(1).float())  # concept indices: exact in float32
-        self.indices += indices
-        self.labels += labels if labels is not None else [None] * len(indices)
+            mask_table.append(masks.flatten(1).float())  # concept indices: exact in float32
+        for i, index in enumerate(indices):
+            self.where[index] = (shape, row + i, mask_row + i if mask_row >= 0 else -1)
+        self.labels.update(zip(indices, labels or [None] * len(indices), strict=True))
 
     def state(self) -> dict:
-        return {"inputs": self.inputs.state(), "masks": self.masks.state(),
-                "indices": list(self.indices), "labels": list(self.labels),
-                "skipped": dict(self.skipped), "shape": self.shape}
+        return {"tables": {shape: (inputs.state(), masks.state())
+                           for shape, (inputs, masks) in self.tables.items()},
+                "where": dict(self.where), "labels": dict(self.labels),
+                "skipped": dict(self.skipped)}
 
     def restore(self, state: dict) -> None:
-        self.inputs.restore(state["inputs"])
-        self.masks.restore(state["masks"])
-        self.indices, self.labels = list(state["indices"]), list(state["labels"])
-        self.skipped, self.shape = dict(state["skipped"]), state["shape"]
+        for shape, (inputs, masks) in state["tables"].items():
+            self._tables(shape)[0].restore(inputs)
+            self.tables[shape][1].restore(masks)
+        self.where, self.labels = dict(state["where"]), dict(state["labels"])
+        self.skipped = dict(state["skipped"])
 
     def close(self) -> None:
-        self.inputs.close()
-        self.masks.close()
+        for inputs, masks in self.tables.values():
+            inputs.close()
+            masks.close()
 
     def dataset(self, classes: tuple[str, ...] | None) -> Dataset:
         """Every rank's cache as one data set (call on every rank after the pass)."""
         self.close()
-        parts = gather((str(self.folder), self.inputs.rows, self.masks.rows, self.indices,
-                        self.labels, self.skipped, self.shape))
-        return _CachedInputs(parts, classes)
+        sizes = {shape: (inputs.rows, masks.rows) for shape, (inputs, masks)
+                 in self.tables.items()}
+        return _CachedInputs(gather((str(self.folder), sizes, self.where, self.labels,
+                                     self.skipped)), classes)
 
 
 class _CachedInputs(Dataset):
     """The ranks' decoded inputs read back (see ``DecodedCache.dataset``)."""
 
     def __init__(self, parts: list[tuple], classes: tuple[str, ...] | None):
-        shape = next((p[6] for p in parts if p[6] is not None), None)
         self.classes = classes
         self.skipped: dict[int, str] = {}
-        self.where: dict[int, tuple[int, int]] = {}
+        self.where: dict[int, tuple] = {}  # index: inputs (N, C, H, W), row, masks, mask row
         self.labels: dict[int, Any] = {}
-        self.inputs, self.masks = [], []
-        size = int(np.prod(shape)) if shape else 0
-        for rank, (folder, rows, mask_rows, indices, labels, skipped, _) in enumerate(parts):
-            folder = Path(folder)
-            self.inputs.append(read_table(folder / "inputs.f32", rows, size)
-                               .view(rows, *shape) if shape else None)
-            plane = (shape[-2] * shape[-1]) if shape else 0
-            self.masks.append(read_table(folder / "masks.f32", mask_rows, plane)
-                              .view(mask_rows, *shape[-2:]) if mask_rows else None)
-            self.where.update({index: (rank, row) for row, index in enumerate(indices)})
-            self.labels.update(zip(indices, labels, strict=True))
+        for folder, sizes, where, labels, skipped in parts:
+            arrays = {}
+            for shape, (rows, mask_rows) in sizes.items():
+                name = "x".join(map(str, shape))
+                inputs = read_table(Path(folder) / f"inputs-{name}.f32", rows,
+                                    int(np.prod(shape))).view(rows, *shape)
+                masks = read_table(Path(folder) / f"masks-{name}.f32", mask_rows,
+                                   shape[-2] * shape[-1]).view(mask_rows, *shape[-2:])
+                arrays[shape] = inputs, masks
+            self.where.update({index: (*arrays[shape][:1], row, arrays[shape][1], mask_row)
+                               for index, (shape, row, mask_row) in where.items()})
+            self.labels.update(labels)
             self.skipped.update(skipped)
         self.length = max([*self.where, *self.skipped], default=-1) + 1
 
@@ -321,10 +331,8 @@ class _CachedInputs(Dataset):
     def __getitem__(self, index: int) -> tuple:
         if index in self.skipped:
             raise BadImage(self.skipped[index])
-        rank, row = self.where[index]
-        masks = self.masks[rank]
-        return (self.inputs[rank][row], self.labels[index],
-                None if masks is None else masks[row].long())
+        inputs, row, masks, mask_row = self.where[index]
+        return inputs[row], self.labels[index], None if mask_row < 0 else masks[mask_row].long()
 
     def label(self, index: int) -> Any:
         return self.labels.get(index)
@@ -540,10 +548,6 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
                                       if i not in (known or {}))
                 batch = Batch(indices, inputs, labels if whole else None, masks, skipped)
                 if cache is not None:
-                    if not cache.fits(inputs):
-                        raise BadArgument("the images come at different input sizes, which "
-                                          "the decoded-input cache cannot hold",
-                                          "resize them to one size first")
                     cache.add(indices, inputs, batch.labels, masks, skipped)
                 if len(indices):
                     outputs = {key: forward(inputs) for key, forward in models.items()}

@@ -285,6 +285,8 @@ class _Passes:
                                progress=False)
         self.forward_passes = {"model": 1, **{f"checkpoint epoch {epoch}": 1
                                               for epoch, _, _ in self.loaded[:-1]}}
+        if self.cache is not None:
+            _one_size(self.cache)
         self.source = decoded_source(self.data, self.cache)
 
     def results(self) -> tuple[Any, dict, Any]:
@@ -325,6 +327,18 @@ class _Passes:
         decode (none where the data are model inputs already)."""
         mine = self.record.decoded + len(self.known) if self.cache is not None else 0
         return sum(gather(mine))
+
+
+def _one_size(cache: DecodedCache) -> None:
+    """Refuse images that came to the model at different sizes (a model whose preprocessing
+    is unknown keeps each image's size): the pages tile a channel's top images side by side.
+    Every rank raises alike."""
+    sizes = sorted({shape[-2:] for part in gather(list(cache.tables)) for shape in part})
+    if len(sizes) > 1:
+        shown = " and ".join("x".join(map(str, size)) for size in sizes[:2])
+        raise BadArgument(f"the images reach the model at different sizes ({shown}); the "
+                          "gallery shows them side by side",
+                          "give the model's input size (--size N, or preprocessing=)")
 
 
 def _labelled(data: Any, first: tuple | None) -> bool:
