@@ -731,10 +731,10 @@ print(json.dumps({'total': total, 'anon': peak[0], 'hwm': hwm,
 """
 
 
-def _bare_pass(count: int) -> float:
+def _bare_pass(count: int) -> tuple[float, float]:
     """Seconds of a bare decode (vizcnn's own, as the gallery's: images, labels and concept
-    masks) + no-grad forward pass of the whole demo model over ``shapes:count``, batches of
-    64."""
+    masks) and of a no-grad forward pass of the whole demo model over ``shapes:count``,
+    batches of 64: (decode + forward, forward alone)."""
     from vizcnn.data.shapes import ShapesDataset
     from vizcnn.scan import input_batches, open_data
 
@@ -742,11 +742,12 @@ def _bare_pass(count: int) -> float:
     shapes = open_data(f"shapes:{count}")
     masked = ShapesDataset(shapes.length, seed=shapes.seed, image_size=shapes.image_size,
                            masks=True)
+    forward = 0.0
     started = time.perf_counter()
     with torch.no_grad():
         for parts in input_batches(model, masked, 64, whole=True):
-            model(parts[1])
-    return time.perf_counter() - started
+            forward += _timed(model, parts[1])[1]
+    return time.perf_counter() - started, forward
 
 
 def _scale_run(count: int, checkpoints: bool, folder: Path) -> dict:
@@ -789,19 +790,20 @@ def bench_gallery_scale(quick: bool) -> None:
           f"{'anon MB':>8} {'RSS MB':>7} {'decoded':>8} {'forward':<32} stages")
     with tempfile.TemporaryDirectory(dir=".") as scratch:
         for count in counts:
-            bare = _bare_pass(count)
+            bare, forward = _bare_pass(count)
             for checkpoints in (False, True):
                 run = _scale_run(count, checkpoints, Path(scratch))
                 stages = run["seconds"]
                 text = " ".join(f"{name} {value:.1f}" for name, value in stages.items())
-                models = 1 + (len(run["forward_passes"]) - 1)
+                reference = bare + forward * (len(run["forward_passes"]) - 1)
                 print(f"{count:>7} {'yes' if checkpoints else 'no':>4} {run['total']:8.1f} "
-                      f"{stages['data pass']:7.1f} {bare * models:7.1f} "
-                      f"{stages['data pass'] / (bare * models):5.2f}x "
+                      f"{stages['data pass']:7.1f} {reference:7.1f} "
+                      f"{stages['data pass'] / reference:5.2f}x "
                       f"{run['anon'] / 2**20:8.0f} {run['hwm'] / 2**20:7.0f} "
                       f"{run['images_decoded']:>8} {json.dumps(run['forward_passes']):<32} "
                       f"{text}")
-        print("  bare s: decode + forward of the whole model, times the models the pass runs")
+        print("  bare s: one decode + a forward pass of the whole model per model the pass "
+              "runs (with evo: the model and 4 earlier checkpoints)")
         for count in counts[-1:]:
             for ranks in (1, 2):
                 seconds, report = _torchrun_gallery(count, ranks, Path(scratch))

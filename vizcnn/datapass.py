@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +256,7 @@ class DecodedCache:
         if shape not in self.tables:
             name = "x".join(map(str, shape))
             self.tables[shape] = (Table(self.folder / f"inputs-{name}.f32", background=True),
-                                  Table(self.folder / f"masks-{name}.f32"))
+                                  Table(self.folder / f"masks-{name}.f32", background=True))
         return self.tables[shape]
 
     def add(self, indices: list[int], batch: torch.Tensor, labels: list | None,
@@ -460,6 +460,7 @@ class PassState:
         self.path = None if folder is None else Path(folder) / (
             f"rank{rank}" if world > 1 else "") / "pass.pt"
         self.key, self.every, self.last = key, every, time.monotonic()
+        self.wait = every
 
     def load(self) -> dict | None:
         """The saved state, checked against this run's key (read once)."""
@@ -483,13 +484,18 @@ class PassState:
                               f"({'; '.join(differences)})", afresh)
         return saved
 
-    def save(self, state: dict, force: bool = False) -> None:
-        if self.path is None or (not force and time.monotonic() - self.last < self.every):
+    def save(self, snapshot: Callable[[], dict], force: bool = False) -> None:
+        """Save ``snapshot()`` where it is due: ``every`` seconds at most, and no more often
+        than keeps saving under 5 % of the time (a large state, such as dissection's kept
+        values at scale, takes a while to write); ``snapshot`` is called only then."""
+        if self.path is None or (not force and time.monotonic() - self.last < self.wait):
             return
+        started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as temporary:
-            save_tensors({"key": self.key, **state}, temporary)
+            save_tensors({"key": self.key, **snapshot()}, temporary)
         self.last = time.monotonic()
+        self.wait = max(self.every, 20 * (self.last - started))
 
 
 def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
@@ -560,13 +566,13 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
                     if indices or skipped else record.count
                 bar.update((len(indices) + len(skipped)) * world)
                 if state is not None:
-                    state.save(snapshot())
+                    state.save(snapshot)
         except KeyboardInterrupt:
             if state is not None:
-                state.save(snapshot(), force=True)
+                state.save(snapshot, force=True)
             raise
         if state is not None:
-            state.save(snapshot(), force=True)
+            state.save(snapshot, force=True)
     return record
 
 

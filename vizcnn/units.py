@@ -545,7 +545,7 @@ class ThresholdPass(Consumer):
     def restore(self, state: dict) -> None:
         for name, (m, values) in state.items():
             self.kept[name] = _Largest(m)
-            self.kept[name].kept = values
+            self.kept[name].keep(values)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """(C,) thresholds per layer, every rank's values merged (call on every rank)."""
@@ -566,6 +566,7 @@ class _Largest:
     def __init__(self, m: int):
         self.m = m
         self.kept: torch.Tensor | None = None  # (C, <= m): the m largest at the last merge
+        self.bound: torch.Tensor | None = None  # (C,) the smallest of them
         self.rows: list[torch.Tensor] = []  # set aside since: each value's row, and the value
         self.values_: list[torch.Tensor] = []
         self.waiting = 0
@@ -576,36 +577,48 @@ class _Largest:
         if self.kept is None or self.kept.shape[1] < self.m:
             values = maps.transpose(0, 1).flatten(1)
             merged = values if self.kept is None else torch.cat([self.kept, values], dim=1)
-            self.kept = merged.topk(min(self.m, merged.shape[1]), dim=1).values
+            self.keep(merged.topk(min(self.m, merged.shape[1]), dim=1, sorted=False).values)
             return
-        bound = self.kept[:, -1]
-        # only a map whose strongest unit passes the bound holds a value above it
-        images, channels = (strongest > bound).nonzero(as_tuple=True)
+        bound = self.bound
+        # only a map whose strongest unit passes the bound holds a value above it; taken
+        # channel by channel, so that each batch's values come grouped by channel
+        channels, images = (strongest > bound).T.nonzero(as_tuple=True)
         if not len(channels):
             return
         planes = maps[images, channels]  # (P, h, w)
         where = (planes > bound[channels].view(-1, 1, 1)).nonzero(as_tuple=True)
-        self.rows.append(channels[where[0]])
+        rows = channels[where[0]]
+        self.rows.append(rows)
         self.values_.append(planes[where])
-        self.waiting += len(where[0])
+        self.waiting += len(rows)
         if self.waiting >= self.m * maps.shape[1]:  # as many set aside as kept: merge
             self._merge()
 
     def _merge(self) -> None:
-        """The values set aside, laid out one row per channel (padded with -inf), merged in."""
+        """The values set aside, laid out one row per channel (padded with -inf), merged in.
+        Each batch's values are grouped by channel already: a value's column is its place
+        among its channel's values in its batch, after those of the earlier batches."""
         if not self.rows:
             return
-        rows, values = torch.cat(self.rows), torch.cat(self.values_)
-        order = torch.argsort(rows, stable=True)
-        rows, values = rows[order], values[order]
-        counts = torch.bincount(rows, minlength=self.kept.shape[0])
-        starts = torch.cumsum(counts, 0) - counts
-        columns = torch.arange(len(rows), device=rows.device) - starts[rows]
-        pending = self.kept.new_full((self.kept.shape[0], int(counts.max())), float("-inf"))
-        pending[rows, columns] = values
+        channels = self.kept.shape[0]
+        before = torch.zeros(channels, dtype=torch.long, device=self.kept.device)
+        columns = []
+        for rows in self.rows:
+            counts = torch.bincount(rows, minlength=channels)
+            starts = torch.cumsum(counts, 0) - counts
+            columns.append(torch.arange(len(rows), device=rows.device) - starts[rows]
+                           + before[rows])
+            before += counts
+        pending = self.kept.new_full((channels, int(before.max())), float("-inf"))
+        pending[torch.cat(self.rows), torch.cat(columns)] = torch.cat(self.values_)
         merged = torch.cat([self.kept, pending], dim=1)
-        self.kept = merged.topk(self.m, dim=1).values
+        self.keep(merged.topk(self.m, dim=1, sorted=False).values)
         self.rows, self.values_, self.waiting = [], [], 0
+
+    def keep(self, values: torch.Tensor) -> None:
+        """Keep (C, <= m) values, in no order (a sort would cost more than the selection);
+        the bound is the smallest of each row."""
+        self.kept, self.bound = values, values.amin(dim=1)
 
     def values(self) -> torch.Tensor:
         self._merge()
