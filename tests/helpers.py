@@ -209,3 +209,49 @@ def shapes_folder(root: Path, count: int, size: int = 64, seed: int = 7) -> Path
                                                    cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(masks / name), mask.numpy().astype(np.uint8))
     return root
+
+
+def resumed_gallery_worker(rank: int, world: int, store: str, count: int, out: str,
+                           state: str, options: dict, stop_at: int) -> None:
+    """One rank of a gloo gallery over ``shapes:count`` that is interrupted (Ctrl-C, as
+    ``KeyboardInterrupt``) while decoding data-set index ``stop_at`` or the first of its
+    shard past it, then run again: the second run must resume from the rank's own saved
+    state, feeding none of the first run's images again."""
+    import torch.distributed as dist
+
+    import vizcnn
+    import vizcnn.datapass as datapass
+    from vizcnn.data.shapes import ShapesDataset
+    from vizcnn.render.gallery import write_gallery
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    real_add, real_item = datapass.TopKPass.add, ShapesDataset.__getitem__
+    fed: list[int] = []
+    interrupt = [True]
+
+    def counted(self, batch, *args):
+        fed.extend(batch.indices)
+        return real_add(self, batch, *args)
+
+    def item(self, index):
+        if interrupt[0] and index >= stop_at:
+            raise KeyboardInterrupt
+        return real_item(self, index)
+
+    try:
+        model = vizcnn.load_model("demo")
+        datapass.TopKPass.add, ShapesDataset.__getitem__ = counted, item
+        try:
+            write_gallery(model, f"shapes:{count}", out, state_path=state, **options)
+            raise AssertionError("the first run was not interrupted")
+        except KeyboardInterrupt:
+            pass
+        assert (Path(state) / f"rank{rank}" / "pass.pt").exists()
+        first, interrupt[0] = len(fed), False
+        assert first > 0
+        write_gallery(model, f"shapes:{count}", out, state_path=state, **options)
+        assert sorted(fed) == list(range(rank, count, world)), (rank, first, fed)  # once each
+        dist.barrier()
+    finally:
+        datapass.TopKPass.add, ShapesDataset.__getitem__ = real_add, real_item
+        dist.destroy_process_group()

@@ -250,3 +250,69 @@ def test_a_gallery_of_images_that_keep_their_sizes(tmp_path, capfd):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt", "photos"]
     assert main([*argv, "--size", "40"]) == 0
     assert (tmp_path / "site" / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_torchrun_gallery_resumes_per_rank(tmp_path):
+    """Two gloo ranks interrupted in the middle of their pass (between batches) each keep a
+    saved state of their own; run again, each resumes from it, no image fed twice, and the
+    site equals one process's, the images decoded included (those the site was made from:
+    the batch half decoded when the run stopped is decoded again, and counted once)."""
+    import torch.multiprocessing as mp
+    from helpers import resumed_gallery_worker
+
+    options = dict(layers=["features.3", "features.6"], channels=list(range(4)), k=3,
+                   batch_size=4, figures=False, feature_vis=False, progress=False)
+    state = tmp_path / "state"
+    mp.spawn(resumed_gallery_worker, nprocs=2,
+             args=(2, str(tmp_path / "store"), 30, str(tmp_path / "two"), str(state),
+                   options, 19))
+    assert not state.exists()  # done: the saved states are gone
+    write_gallery(vizcnn.load_model("demo"), "shapes:30", tmp_path / "one", **options)
+    _same_site(tmp_path / "one", tmp_path / "two")
+
+
+def test_ctrl_c_while_a_batch_is_fed_keeps_the_last_consistent_save(tmp_path):
+    """A Ctrl-C that comes after one consumer took a batch and before the next did must not
+    save the first with it: the resumed pass would feed it the batch twice. The save made
+    after the last whole batch stands, and the resumed top-k and statistics equal an
+    uninterrupted pass's."""
+    from vizcnn.datapass import PassState, TopKPass, run_pass
+    from vizcnn.units import StatsPass
+
+    model = vizcnn.load_model("demo")
+    layers = ["features.3", "features.11"]
+
+    def consumers(folder: str):
+        return [TopKPass(model, layers, 3, "shapes:40"), StatsPass(model, layers,
+                                                                   tmp_path / folder)]
+
+    whole = consumers("whole")
+    record = run_pass("shapes:40", whole, batch_size=8, progress=False)
+    resumed = consumers("resumed")
+    state = PassState(tmp_path / "state", {"test": 1}, every=0)  # a save after every batch
+    real, calls = StatsPass.add, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:  # the top-k has the third batch, the statistics not yet
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    StatsPass.add = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pass("shapes:40", resumed, batch_size=8, state=state, progress=False)
+    finally:
+        StatsPass.add = real
+    assert torch.load(state.path, weights_only=True)["record"]["images"] in (8, 16)
+    resumed = consumers("resumed")
+    again = run_pass("shapes:40", resumed, batch_size=8, progress=False,
+                     state=PassState(tmp_path / "state", {"test": 1}))
+    a, b = whole[0].finish(), resumed[0].finish()
+    for layer in layers:
+        assert torch.equal(a.indices[layer], b.indices[layer])
+        assert torch.equal(a.values[layer], b.values[layer])
+    first, second = whole[1].finish(record, None), resumed[1].finish(again, None)
+    for layer in layers:
+        assert torch.equal(first[layer].maxima, second[layer].maxima)

@@ -8,9 +8,9 @@ consumers.
 
 Memory. What grows with the data goes to disk: each channel's strongest and weakest
 activation per image (``Table``, N x C float32 per layer, appended batch by batch and read
-back through a memory map), and, where the model inputs do not fit ``MEMORY_BUDGET``, the
-decoded inputs themselves (``DecodedCache``), so that a second pass (dissection's IoU), the
-projections and the pages read them instead of decoding the images again. Both live in a
+back through a memory map), and the decoded inputs themselves (``DecodedCache``, float32, one
+table per input size), so that a second pass (dissection's IoU), the projections and the
+pages read them instead of decoding the images again. Both live in a
 work folder (``work_folder``) removed at the end. Per image only its data-set index and label
 stay in memory (16 bytes).
 
@@ -20,8 +20,11 @@ exactly in its ``finish`` (a table's rows are put in data-set order, so every nu
 from it is the one a single process computes).
 
 Resuming. With a state folder, the pass saves every consumer's state (and how many rows of
-each table and of the cache are valid) every ``save_every`` seconds and on Ctrl-C, into one
-file per rank written atomically; a later run with the same consumers goes on from there.
+each table and of the cache are valid) every 30 seconds (``PassState``) and on a Ctrl-C that
+comes between batches (one that comes while a batch is being fed keeps the last save: a
+consumer must not be saved with a batch that another lacks), into one file per rank written
+atomically; a later run with the same consumers goes on from there, the rows written after
+the save dropped.
 """
 
 from __future__ import annotations
@@ -50,10 +53,9 @@ from vizcnn.geometry import traced_names
 from vizcnn.hooks import forward_to, model_device, preserved_state, strongest_units
 from vizcnn.io import atomic_path, save_tensors
 from vizcnn.progress import progress_bar
-from vizcnn.scan import InMemory, input_batches, open_data
+from vizcnn.scan import input_batches, open_data
 
 __all__ = [
-    "MEMORY_BUDGET",
     "Batch",
     "Consumer",
     "DecodedCache",
@@ -67,7 +69,6 @@ __all__ = [
     "work_folder",
 ]
 
-MEMORY_BUDGET = 512 * 2**20  # model inputs kept in memory up to this; past it, on disk
 TABLE_BYTES = 32 * 2**20  # rows of a table read at once
 
 
@@ -546,9 +547,11 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
           contextlib.ExitStack() as stack, torch.no_grad()):
         for preserved in states:
             stack.enter_context(preserved)
+        between = True  # no batch half fed: a snapshot now is consistent
         try:
             for parts in input_batches(model, opened, batch_size, record.count,
                                        (rank, world), workers, whole=True, known=known):
+                between = False
                 indices, inputs, skipped, labels, masks = parts
                 record.decoded += sum(1 for i in [*indices, *(s for s, _ in skipped)]
                                       if i not in (known or {}))
@@ -564,11 +567,14 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
                 record.skipped += skipped
                 record.count = max([record.count, *indices, *(s for s, _ in skipped)]) + 1 \
                     if indices or skipped else record.count
+                between = True
                 bar.update((len(indices) + len(skipped)) * world)
                 if state is not None:
                     state.save(snapshot)
         except KeyboardInterrupt:
-            if state is not None:
+            # Ctrl-C while a batch was half fed would save some consumers with it and some
+            # without: the last save (made between batches) stands then
+            if state is not None and between:
                 state.save(snapshot, force=True)
             raise
         if state is not None:
@@ -581,10 +587,6 @@ def decoded_source(data: Any, cache: DecodedCache | None) -> Any:
     if cache is None:
         return data
     return cache.dataset(getattr(open_data(data), "classes", None))
-
-
-def fits_in_memory(data: Any) -> bool:
-    return isinstance(open_data(data), InMemory)
 
 
 # --------------------------------------------------------------------------- the top-k scan
