@@ -118,14 +118,19 @@ def test_the_statistics_read_back_from_disk_equal_brute_force(tmp_path):
         datapass.TABLE_BYTES = original
 
 
-def test_thresholds_kept_lazily_equal_a_full_sort():
+@pytest.mark.parametrize("block_bytes", [32 * 2**20, 4 * 200])
+def test_thresholds_kept_lazily_equal_a_full_sort(block_bytes, monkeypatch):
     """Dissection's top-quantile threshold, kept as the m largest values with a rising bound,
-    equals the m-th largest of all values, ties included."""
+    equals the m-th largest of all values, ties included; also when the merges go a channel
+    or two at a time (a small block)."""
+    import vizcnn.units as units
     from vizcnn.units import _Largest
 
+    monkeypatch.setattr(units, "TABLE_BYTES", block_bytes)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 5, 5, 10, generator=generator).round(decimals=1)
                for _ in range(30)]  # (B, C, h, w) maps
+    batches[7][:, 2] = -5  # a channel with nothing set aside from a batch
     largest = _Largest(97)
     for batch in batches:
         largest.add(batch, batch.flatten(2).max(dim=2).values)
@@ -305,6 +310,7 @@ def test_ctrl_c_while_a_batch_is_fed_keeps_the_last_consistent_save(tmp_path):
             run_pass("shapes:40", resumed, batch_size=8, state=state, progress=False)
     finally:
         StatsPass.add = real
+        resumed[1].close()  # its table files, as the gallery closes them
     assert torch.load(state.path, weights_only=True)["record"]["images"] in (8, 16)
     resumed = consumers("resumed")
     again = run_pass("shapes:40", resumed, batch_size=8, progress=False,
@@ -316,3 +322,25 @@ def test_ctrl_c_while_a_batch_is_fed_keeps_the_last_consistent_save(tmp_path):
     first, second = whole[1].finish(record, None), resumed[1].finish(again, None)
     for layer in layers:
         assert torch.equal(first[layer].maxima, second[layer].maxima)
+
+
+def test_prefetched_batches_come_in_order_errors_where_they_happen_and_stop_early():
+    """The decoding thread gives the items in order, raises a producer's error where its item
+    would have come, and stops (no thread left) when the consumer leaves early."""
+    import threading
+
+    from vizcnn.datapass import prefetched
+
+    with prefetched(iter(range(50))) as items:
+        assert list(items) == list(range(50))
+
+    def failing():
+        yield 1
+        raise KeyboardInterrupt  # Ctrl-C while decoding
+
+    with prefetched(failing()) as items, pytest.raises(KeyboardInterrupt):
+        assert next(items) == 1
+        next(items)
+    with prefetched(iter(range(10**9))) as items:
+        assert next(items) == 0
+    assert not [t for t in threading.enumerate() if t.name == "vizcnn-prefetch"]

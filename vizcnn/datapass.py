@@ -30,11 +30,17 @@ the save dropped.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import gc
 import os
+import queue
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +59,7 @@ from vizcnn.geometry import traced_names
 from vizcnn.hooks import forward_to, model_device, preserved_state, strongest_units
 from vizcnn.io import atomic_path, save_tensors
 from vizcnn.progress import progress_bar
-from vizcnn.scan import input_batches, open_data
+from vizcnn.scan import default_workers, input_batches, open_data
 
 __all__ = [
     "Batch",
@@ -65,6 +71,7 @@ __all__ = [
     "barrier",
     "gather",
     "rank_and_world",
+    "release_memory",
     "run_pass",
     "work_folder",
 ]
@@ -142,6 +149,73 @@ def work_folder(parent: str | os.PathLike | None = None, name: str = "vizcnn",
 
 
 # --------------------------------------------------------------------------- tables
+
+
+@contextlib.contextmanager
+def prefetched(items: Iterator, depth: int = 2) -> Iterator[Iterator]:
+    """``items`` produced by a thread up to ``depth`` ahead of their use: the next batch is
+    decoded while this one runs through the model (both release the GIL for most of their
+    work; decoding worker processes, where there are, do this already). An error raised
+    while producing is raised where the item would have come; leaving the block stops the
+    thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failed(error))
+
+    def consume() -> Iterator:
+        while (item := ready.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    thread = threading.Thread(target=produce, name="vizcnn-prefetch", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def release_memory() -> None:
+    """Hand the memory a stage freed back to the system: a garbage collection, then glibc's
+    ``malloc_trim`` (tensors of a few MB, allocated and freed batch after batch, leave free
+    holes in the heap that still count as the process's resident memory). Nothing more
+    where the C library is not glibc."""
+    gc.collect()
+    trim = getattr(_c_library(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _c_library() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+    except OSError:
+        return None
 
 
 class Table:
@@ -548,9 +622,12 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
         for preserved in states:
             stack.enter_context(preserved)
         between = True  # no batch half fed: a snapshot now is consistent
+        batches = input_batches(model, opened, batch_size, record.count, (rank, world),
+                                workers, whole=True, known=known)
+        if not default_workers(model, opened) if workers is None else not workers:
+            batches = stack.enter_context(prefetched(batches))
         try:
-            for parts in input_batches(model, opened, batch_size, record.count,
-                                       (rank, world), workers, whole=True, known=known):
+            for parts in batches:
                 between = False
                 indices, inputs, skipped, labels, masks = parts
                 record.decoded += sum(1 for i in [*indices, *(s for s, _ in skipped)]

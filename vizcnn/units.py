@@ -34,6 +34,7 @@ from torch import nn
 from vizcnn.checks import feature_maps, positive_int
 from vizcnn.data.images import UNLABELLED, foreign_mask_value
 from vizcnn.datapass import (
+    TABLE_BYTES,
     Batch,
     Consumer,
     LayerOutput,
@@ -554,10 +555,21 @@ class ThresholdPass(Consumer):
         thresholds = {}
         for name in self.layers:
             mine = [part[name] for part in parts if name in part]
-            values = torch.cat([values for _, values in mine], dim=1)
-            top = values.topk(min(mine[0][0], values.shape[1]), dim=1).values
-            thresholds[name] = top[:, -1].to(model_device(self.model))
+            values = largest(torch.cat([values for _, values in mine], dim=1), mine[0][0])
+            thresholds[name] = values.amin(dim=1).to(model_device(self.model))
         return thresholds
+
+
+def largest(values: torch.Tensor, m: int) -> torch.Tensor:
+    """(C, min(m, P)) the largest values of each row of (C, P) ``values``, in no order; a few
+    rows at a time, so that the selection's indices (int64, twice the floats) and working
+    copies stay within ``TABLE_BYTES`` whatever the data's size."""
+    m = min(m, values.shape[1])
+    rows = max(1, TABLE_BYTES // max(12 * values.shape[1], 1))
+    out = values.new_empty(values.shape[0], m)
+    for first in range(0, values.shape[0], rows):
+        out[first:first + rows] = values[first:first + rows].topk(m, dim=1, sorted=False).values
+    return out
 
 
 class _Largest:
@@ -567,8 +579,10 @@ class _Largest:
         self.m = m
         self.kept: torch.Tensor | None = None  # (C, <= m): the m largest at the last merge
         self.bound: torch.Tensor | None = None  # (C,) the smallest of them
-        self.rows: list[torch.Tensor] = []  # set aside since: each value's row, and the value
+        # set aside since the last merge, batch by batch: the values grouped by channel, and
+        # how many of them each channel has (C,)
         self.values_: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
         self.waiting = 0
 
     def add(self, maps: torch.Tensor, strongest: torch.Tensor) -> None:
@@ -577,7 +591,7 @@ class _Largest:
         if self.kept is None or self.kept.shape[1] < self.m:
             values = maps.transpose(0, 1).flatten(1)
             merged = values if self.kept is None else torch.cat([self.kept, values], dim=1)
-            self.keep(merged.topk(min(self.m, merged.shape[1]), dim=1, sorted=False).values)
+            self.keep(largest(merged, self.m))
             return
         bound = self.bound
         # only a map whose strongest unit passes the bound holds a value above it; taken
@@ -587,33 +601,41 @@ class _Largest:
             return
         planes = maps[images, channels]  # (P, h, w)
         where = (planes > bound[channels].view(-1, 1, 1)).nonzero(as_tuple=True)
-        rows = channels[where[0]]
-        self.rows.append(rows)
         self.values_.append(planes[where])
-        self.waiting += len(rows)
+        self.counts.append(torch.bincount(channels[where[0]], minlength=maps.shape[1]))
+        self.waiting += len(where[0])
         if self.waiting >= self.m * maps.shape[1]:  # as many set aside as kept: merge
             self._merge()
 
     def _merge(self) -> None:
-        """The values set aside, laid out one row per channel (padded with -inf), merged in.
-        Each batch's values are grouped by channel already: a value's column is its place
-        among its channel's values in its batch, after those of the earlier batches."""
-        if not self.rows:
+        """The values set aside merged in, a block of channels at a time (memory: the block,
+        whatever the data's size): each channel's kept values and those set aside for it,
+        laid out in a row padded with -inf, and the row's m largest kept."""
+        if not self.values_:
             return
-        channels = self.kept.shape[0]
-        before = torch.zeros(channels, dtype=torch.long, device=self.kept.device)
-        columns = []
-        for rows in self.rows:
-            counts = torch.bincount(rows, minlength=channels)
-            starts = torch.cumsum(counts, 0) - counts
-            columns.append(torch.arange(len(rows), device=rows.device) - starts[rows]
-                           + before[rows])
-            before += counts
-        pending = self.kept.new_full((channels, int(before.max())), float("-inf"))
-        pending[torch.cat(self.rows), torch.cat(columns)] = torch.cat(self.values_)
-        merged = torch.cat([self.kept, pending], dim=1)
-        self.keep(merged.topk(self.m, dim=1, sorted=False).values)
-        self.rows, self.values_, self.waiting = [], [], 0
+        counts = torch.stack(self.counts)  # (J, C): batch j's values of channel c
+        ends = counts.cumsum(dim=1)
+        width = self.m + int(counts.sum(dim=0).max())
+        step = max(1, TABLE_BYTES // (4 * width))
+        kept = self.kept.new_empty(self.kept.shape)
+        for first in range(0, kept.shape[0], step):
+            last = min(first + step, kept.shape[0])
+            block = self.kept.new_full((last - first, width), float("-inf"))
+            block[:, :self.m] = self.kept[first:last]
+            filled = torch.full((last - first,), self.m, dtype=torch.long,
+                                device=block.device)
+            for values, mine, end in zip(self.values_, counts[:, first:last], ends, strict=True):
+                start = int(end[first - 1]) if first else 0
+                part = values[start:int(end[last - 1])]  # channels first..last-1, in order
+                rows = torch.repeat_interleave(torch.arange(last - first,
+                                                            device=block.device), mine)
+                offsets = torch.cumsum(mine, 0) - mine
+                columns = torch.arange(len(part), device=block.device) - offsets[rows]
+                block[rows, filled[rows] + columns] = part
+                filled += mine
+            kept[first:last] = largest(block, self.m)
+        self.values_, self.counts, self.waiting = [], [], 0
+        self.keep(kept)
 
     def keep(self, values: torch.Tensor) -> None:
         """Keep (C, <= m) values, in no order (a sort would cost more than the selection);

@@ -50,6 +50,7 @@ from vizcnn.datapass import (
     decoded_source,
     gather,
     rank_and_world,
+    release_memory,
     run_pass,
     work_folder,
 )
@@ -591,6 +592,7 @@ class _Stages:
         started = time.perf_counter()
         self.bar.set_postfix_str(name)
         result = function(*args, **kwargs)
+        release_memory()  # what the stage freed, back to the system before the next
         self.seconds[name] = round(time.perf_counter() - started, 3)
         self.bar.update()
         return result
