@@ -596,14 +596,21 @@ class _Largest:
         bound = self.bound
         # only a map whose strongest unit passes the bound holds a value above it; taken
         # channel by channel, so that each batch's values come grouped by channel
-        channels, images = (strongest > bound).T.nonzero(as_tuple=True)
+        passing = (strongest > bound).T  # (C, B)
+        channels, images = passing.nonzero(as_tuple=True)
         if not len(channels):
             return
-        planes = maps[images, channels]  # (P, h, w)
-        where = (planes > bound[channels].view(-1, 1, 1)).nonzero(as_tuple=True)
-        self.values_.append(planes[where])
-        self.counts.append(torch.bincount(channels[where[0]], minlength=maps.shape[1]))
-        self.waiting += len(where[0])
+        if 2 * len(channels) > passing.numel():  # most maps pass: no copy of their planes
+            above = (maps > bound.view(1, -1, 1, 1)).transpose(0, 1)
+            rows, images, y, x = above.nonzero(as_tuple=True)
+            values = maps[images, rows, y, x]
+        else:
+            planes = maps[images, channels]  # (P, h, w)
+            where = (planes > bound[channels].view(-1, 1, 1)).nonzero(as_tuple=True)
+            rows, values = channels[where[0]], planes[where]
+        self.values_.append(values)
+        self.counts.append(torch.bincount(rows, minlength=maps.shape[1]))
+        self.waiting += len(values)
         if self.waiting >= self.m * maps.shape[1]:  # as many set aside as kept: merge
             self._merge()
 
