@@ -200,11 +200,11 @@ class _Failed:
 
 
 def release_memory() -> None:
-    """Hand the memory a stage freed back to the system: a garbage collection, then glibc's
-    ``malloc_trim`` (tensors of a few MB, allocated and freed batch after batch, leave free
-    holes in the heap that still count as the process's resident memory). Nothing more
-    where the C library is not glibc."""
-    gc.collect()
+    """Hand the memory a stage freed back to the system: glibc's ``malloc_trim`` (tensors of
+    a few MB, allocated and freed batch after batch, leave free holes in the heap that still
+    count as the process's resident memory; 1 ms). Nothing where the C library is not
+    glibc. No garbage collection: tensors go when their last reference does, and a
+    collection costs 0.1 s or more."""
     trim = getattr(_c_library(), "malloc_trim", None)
     if trim is not None:
         trim(0)
