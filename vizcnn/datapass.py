@@ -29,6 +29,7 @@ the save dropped.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import ctypes.util
@@ -313,6 +314,12 @@ def row_chunks(table: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 # --------------------------------------------------------------------------- decoded inputs
 
 
+def cache_files(folder: Path, shape: tuple[int, ...]) -> tuple[Path, Path]:
+    """The files of a cache's inputs of one size (C, H, W) and of their masks."""
+    name = "x".join(map(str, shape))
+    return folder / f"inputs-{name}.f32", folder / f"masks-{name}.f32"
+
+
 class DecodedCache:
     """The model inputs of a pass, written as they are decoded (per rank, in files of the work
     folder: one table per input size, for data whose images keep their own sizes) and read
@@ -329,9 +336,9 @@ class DecodedCache:
 
     def _tables(self, shape: tuple[int, ...]) -> tuple[Table, Table]:
         if shape not in self.tables:
-            name = "x".join(map(str, shape))
-            self.tables[shape] = (Table(self.folder / f"inputs-{name}.f32", background=True),
-                                  Table(self.folder / f"masks-{name}.f32", background=True))
+            inputs, masks = cache_files(self.folder, shape)
+            self.tables[shape] = (Table(inputs, background=True),
+                                  Table(masks, background=True))
         return self.tables[shape]
 
     def add(self, indices: list[int], batch: torch.Tensor, labels: list | None,
@@ -388,10 +395,9 @@ class _CachedInputs(Dataset):
         for folder, sizes, where, labels, skipped in parts:
             arrays = {}
             for shape, (rows, mask_rows) in sizes.items():
-                name = "x".join(map(str, shape))
-                inputs = read_table(Path(folder) / f"inputs-{name}.f32", rows,
-                                    int(np.prod(shape))).view(rows, *shape)
-                masks = read_table(Path(folder) / f"masks-{name}.f32", mask_rows,
+                input_file, mask_file = cache_files(Path(folder), shape)
+                inputs = read_table(input_file, rows, int(np.prod(shape))).view(rows, *shape)
+                masks = read_table(mask_file, mask_rows,
                                    shape[-2] * shape[-1]).view(mask_rows, *shape[-2:])
                 arrays[shape] = inputs, masks
             self.where.update({index: (*arrays[shape][:1], row, arrays[shape][1], mask_row)
@@ -446,25 +452,26 @@ class Batch:
     skipped: list[tuple[int, str]]
 
 
-class Consumer:
+class Consumer(abc.ABC):
     """A user of the pass's batches: which model and layers it needs, and what it does with
-    each batch. ``maps``: it needs the whole maps of its layers; ``output``: the model's
-    output (the forward pass then runs to the end)."""
+    each batch (``add``, which every consumer defines). ``maps``: it needs the whole maps of
+    its layers; ``output``: the model's output (the forward pass then runs to the end)."""
 
     model: nn.Module
     layers: Sequence[str] = ()
     maps: bool = False
     output: bool = False
 
+    @abc.abstractmethod
     def add(self, batch: Batch, found: dict[str, LayerOutput], output: Any) -> None:
-        raise NotImplementedError
+        """Take one batch: its layers' outputs ``found`` and the model's ``output``."""
 
     def state(self) -> Any:
         """What a resumed pass needs to go on (tensors, numbers, lists)."""
         return None
 
-    def restore(self, state: Any) -> None:
-        """Go on from ``state``."""
+    def restore(self, state: Any) -> None:  # noqa: B027 - optional: stateless by default
+        """Go on from ``state`` (a consumer with no ``state`` has nothing to restore)."""
 
 
 @dataclass
