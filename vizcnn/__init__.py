@@ -43,6 +43,7 @@ __all__ = [
     "Preprocessing",
     "ReceptiveField",
     "RectificationWarning",
+    "ShapeSample",
     "ShapesDataset",
     "TopK",
     "TopPatches",
@@ -79,7 +80,13 @@ __all__ = [
 
 def _load_api() -> dict:
     """Import the public API (the first time a name of it is used); returns its names."""
-    from vizcnn.data.shapes import SHAPE_CLASSES, SHAPE_CONCEPTS, ShapesDataset, held_out_image
+    from vizcnn.data.shapes import (
+        SHAPE_CLASSES,
+        SHAPE_CONCEPTS,
+        ShapeSample,
+        ShapesDataset,
+        held_out_image,
+    )
     from vizcnn.deconv import Deconvnet, Patches, RectificationWarning, TopPatches, top_patches
     from vizcnn.doctor import Finding, HealthReport, LayerHealth, doctor
     from vizcnn.errors import (

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vizcnn.geometry import METADATA_CALLS, Geometry, Pair, call_argument, int_pair
+from vizcnn.geometry import METADATA_CALLS, Geometry, Pair, as_pair, call_argument
 from vizcnn.hooks import forward_to, scoped_hooks
 from vizcnn.layers import ACTIVATION_FUNCTIONS, is_activation
 
@@ -249,14 +249,14 @@ class _Recorder(TorchFunctionMode):
         if self.node(weight) is not None or len(inputs) != 1 or weight.dim() != 4:
             return None
         kernel = tuple(weight.shape[-2:])
-        stride = int_pair(call_argument(args, kwargs, 3, "stride", 1))
-        dilation = int_pair(call_argument(args, kwargs, 5, "dilation", 1))
+        stride = as_pair(call_argument(args, kwargs, 3, "stride", 1))
+        dilation = as_pair(call_argument(args, kwargs, 5, "dilation", 1))
         padding = call_argument(args, kwargs, 4, "padding", 0)
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":  # PyTorch pads D (K - 1) // 2 before, the rest after
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-        geometry = Geometry("conv", kernel, stride, int_pair(padding), dilation)
+        geometry = Geometry("conv", kernel, stride, as_pair(padding), dilation)
         return _Op("conv", tuple(inputs), self.track(result), size,
                    tuple(result.shape[-2:]), geometry, weight.detach(),
                    groups=int(call_argument(args, kwargs, 6, "groups", 1)))
@@ -291,11 +291,11 @@ class _Recorder(TorchFunctionMode):
     def _pool(self, name: str, args: tuple, kwargs: dict):
         """A max pool, run with its switches kept."""
         x = args[0]
-        kernel = int_pair(call_argument(args, kwargs, 1, "kernel_size", None))
+        kernel = as_pair(call_argument(args, kwargs, 1, "kernel_size", None))
         stride = call_argument(args, kwargs, 2, "stride", None)
-        stride = kernel if stride is None or stride == [] or stride == () else int_pair(stride)
-        padding = int_pair(call_argument(args, kwargs, 3, "padding", 0))
-        dilation = int_pair(call_argument(args, kwargs, 4, "dilation", 1))
+        stride = kernel if stride is None or stride == [] or stride == () else as_pair(stride)
+        padding = as_pair(call_argument(args, kwargs, 3, "padding", 0))
+        dilation = as_pair(call_argument(args, kwargs, 4, "dilation", 1))
         ceil = bool(call_argument(args, kwargs, 5, "ceil_mode", False))
         wants_indices = name == "max_pool2d_with_indices" or \
             bool(call_argument(args, kwargs, 6, "return_indices", False))

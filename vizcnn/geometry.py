@@ -39,7 +39,6 @@ __all__ = [
     "chain_calls",
     "geometry_of",
     "input_channels",
-    "int_pair",
     "last_call",
     "trace_calls",
     "traced_names",
@@ -49,20 +48,23 @@ __all__ = [
 Pair = tuple[int, int]
 
 
-def as_pair(value: int | Sequence[int], what: str = "input size") -> Pair:
-    """``224`` or ``(224, 224)`` as a positive (H, W) pair; anything else is a BadArgument."""
+def as_pair(value: int | Sequence[int], what: str | None = None) -> Pair:
+    """An (H, W) pair from ``224`` or ``(224, 224)``.
+
+    Args:
+        value: an int, or a sequence of two (of one or two without ``what``).
+        what: names a user's argument (``"input size"``, ``"window"``): then both must be
+            positive integers, or a ``BadArgument`` says so. Without it the value is a
+            module's or a call's own attribute, taken as it is (padding may be 0; PyTorch
+            stores some as a tuple of one).
+    """
+    if what is None:
+        return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                  for v in pair):
         raise BadArgument(f"{what} must be a positive integer or two (H W), got {value!r}")
     return pair  # type: ignore[return-value]
-
-
-def int_pair(value: int | Sequence[int]) -> Pair:
-    """A module or call attribute (an int, or a tuple of one or two) as an (H, W) pair."""
-    if isinstance(value, int):
-        return (value, value)
-    return (int(value[0]), int(value[-1]))
 
 
 # --------------------------------------------------------------------------- geometry
@@ -132,19 +134,19 @@ def geometry_of(module: nn.Module) -> Geometry | None:
             padding = (0, 0)
         elif padding == "same":  # PyTorch pads D (K - 1) // 2 before, the rest after
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-        return Geometry("conv", int_pair(kernel), int_pair(stride), int_pair(padding),
-                        int_pair(dilation), exact_on_crops=module.padding_mode == "zeros")
+        return Geometry("conv", as_pair(kernel), as_pair(stride), as_pair(padding),
+                        as_pair(dilation), exact_on_crops=module.padding_mode == "zeros")
     if isinstance(module, nn.MaxPool2d):
-        return Geometry("max", int_pair(module.kernel_size),
-                        int_pair(module.stride or module.kernel_size), int_pair(module.padding),
-                        int_pair(module.dilation))
+        return Geometry("max", as_pair(module.kernel_size),
+                        as_pair(module.stride or module.kernel_size), as_pair(module.padding),
+                        as_pair(module.dilation))
     if isinstance(module, nn.AvgPool2d):
-        padding = int_pair(module.padding)
+        padding = as_pair(module.padding)
         # a window that counts only its pixels inside the map has a divisor a crop cannot know
         exact = (module.divisor_override is None and not module.ceil_mode
                  and (module.count_include_pad or padding == (0, 0)))
-        return Geometry("avg", int_pair(module.kernel_size),
-                        int_pair(module.stride or module.kernel_size), padding, (1, 1),
+        return Geometry("avg", as_pair(module.kernel_size),
+                        as_pair(module.stride or module.kernel_size), padding, (1, 1),
                         exact_on_crops=exact)
     return None
 

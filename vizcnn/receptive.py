@@ -373,7 +373,7 @@ def receptive_fields(
     """
     if method not in ("auto", "analytic", "gradient"):
         raise BadArgument(f"method must be auto, analytic or gradient, not {method!r}")
-    input_size = as_pair(input_size)
+    input_size = as_pair(input_size, "input size")
     for name in layers:
         resolve_layer(model, name)
     calls = calls if calls is not None else trace_calls(model, input_size)

@@ -52,7 +52,7 @@ def summarize(
         VizCNNError: when a layer rejects the input size (a fixed-size head, a map that
             vanishes); its ``rows`` attribute holds the rows computed up to that layer.
     """
-    input_size = as_pair(input_size)
+    input_size = as_pair(input_size, "input size")
     wanted = set(list_layers(model)) if layers is None else set(layers)
     for name in wanted:
         resolve_layer(model, name)
