@@ -501,7 +501,9 @@ class Deconvnet:
                 number times the unit's deconvnet image, and on the explicit route down a
                 traced graph the forward pass stops at the last max pool (its switches are
                 all the way down needs). Default: computed.
-            mode, route, rectify: as in ``project``.
+            mode: as in ``project``.
+            route: as in ``project``.
+            rectify: as in ``project``.
             batch_size: projections computed at once (bounds the memory).
 
         Returns:
@@ -1070,7 +1072,8 @@ def top_patches(model: nn.Module, top: Any, data: Any, layer: str,
         data: the data set that was scanned (indices refer to it).
         layer: the layer to show.
         channels: which channels (default: all).
-        route, rectify: as in ``Deconvnet.project``.
+        route: as in ``Deconvnet.project``.
+        rectify: as in ``Deconvnet.project``.
     """
     from vizcnn.scan import images_at, model_fingerprint
 

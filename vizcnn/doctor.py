@@ -49,6 +49,7 @@ from torch import nn
 
 from vizcnn.checks import describe_non_finite, non_finite_weights
 from vizcnn.deconv import Deconvnet
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import model_device, require_hookable
 from vizcnn.io import atomic_path, writable_parent
@@ -187,7 +188,7 @@ class LayerHealth:
 
 
 @dataclass(frozen=True)
-class HealthReport:
+class HealthReport(ShowsItself):
     """What ``doctor`` found: the numbers per layer and the findings, worst first."""
 
     model: str

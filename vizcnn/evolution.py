@@ -34,6 +34,7 @@ from torch import nn
 from vizcnn.checks import check_channels, require_finite_weights
 from vizcnn.datapass import rank_and_world, row_chunks, run_pass, work_folder
 from vizcnn.deconv import Deconvnet
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument, BadCheckpoint
 from vizcnn.hooks import activations, model_device, require_hookable
 from vizcnn.layers import list_layers, resolve_layer
@@ -54,7 +55,7 @@ TOP_K = 9
 
 
 @dataclass(frozen=True)
-class FeatureEvolution:
+class FeatureEvolution(ShowsItself):
     """Fig. 4's numbers and pictures.
 
     Attributes:

@@ -789,7 +789,8 @@ def preprocess(
             16-bit images are converted to 8-bit RGB, and to grayscale for a model whose first
             convolution takes one channel.
         size: resize the whole image to exactly this (H, W) (an int: square), no crop.
-        mean, std: override the normalisation.
+        mean: overrides the normalisation's mean.
+        std: overrides the normalisation's standard deviation.
         preprocessing: the whole record, instead of the model's.
 
     Returns:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from vizcnn.checks import positive_int
 from vizcnn.data import MASKS_LAYOUT
 from vizcnn.data.images import IMAGE_SUFFIXES, UNLABELLED, foreign_mask_value
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument, BadImage
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
@@ -79,7 +80,7 @@ _FORMAT = 1  # version of the saved layout
 
 
 @dataclass(frozen=True)
-class TopK:
+class TopK(ShowsItself):
     """The k strongest images per channel of each scanned layer.
 
     Attributes:

@@ -49,6 +49,7 @@ from vizcnn.datapass import (
     run_pass,
     work_folder,
 )
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument, VizCNNError
 from vizcnn.hooks import (
     model_device,
@@ -75,7 +76,7 @@ TOP_QUANTILE = 0.005  # ... with its map thresholded at its top 0.5 % of activat
 
 
 @dataclass(frozen=True)
-class ChannelStats:
+class ChannelStats(ShowsItself):
     """Per image and channel of one layer, the strongest activation over a data set.
 
     The per-image numbers (``maxima``, ``minima``) may be memory-mapped from a table on disk

@@ -12,8 +12,9 @@ Images are 64 x 64 RGB by default (``image_size``): big enough for a ZF-style ne
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -85,7 +86,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, length: int = 2000, seed: int = TRAIN_SEED, image_size: int = 64,
                  backgrounds: Sequence[str] = BACKGROUNDS, clutter: bool = True,
-                 transform=None, masks: bool = False):
+                 transform: Callable[[torch.Tensor], Any] | None = None, masks: bool = False):
         unknown = [b for b in backgrounds if b not in BACKGROUNDS]
         if unknown or not backgrounds:
             raise BadArgument(f"unknown backgrounds {unknown}", f"use some of {BACKGROUNDS}")

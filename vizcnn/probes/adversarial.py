@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vizcnn.checks import channel_index, check_channels, feature_maps, positive_int
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import traced_names
 from vizcnn.hooks import (
@@ -53,8 +55,12 @@ __all__ = [
 ]
 
 
+# a class index for every image, one per image, or None (untargeted)
+Classes: TypeAlias = int | Sequence[int] | torch.Tensor | None
+
+
 @dataclass(frozen=True)
-class AdversarialResult:
+class AdversarialResult(ShowsItself):
     """A batch of adversarial images and what the model made of them.
 
     Attributes:
@@ -187,7 +193,7 @@ def _ascent_sign(pixel_model: _PixelModel, pixels: torch.Tensor, labels: torch.T
 # --------------------------------------------------------------------------- FGSM, PGD
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target=None,
+def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target: Classes = None,
          preprocessing: Preprocessing | None = None, output: OutputSelector = None
          ) -> AdversarialResult:
     """The fast gradient sign method: one step of ``eps`` (pixel units) along the sign of the
@@ -211,7 +217,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, eps: float, *, target=None,
 
 
 def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
-        step_size: float | None = None, random_start: bool = False, target=None,
+        step_size: float | None = None, random_start: bool = False, target: Classes = None,
         preprocessing: Preprocessing | None = None, output: OutputSelector = None
         ) -> AdversarialResult:
     """Projected gradient descent in the L-inf ball of radius ``eps`` (pixel units): ``steps``
@@ -237,7 +243,7 @@ def pgd(model: nn.Module, x: torch.Tensor, eps: float, *, steps: int = 10,
 # --------------------------------------------------------------------------- L-BFGS
 
 
-def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None,
+def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target: Classes = None,
                       preprocessing: Preprocessing | None = None,
                       output: OutputSelector = None, searches: int = 5,
                       max_iterations: int = 20, c_range=(1e-3, 1e2),
@@ -249,8 +255,10 @@ def lbfgs_adversarial(model: nn.Module, x: torch.Tensor, *, target=None,
 
     Args:
         target: class(es) to aim at; default: each image's second most probable class.
-        preprocessing, output: as for ``fgsm``.
-        searches: bisection steps over c. max_iterations: L-BFGS-B iterations per c.
+        preprocessing: as for ``fgsm``.
+        output: as for ``fgsm``.
+        searches: bisection steps over c.
+        max_iterations: L-BFGS-B iterations per c.
         batch_size: images optimised together (their objectives are independent sums).
 
     Returns:
@@ -350,7 +358,9 @@ def excite(model: nn.Module, x: torch.Tensor, layer: str, channel: int, eps: flo
     feature map: what pattern, added to this image, excites the map most.
 
     Args:
-        layer, channel: the feature map. eps: ball radius in [0, 1] pixel units.
+        layer: the feature map's layer.
+        channel: the feature map.
+        eps: ball radius in [0, 1] pixel units.
         steps: sign-gradient steps of ``step_size`` (default eps / 4), each projected back into
             the ball and [0, 1]; the best iterate (highest activation) is returned.
         preprocessing: the model's normalisation, where the model does not carry it.
@@ -399,7 +409,8 @@ def layer_displacement(model: nn.Module, clean: torch.Tensor, perturbed: torch.T
     ``|a(perturbed) - a(clean)| / |a(clean)|`` (L2 over each image's activations), (N,).
 
     Args:
-        clean, perturbed: (N, C, H, W) normalised images.
+        clean: (N, C, H, W) normalised images.
+        perturbed: (N, C, H, W) the same, changed.
         layers: default every conv and linear layer, in order.
     """
     names = list(layers) if layers is not None else (list_layers(model, "conv")

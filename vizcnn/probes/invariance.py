@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import capture, model_device, preserved_state, run_forward
 from vizcnn.layers import list_layers, resolve_layer
@@ -42,7 +44,7 @@ _IDENTITY = {"translate": 0, "scale": 1.0, "rotate": 0}
 
 
 @dataclass(frozen=True)
-class InvarianceResult:
+class InvarianceResult(ShowsItself):
     """One image under one transform (one curve of each column of Fig. 5).
 
     Attributes:
@@ -99,7 +101,7 @@ def transform_image(image: np.ndarray, transform: str, value: float) -> np.ndarr
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def invariance(model: nn.Module, image, transform: str = "translate",
+def invariance(model: nn.Module, image: Any, transform: str = "translate",
                values: Sequence[float] | None = None, *, layers: tuple[str, str],
                true_class: int | None = None, preprocessing: Preprocessing | None = None,
                output: OutputSelector = None) -> InvarianceResult:

@@ -54,6 +54,7 @@ from torch import nn
 
 from vizcnn.checks import channel_index, check_channels, feature_maps, positive_int
 from vizcnn.crops import crop_batch, paste_batch
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument
 from vizcnn.geometry import Geometry, as_pair, geometry_of, trace_calls
 from vizcnn.hooks import (
@@ -82,7 +83,7 @@ _CHECKED = 8  # approximated positions re-checked exactly per image in approxima
 
 
 @dataclass(frozen=True)
-class OcclusionMaps:
+class OcclusionMaps(ShowsItself):
     """The occlusion maps of a batch of images, over the grid of occluder positions.
 
     Attributes:

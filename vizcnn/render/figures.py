@@ -10,10 +10,12 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cv2
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -56,6 +58,16 @@ __all__ = [
 
 FORMATS = (".png", ".pdf", ".svg")
 
+if TYPE_CHECKING:  # results of the core, for the annotations only
+    from vizcnn.deconv import TopPatches
+    from vizcnn.evolution import FeatureEvolution
+    from vizcnn.featvis import FeatureVisualization
+    from vizcnn.probes.invariance import InvarianceResult
+    from vizcnn.probes.occlusion import OcclusionMaps
+
+Pixels: TypeAlias = "torch.Tensor | np.ndarray"  # a tensor or an array of the shape given
+Normalisation: TypeAlias = "Sequence[float] | None"  # the model's mean or std, per channel
+
 
 def _as_rgb(image) -> np.ndarray:
     """uint8 (H, W, 3) from anything ``load_image`` takes."""
@@ -65,7 +77,7 @@ def _as_rgb(image) -> np.ndarray:
 
 
 def receptive_field_boxes(
-    image,
+    image: Any,
     fields: Mapping[str, ReceptiveField],
     unit: tuple[float, float] = (0.5, 0.5),
     ax: Axes | None = None,
@@ -106,7 +118,7 @@ def _new_axes(width: float, height: float, ax: Axes | None) -> tuple[Figure, Axe
     return fig, fig.subplots()
 
 
-def filters_figure(weight, *, layer: str = "", mode: str = "auto", ax: Axes | None = None,
+def filters_figure(weight: Pixels, *, layer: str = "", mode: str = "auto", ax: Axes | None = None,
                    title: str | None = None) -> Figure:
     """A conv layer's filters as a grid (see ``grid.filter_grid``), titled with the layer.
 
@@ -125,7 +137,8 @@ def filters_figure(weight, *, layer: str = "", mode: str = "auto", ax: Axes | No
     return fig
 
 
-def feature_maps_figure(activations, *, layer: str = "", image=None, scaling: str = "tile",
+def feature_maps_figure(activations: Pixels, *, layer: str = "", image: Any = None,
+                        scaling: str = "tile",
                         ax: Axes | None = None, title: str | None = None) -> Figure:
     """One tile per channel of a layer's output for one image (see ``grid.feature_map_grid``).
 
@@ -154,8 +167,8 @@ def feature_maps_figure(activations, *, layer: str = "", image=None, scaling: st
     return fig
 
 
-def feature_maps_rows(images, maps, *, layer: str = "", titles: Sequence[str] | None = None,
-                      scaling: str = "tile") -> Figure:
+def feature_maps_rows(images: Sequence[Any], maps: Sequence[Pixels], *, layer: str = "",
+                      titles: Sequence[str] | None = None, scaling: str = "tile") -> Figure:
     """One row per image: the image beside the feature-map grid of its ``maps``.
 
     Args:
@@ -213,15 +226,17 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 200) -> str:
 
 
 
-def top_patches_figure(patches, *, mean=None, std=None, columns: int = 4,
+def top_patches_figure(patches: TopPatches, *, mean: Normalisation = None,
+                       std: Normalisation = None, columns: int = 4,
                        ax: Axes | None = None, title: str | None = None) -> Figure:
     """Zeiler & Fergus Fig. 2 for one layer: per channel a block of its top-k projections
     (left, gray = zero) beside the image patches they came from (right), strongest first.
 
     Args:
         patches: a ``deconv.TopPatches`` (from ``top_patches``).
-        mean, std: the model's normalisation, to show the image patches in their own colours
+        mean: the model's normalisation, to show the image patches in their own colours
             (default: each patch stretched to its range).
+        std: the same normalisation's standard deviation.
         columns: channel blocks per row.
     """
 
@@ -260,7 +275,8 @@ def top_patches_figure(patches, *, mean=None, std=None, columns: int = 4,
     return fig
 
 
-def feature_visualization_figure(result, *, columns: int = 8, natural=None,
+def feature_visualization_figure(result: FeatureVisualization, *, columns: int = 8,
+                                 natural: torch.Tensor | None = None,
                                  title: str | None = None) -> Figure:
     """Feature visualizations, one tile per image: per channel its n images side by side,
     titled with the channel and the strongest unit the image reached (and, with ``natural``
@@ -304,7 +320,8 @@ def feature_visualization_figure(result, *, columns: int = 8, natural=None,
     return fig
 
 
-def featvis_beside_top_figure(rows, *, mean=None, std=None, title: str | None = None
+def featvis_beside_top_figure(rows: Sequence[Mapping[str, Any]], *, mean: Normalisation = None,
+                              std: Normalisation = None, title: str | None = None
                               ) -> Figure:
     """Zeiler & Fergus Fig. 2 with the third picture of the field: per channel its top-k
     projections, the image patches they came from, and its feature visualization (the image
@@ -315,7 +332,8 @@ def featvis_beside_top_figure(rows, *, mean=None, std=None, title: str | None = 
         rows: per layer ``(layer, patches, result, box)``: a ``deconv.TopPatches``, the
             ``featvis.FeatureVisualization`` of the same channels and the receptive field
             (top, left, bottom, right) of the optimized unit.
-        mean, std: the model's normalisation, to show the patches in their own colours.
+        mean: the model's normalisation, to show the patches in their own colours.
+        std: the same normalisation's standard deviation.
     """
     from vizcnn.render.grid import pixel_tiles
 
@@ -361,9 +379,9 @@ def featvis_beside_top_figure(rows, *, mean=None, std=None, title: str | None = 
     return fig
 
 
-def projection_figure(image, projection, *, layer: str = "", channel: int | None = None,
-                      box: tuple[int, int, int, int] | None = None, title: str | None = None
-                      ) -> Figure:
+def projection_figure(image: Any, projection: Pixels, *, layer: str = "",
+                      channel: int | None = None, box: tuple[int, int, int, int] | None = None,
+                      title: str | None = None) -> Figure:
     """The input image beside its deconvnet projection (gray = zero), and with ``box`` (the
     projected unit's receptive field) drawn on both and the projection's patch enlarged.
 
@@ -401,8 +419,9 @@ def projection_figure(image, projection, *, layer: str = "", channel: int | None
     return fig
 
 
-def occlusion_figure(images, maps, *, projections=None, classes=None, mean=None, std=None
-                     ) -> Figure:
+def occlusion_figure(images: Pixels, maps: OcclusionMaps, *, projections: Pixels | None = None,
+                     classes: Sequence[str] | None = None, mean: Normalisation = None,
+                     std: Normalisation = None) -> Figure:
     """Zeiler & Fergus Fig. 7, one row per image: (a) the input, (b) the total activation of
     the chosen feature map for each occluder position, (c) that feature map's deconvnet
     projection on the clean image, (d) the probability of the target class, (e) the most
@@ -575,7 +594,8 @@ def excite_figure(clean_x, result, *, mean=None, std=None, index: int = 0) -> Fi
     return fig
 
 
-def invariance_figure(results, *, classes=None) -> Figure:
+def invariance_figure(results: Mapping[str, Sequence[InvarianceResult]], *,
+                      classes: Sequence[str] | None = None) -> Figure:
     """Zeiler & Fergus Fig. 5: rows translation, scale, rotation; columns: low-layer
     distance, high-layer distance, P(true class); one curve per image.
 
@@ -646,8 +666,8 @@ def settledness_figure(evolution, *, ax: Axes | None = None) -> Figure:
     return fig
 
 
-def evolution_figure(evolution, *, channels: Mapping[str, Sequence[int]] | None = None
-                     ) -> Figure:
+def evolution_figure(evolution: FeatureEvolution, *,
+                     channels: Mapping[str, Sequence[int]] | None = None) -> Figure:
     """Zeiler & Fergus Fig. 4: per drawn layer a block with one row per channel and one
     column per checkpoint (the strongest unit's projection over the data), labelled with the
     epoch; below, how settled each layer is (``settledness_figure``).

@@ -77,7 +77,7 @@ def tile(tiles: np.ndarray, columns: int | None = None, padding: int = 1,
 
 
 def filter_grid(
-    weight,
+    weight: torch.Tensor | np.ndarray,
     *,
     mode: Literal["auto", "rgb", "mean", "channels"] = "auto",
     columns: int | None = None,
@@ -91,7 +91,8 @@ def filter_grid(
             "mean" shows each filter's mean over its input channels in gray; "channels" shows
             every (filter, input channel) slice in gray, one row per filter (``columns`` is then
             the number of input channels). "auto" is "rgb" for 3 inputs, else "mean".
-        columns, padding: layout, see ``tile``.
+        columns: layout, see ``tile``.
+        padding: layout, see ``tile``.
 
     Returns:
         uint8 (H, W, 3).
@@ -119,7 +120,7 @@ def filter_grid(
 
 
 def feature_map_grid(
-    activations,
+    activations: torch.Tensor | np.ndarray,
     *,
     scaling: Scaling = "tile",
     columns: int | None = None,
@@ -132,7 +133,8 @@ def feature_map_grid(
         activations: (C, H, W) or (1, C, H, W), tensor or array.
         scaling: "tile" stretches each channel to its own range (shows the pattern of weak
             channels); "shared" uses one range for all (shows which channels are strong).
-        columns, padding: layout, see ``tile``.
+        columns: layout, see ``tile``.
+        padding: layout, see ``tile``.
         colormap: an OpenCV colour map (e.g. ``cv2.COLORMAP_VIRIDIS``); None for gray.
 
     Returns:
