@@ -75,7 +75,17 @@ def test_training_is_reproducible_and_writes_checkpoints(tmp_path):
     assert vizcnn.model_info(model).classes == tuple(SHAPE_CLASSES)
 
 
-def test_demo_writes_figures_and_report(tmp_path):
+def _small_gallery(model, data, out, **options):
+    """The demo's gallery call, over a few images and channels."""
+    from vizcnn.render.gallery import make_gallery
+
+    return make_gallery(model, "shapes:20", out, **{**options, "layers": ["features.0"],
+                                                     "channels": [0, 1],
+                                                     "feature_vis": False})
+
+
+@pytest.mark.slow
+def test_demo_writes_figures_and_report(tmp_path, monkeypatch):
     files = run_demo(tmp_path / "demo", progress=False)
     names = sorted(p.name for p in files)
     assert "filters_layer1.png" in names and "report.txt" in names
@@ -101,7 +111,14 @@ def test_demo_writes_figures_and_report(tmp_path):
     assert "Evolution over training" in channel and "epoch 10" in channel
     report = (tmp_path / "demo" / "report.txt").read_text()
     assert "held-out accuracy" in report and "features.10" in report
-    run_demo(tmp_path / "demo", progress=False)  # replaces its own earlier output
+    # replaces its own earlier output: the drawing stubbed (the run above checked it), the
+    # replacing real
+    monkeypatch.setattr("vizcnn.demo.make_gallery", _small_gallery)
+    monkeypatch.setattr("vizcnn.demo._figures", lambda *args: iter(()))
+    (tmp_path / "demo" / "mine.txt").write_text("left by the first run")
+    run_demo(tmp_path / "demo", progress=False)
+    assert not (tmp_path / "demo" / "mine.txt").exists()
+    assert (tmp_path / "demo" / "report.txt").is_file() and (tmp_path / "demo" / "gallery").is_dir()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(vizcnn.BadArgument, match="not a vizcnn demo output"):

@@ -20,11 +20,12 @@ from vizcnn.render.figures import (
     save_figure,
     top_patches_figure,
 )
-from vizcnn.render.gallery import write_gallery
+from vizcnn.render.gallery import Gallery, make_gallery, write_gallery
 from vizcnn.render.grid import feature_map_grid, filter_grid
 from vizcnn.render.panels import Panel
 
 __all__ = [
+    "Gallery",
     "Panel",
     "adversarial_figure",
     "excite_figure",
@@ -39,6 +40,7 @@ __all__ = [
     "gallery",
     "grid",
     "invariance_figure",
+    "make_gallery",
     "occlusion_figure",
     "panels",
     "projection_figure",

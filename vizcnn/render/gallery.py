@@ -31,7 +31,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -55,7 +55,7 @@ from vizcnn.datapass import (
     work_folder,
 )
 from vizcnn.deconv import top_patches
-from vizcnn.doctor import health_report
+from vizcnn.doctor import HealthReport, health_report
 from vizcnn.errors import BadArgument, BadCheckpoint, VizCNNError
 from vizcnn.evolution import (
     FeatureEvolution,
@@ -90,6 +90,7 @@ from vizcnn.render.panels import display_normalisation, filters_panel
 from vizcnn.scan import (
     ImageFolder,
     InMemory,
+    TopK,
     _data_identity,
     _describe,
     data_folder,
@@ -119,6 +120,9 @@ __all__ = ["default_layers", "write_gallery"]
 HISTOGRAM_BINS = 24
 TILE = 128  # the largest side of a written tile, in pixels
 
+if TYPE_CHECKING:  # imported inside the functions that optimize, for the annotation
+    from vizcnn.featvis import FeatureVisualization
+
 
 def default_layers(model: nn.Module) -> list[str]:
     """Every conv layer; for a residual network (torchvision's ``layerN.M`` blocks) every
@@ -127,7 +131,34 @@ def default_layers(model: nn.Module) -> list[str]:
     return blocks or list_layers(model, "conv")
 
 
-def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
+@dataclass(frozen=True)
+class Gallery:
+    """What ``make_gallery`` wrote, and the results it computed on the way, for a caller
+    that draws more from them (``vizcnn demo``) without a second pass over the data.
+
+    Attributes:
+        index: the site's ``index.html``.
+        top: the top-k scan of the shown layers (``TopK``).
+        health: the health report on the index, or None.
+        evolution: the ``FeatureEvolution`` of the checkpoints, or None.
+        feature_vis: ``{layer: FeatureVisualization}`` of the visualized channels (the
+            "neuron" objective at the map's centre unit), empty where left out.
+    """
+
+    index: Path
+    top: TopK
+    health: HealthReport | None
+    evolution: FeatureEvolution | None
+    feature_vis: dict[str, FeatureVisualization]
+
+
+def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, **options: Any) -> Path:
+    """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
+    of its ``index.html``. The ``options`` are ``make_gallery``'s."""
+    return make_gallery(model, data, out, **options).index
+
+
+def make_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   layers: list[str] | None = None, k: int = 9,
                   channels: list[int] | None = None, batch_size: int = 64,
                   concepts: list[str] | None = None,
@@ -138,9 +169,9 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   checkpoints: Any = None, checkpoint_options: dict | None = None,
                   feature_vis: bool | None = None,
                   feature_vis_steps: int | None = None,
-                  feature_vis_channels: int | None = None) -> Path:
-    """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns the path
-    of its ``index.html``.
+                  feature_vis_channels: int | None = None) -> Gallery:
+    """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns what it
+    wrote and computed (``Gallery``; ``write_gallery`` returns its index alone).
 
     Args:
         model: the network (left as it was).
@@ -223,7 +254,7 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                          checkpoints=checkpoints, known=known, source=source, state=state)
         try:
             clock.run("data pass", passes.first, batch_size, workers)
-            _after_pass(model, passes, out, clock, layers=layers, size=size, rows=rows,
+            made = _after_pass(model, passes, out, clock, layers=layers, size=size, rows=rows,
                         shown=shown, batch_size=batch_size, health=health,
                         checkpoints=checkpoints, figures=figures, command=command,
                         feature_vis=(steps, feature_vis_channels, vis_fact))
@@ -232,7 +263,9 @@ def write_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         barrier()  # every rank done before the state goes
     if rank == 0:
         discard_state(state_path)  # it was kept to resume an interrupted gallery: done
-    return out / "index.html"
+    top, report, evolution, visualized = made
+    return Gallery(out / "index.html", top, report, evolution,
+                   {name: seen.result for name, seen in visualized.items()})
 
 
 def _state_key(model: nn.Module, identity: str, layers: list[str], k: int, checkpoints: Any,
@@ -353,10 +386,11 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
                 layers: list[str], size: tuple[int, int], rows: dict,
                 shown: dict[str, list[int]], batch_size: int, health: Any, checkpoints: Any,
                 figures: bool, command: str | None,
-                feature_vis: tuple[int | None, int | None, str]) -> None:
+                feature_vis: tuple[int | None, int | None, str]) -> tuple:
     """The stages after the first pass: dissection, health, evolution, feature
     visualization, then the site (projections, figures, pages), written whole into ``out``
-    (the ranks share the projections and the pages; rank 0 moves the site into place)."""
+    (the ranks share the projections and the pages; rank 0 moves the site into place).
+    Returns (top-k, health report, evolution, feature visualizations)."""
     rank, world = rank_and_world()
     top, stats, score = passes.results()
     require_finite_activations(stats, "the model")
@@ -364,7 +398,8 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
     dissections = (clock.run("dissection", passes.dissection, batch_size)
                    if passes.thresholds is not None else clock.skip("dissection", {}))
     if health is True:
-        report = clock.run("health", health_report, model, data, layers, stats)
+        report = clock.run("health", health_report, model, data, layers, stats,
+                           passes.describe)
     else:
         report = clock.skip("health", health or None)
     if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
@@ -402,6 +437,7 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
                  "images_decoded": decoded, "forward_passes": passes.forward_passes,
                  "ranks": world, "feature_visualization": _feature_vis_summary(visualized)},
                 indent=2))
+    return top, report, evolution, visualized
 
 
 def _on_rank0(function, *args: Any) -> Any:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from vizcnn.checks import feature_maps
+from vizcnn.display import ShowsItself
 from vizcnn.errors import BadArgument
 from vizcnn.hooks import activations, capture, preserved_state, run_forward, strongest_units
 from vizcnn.layers import list_layers, resolve_layer
@@ -50,7 +51,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Panel:
+class Panel(ShowsItself):
     """A figure and what it shows, in words.
 
     Attributes:
@@ -287,11 +288,14 @@ def feature_visualization_panel(model: nn.Module, layer: str | None,
 
 
 def featvis_beside_top_panel(model: nn.Module, top: Any, data: Any, layers: Sequence[str],
-                             per_layer: int = 4, **options: Any) -> Panel:
+                             per_layer: int = 4, *, visualized: Mapping[str, Any] | None = None,
+                             **options: Any) -> Panel:
     """Per layer the ``per_layer`` channels with the strongest natural units: their top-k
     projections and patches (Fig. 2) beside their feature visualization (the centre unit's
     objective, cropped to its receptive field); ``options`` go to
-    ``feature_visualization``."""
+    ``feature_visualization``. ``visualized``: ``{layer: FeatureVisualization}`` made
+    already with that objective (a gallery's, ``Gallery.feature_vis``) that holds these
+    channels: their rows are taken instead of optimizing them again."""
     from vizcnn.deconv import top_patches
     from vizcnn.featvis import feature_visualization
     from vizcnn.receptive import receptive_field
@@ -303,8 +307,13 @@ def featvis_beside_top_panel(model: nn.Module, top: Any, data: Any, layers: Sequ
         strongest = top.values[layer][:, 0]
         channels = sorted(strongest.argsort(descending=True)[:per_layer].tolist())
         patches = top_patches(model, top, data, layer, channels)
-        result = feature_visualization(model, layer, channels, objective="neuron",
-                                       size=size, progress=False, **options)
+        made = (visualized or {}).get(layer)
+        if (made is not None and made.recipe.objective == "neuron" and not options
+                and tuple(made.images.shape[-2:]) == tuple(size)):
+            result = made.select(channels)
+        else:
+            result = feature_visualization(model, layer, channels, objective="neuron",
+                                           size=size, progress=False, **options)
         height, width = activations(model, torch.zeros(1, result.images.shape[2], *size),
                                     [layer])[layer].shape[-2:]
         box = receptive_field(model, layer, size).box(height // 2, width // 2)
