@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   log="$venv/install.log"
   if ! { "$venv/bin/python" -m pip install torch==2.14.1 torchvision==0.29.1 \
-         && "$venv/bin/python" -m pip install -e "$root[test]" \
+         && "$venv/bin/python" -m pip install -e "$root[test,docs]" \
          && "$venv/bin/python" -c "import vizcnn, torch, captum, cv2"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "set-up failed; the whole log is in $log" >&2

@@ -3,6 +3,8 @@ Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -12,6 +14,15 @@ from helpers import TinyChain, TinyResidual
 from torch import nn
 
 import vizcnn
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``./test.sh`` runs a process per core) each process, and every
+    program a test starts, computes on one thread: two processes of two threads each on two
+    cores made OpenMP's threads wait on each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,8 @@
-"""The README is the front door: every Python snippet runs as written from a fresh clone,
-imports only from ``vizcnn`` and ``vizcnn.render`` (besides torch and the standard library),
-and every link points into the repository."""
+"""The README is the front door: at most 200 lines, every Python snippet runs as written
+from a fresh clone, imports only from ``vizcnn`` and ``vizcnn.render`` (besides torch and the
+standard library), and every link points into the repository. The documentation site builds
+offline in strict mode, with every example and the tutorial notebook executed, and its
+references generated from the code."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import vizcnn
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
@@ -20,7 +24,7 @@ ALLOWED = {"vizcnn", "vizcnn.render", "torch", "numpy"}
 
 
 def test_there_are_snippets():
-    assert len(SNIPPETS) >= 4
+    assert len(SNIPPETS) >= 1  # the README's example; the docs' examples run in the docs build
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
@@ -64,7 +68,7 @@ def test_architecture_page_names_every_module_and_only_real_ones():
 
 # the import levels of docs/architecture.md ("What each module may import")
 LEVELS = {
-    "errors": 1, "crops": 1, "progress": 1,
+    "errors": 1, "crops": 1, "progress": 1, "display": 1,
     "checks": 2, "layers": 2, "io": 2, "data.images": 2, "data.shapes": 2, "data": 2,
     "hooks": 3, "geometry": 3.5,
     "models": 4, "receptive": 4, "summary": 4,
@@ -72,7 +76,8 @@ LEVELS = {
     "probes.occlusion": 5,
     "probes.adversarial": 5,
     "probes.invariance": 5, "featvis": 5, "train": 5, "doctor": 5.5, "evolution": 5.5,
-    "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5, "render.gallery": 6.7,
+    "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5,
+    "render.notebook": 6.6, "render.gallery": 6.7,
     "demo": 7, "cli": 7, "": 7,
 }
 
@@ -88,3 +93,60 @@ def test_modules_import_only_lower_levels_at_load_time():
                         imported == name or imported.startswith(name + ".")):
                     continue  # a package's own __init__ importing its modules
                 assert LEVELS[imported] <= LEVELS[name], f"{name} imports {imported}"
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 200
+
+
+def _hooks():
+    """scripts/docs_hooks.py, imported as MkDocs imports it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts/docs_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rule_that_names_a_missing_test_fails_the_build(tmp_path):
+    from mkdocs.exceptions import PluginError
+
+    hooks = _hooks()
+    (tmp_path / "rules.md").write_text("| a rule | [t](test:test_docs.py::test_no_such_test) |")
+    with pytest.raises(PluginError, match="no test test_no_such_test"):
+        hooks._tests_page({"docs_dir": str(tmp_path)})
+    (tmp_path / "rules.md").write_text("[t](test:test_docs.py::test_there_are_snippets)")
+    assert "def test_there_are_snippets" in hooks._tests_page({"docs_dir": str(tmp_path)})
+
+
+@pytest.mark.slow
+def test_the_site_builds_offline_in_strict_mode(tmp_path):
+    """Strict: a broken link, a docstring griffe cannot read, an example that raises or a
+    notebook cell that fails each fail the build."""
+    site = tmp_path / "site"
+    sources = sorted(path.name for path in (ROOT / "docs").iterdir())
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet",
+                             "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+    page = lambda name: (site / name).read_text()
+    for name in ("filters-and-maps", "deconvnet", "occlusion", "probes",
+                 "feature-visualization", "debugging"):
+        assert "data:image/png;base64," in page(f"{name}.html"), name  # the example's figure
+    api = page("api.html") + page("api-render.html")
+    for name in vizcnn.__all__ + vizcnn.render.__all__:
+        assert re.search(rf'id="vizcnn(\.\w+)*\.{name}"', api), name
+    cli = page("cli.html")
+    for command in ("summary", "topk", "occlusion", "gallery", "doctor", "demo"):
+        assert f"usage: vizcnn {command}" in cli, command
+    tutorial = page("tutorial.html")
+    assert "TopK: the 9 strongest images" in tutorial  # the notebook ran: its outputs
+    assert "HealthReport of demo" in tutorial and "data:image/png;base64," in tutorial
+    assert "test_equals_brute_force" in page("tests.html")
+    assert (site / "tutorial-gallery" / "index.html").is_file()  # the notebook's, linked
+    # the examples and the notebook ran in a scratch folder, removed after the build: they
+    # left nothing here, nor in the sources
+    assert [path.name for path in tmp_path.iterdir()] == ["site"]
+    assert sorted(path.name for path in (ROOT / "docs").iterdir()) == sources
