@@ -641,8 +641,11 @@ def test_ctrl_c_while_the_package_imports_is_one_line(tmp_path):
     script = Path(sys.executable).with_name("vizcnn")
     assert script.is_file(), "the console script is installed with the package"
     for _ in range(2):
-        child = subprocess.Popen([str(script), "summary", "demo"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        # a command that runs for long after the import (ResNet50's gradient receptive fields,
+        # no progress bar): a signal this loop sends late, on a loaded machine, still finds
+        # it running, where `summary demo` had finished (seen under pytest-xdist)
+        child = subprocess.Popen([str(script), "summary", "torchvision:resnet50"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         maps = Path(f"/proc/{child.pid}/maps")
         while child.poll() is None and "libtorch" not in maps.read_text():
             pass
