@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
-mkdocs build --strict --quiet "$@"
+# Material prints a banner about its end of life (May 2027; docs/building.md) on each build
+export NO_MKDOCS_2_WARNING=1
+mkdocs build --strict "$@"  # not --quiet: in MkDocs 1.6 it turns off --strict
 echo "the site is in $(pwd)/site: open $(pwd)/site/index.html"

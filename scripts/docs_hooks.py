@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import io
 import os
 import re
 import shutil
@@ -76,6 +77,7 @@ def _executed(notebook: Path, files, config) -> Path:
     book = nbformat.read(notebook, as_version=4)
     try:
         NotebookClient(book, timeout=900, kernel_name="python3",
+                       extra_arguments=["--IPKernelApp.log_level=ERROR"],
                        resources={"metadata": {"path": str(work)}}).execute()
     except CellExecutionError as error:
         raise PluginError(f"docs: {notebook.name} failed: {error}") from None
@@ -87,11 +89,21 @@ def _executed(notebook: Path, files, config) -> Path:
 
 
 def on_page_markdown(markdown, page, config, files):
+    # the examples' progress bars would fill the terminal: they go to a buffer until the
+    # page's examples have run (MkDocs' own messages, an example's failure among them, still
+    # reach the terminal through its logging handler)
+    _state["stderr"] = sys.stderr
+    sys.stderr = io.StringIO()
     markdown = TEST_LINK.sub(lambda m: f"({_test_anchor(m[1], m[2])})", markdown)
     markdown = markdown.replace("<!-- vizcnn: cli -->", _cli_reference())
     markdown = re.sub(r"<!-- vizcnn: api ([\w.]+) -->", lambda m: _api_reference(m[1]),
                       markdown)
     return markdown.replace("<!-- vizcnn: tests -->", _tests_page(config))
+
+
+def on_page_content(html, page, config, files):
+    sys.stderr = _state.pop("stderr", sys.stderr)
+    return html
 
 
 def on_post_build(config):
@@ -100,6 +112,7 @@ def on_post_build(config):
 
 
 def on_build_error(error):
+    sys.stderr = _state.pop("stderr", sys.stderr)
     on_post_build({})
 
 

@@ -120,6 +120,26 @@ def test_a_rule_that_names_a_missing_test_fails_the_build(tmp_path):
     assert "def test_there_are_snippets" in hooks._tests_page({"docs_dir": str(tmp_path)})
 
 
+def test_an_example_that_raises_fails_the_build(tmp_path):
+    """A one-page site with the project's hooks: the page's example raises, and the strict
+    build fails, naming it, though the examples' own output is held back from the terminal."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text(
+        '# Broken\n\n```python exec="on"\nimport sys\nprint("progress", file=sys.stderr)\n'
+        'raise ValueError("this example is broken")\n```\n')
+    (tmp_path / "mkdocs.yml").write_text(
+        f"site_name: t\ndocs_dir: docs\nsite_dir: site\nplugins:\n  - markdown-exec\n"
+        f"markdown_extensions:\n  - pymdownx.superfences\n"
+        f"hooks:\n  - {ROOT / 'scripts' / 'docs_hooks.py'}\n")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "this example is broken" in result.stderr
+    assert "Aborted with 1 warnings in strict mode" in result.stdout
+    assert "progress\n" not in result.stderr  # held back
+
+
 @pytest.mark.slow
 def test_the_site_builds_offline_in_strict_mode(tmp_path):
     """Strict: a broken link, a docstring griffe cannot read, an example that raises or a
@@ -127,7 +147,7 @@ def test_the_site_builds_offline_in_strict_mode(tmp_path):
     site = tmp_path / "site"
     sources = sorted(path.name for path in (ROOT / "docs").iterdir())
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet",
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
                              "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
