@@ -635,6 +635,18 @@ sys.exit(vizcnn.cli.main(["gallery", "demo", "shapes:12", "--layer", "features.0
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_that_takes_no_file_is_one_line(capfd):
+    """/proc says it is writable to root but creates no file: the output is refused in one
+    line before any work (found by hand: it was a FileNotFoundError traceback)."""
+    from vizcnn.demo import run_demo
+
+    with pytest.raises(vizcnn.BadOutput, match="/proc"):
+        run_demo("/proc/vizcnn-demo", progress=False)
+    line = refused(capfd, "demo", "--out", "/proc/vizcnn-demo", expected="/proc")
+    assert "--out" in line  # what to do, in the command's own words
+    assert not Path("/proc/vizcnn-demo").exists()
+
+
 def test_ctrl_c_while_the_package_imports_is_one_line(tmp_path):
     """SIGINT while PyTorch is being imported (its library is mapped, its Python modules are
     loading): the console script answers as after start-up."""

@@ -165,8 +165,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = output_path(target)
     parent = writable_parent(target, create=True)
     recover(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".partial",
-                                dir=parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".partial",
+                                    dir=parent)
+    except OSError as error:  # a folder that takes no file, though it says it is writable
+        raise _write_failed(target, error) from None  # (/proc, a refusing network mount)
     os.close(fd)
     os.unlink(name)
     temporary = Path(name)
