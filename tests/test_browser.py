@@ -28,8 +28,9 @@ def browser():
         if os.environ.get("VIZCNN_REQUIRE_BROWSER") == "1":
             pytest.fail("VIZCNN_REQUIRE_BROWSER=1 but chromium or chromedriver is missing")
         # reason: a system package, not pip's; CI requires it (above), so it never skips there
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y "
-                    "chromium chromium-driver)")
+        pytest.skip(reason="needs Debian's chromium and chromium-driver (apt-get install -y "
+                           "chromium chromium-driver); a system package, so a developer without "
+                           "it runs the rest; CI (VIZCNN_REQUIRE_BROWSER=1) fails instead")
     from selenium import webdriver  # a test dependency: its absence is a failure
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

@@ -578,7 +578,9 @@ def small_disk(tmp_path):
     if mounted.returncode != 0:
         # reason: mounting needs root in a machine that allows it (CI runs as root); the
         # file-size-limit test below covers the same refusal path where it cannot
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        pytest.skip(reason=f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): "
+                           "mounting needs root; test_a_failed_write_is_one_line_on_any_machine "
+                           "covers the same refusal")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
 
