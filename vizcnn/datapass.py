@@ -631,7 +631,8 @@ def run_pass(data: Any, consumers: Sequence[Consumer], *, batch_size: int = 64,
         between = True  # no batch half fed: a snapshot now is consistent
         batches = input_batches(model, opened, batch_size, record.count, (rank, world),
                                 workers, whole=True, known=known)
-        if not default_workers(model, opened) if workers is None else not workers:
+        processes = default_workers(model, opened) if workers is None else workers
+        if not processes:  # decoding processes overlap the forward pass already
             batches = stack.enter_context(prefetched(batches))
         try:
             for parts in batches:

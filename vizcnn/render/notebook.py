@@ -14,7 +14,16 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from vizcnn.doctor import HealthReport
+from vizcnn.evolution import FeatureEvolution
+from vizcnn.featvis import FeatureVisualization
+from vizcnn.probes.adversarial import AdversarialResult
+from vizcnn.probes.invariance import InvarianceResult
+from vizcnn.probes.occlusion import OcclusionMaps
 from vizcnn.render import figures
+from vizcnn.render.panels import Panel
+from vizcnn.scan import TopK
+from vizcnn.units import ChannelStats
 
 __all__ = [
     "figure_png",
@@ -47,13 +56,13 @@ def table_html(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]
 
 def png_of(result: Any) -> bytes | None:
     """The picture Jupyter shows for ``result``, or None where it shows a table instead."""
-    draw = _PICTURES.get(type(result).__name__)
+    draw = _PICTURES.get(type(result))
     return figure_png(draw(result)) if draw else None
 
 
 def html_of(result: Any) -> str | None:
     """The table Jupyter shows for ``result``, or None where it shows a picture instead."""
-    draw = _TABLES.get(type(result).__name__)
+    draw = _TABLES.get(type(result))
     return draw(result) if draw else None
 
 
@@ -94,9 +103,9 @@ def _adversarial_table(result: Any) -> str:
 
 
 def _stats_table(stats: Any) -> str:
-    fire = stats.fire_rate
-    rows = [(c, f"{float(stats.maxima[:, c].max()):.4g}", f"{float(fire[c]):.1%}",
-             bool(stats.dead[c])) for c in range(min(stats.maxima.shape[1], 16))]
+    fire, dead, strongest = stats.fire_rate, stats.dead, stats.strongest()[0]
+    rows = [(c, f"{float(strongest[c]):.4g}", f"{float(fire[c]):.1%}", bool(dead[c]))
+            for c in range(min(stats.maxima.shape[1], 16))]
     more = stats.maxima.shape[1] - len(rows)
     return table_html(f"ChannelStats of {stats.layer} over {stats.maxima.shape[0]:,} images "
                       f"({int(stats.dead.sum())} dead channels)",
@@ -121,16 +130,16 @@ def _occlusion_picture(maps: Any) -> Figure:
     return fig
 
 
-_PICTURES: dict[str, Callable[[Any], Figure]] = {
-    "Panel": lambda panel: panel.figure,
-    "OcclusionMaps": _occlusion_picture,
-    "FeatureVisualization": figures.feature_visualization_figure,
-    "FeatureEvolution": figures.evolution_figure,
-    "InvarianceResult": lambda result: figures.invariance_figure({result.transform: [result]}),
+_PICTURES: dict[type, Callable[[Any], Figure]] = {
+    Panel: lambda panel: panel.figure,
+    OcclusionMaps: _occlusion_picture,
+    FeatureVisualization: figures.feature_visualization_figure,
+    FeatureEvolution: figures.evolution_figure,
+    InvarianceResult: lambda result: figures.invariance_figure({result.transform: [result]}),
 }
-_TABLES: dict[str, Callable[[Any], str]] = {
-    "TopK": _topk_table,
-    "HealthReport": _health_table,
-    "AdversarialResult": _adversarial_table,
-    "ChannelStats": _stats_table,
+_TABLES: dict[type, Callable[[Any], str]] = {
+    TopK: _topk_table,
+    HealthReport: _health_table,
+    AdversarialResult: _adversarial_table,
+    ChannelStats: _stats_table,
 }
