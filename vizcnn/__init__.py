@@ -43,8 +43,10 @@ __all__ = [
     "Preprocessing",
     "ReceptiveField",
     "RectificationWarning",
+    "SanityCheck",
     "ShapeSample",
     "ShapesDataset",
+    "Similarities",
     "TopK",
     "TopPatches",
     "Unsupported",
@@ -71,6 +73,7 @@ __all__ = [
     "preprocess",
     "receptive_field",
     "receptive_fields",
+    "sanity_check",
     "scan_topk",
     "summarize",
     "top_patches",
@@ -126,7 +129,9 @@ def _load_api() -> dict:
     from vizcnn.probes.invariance import InvarianceResult, invariance
     from vizcnn.probes.occlusion import OcclusionMaps, occlusion
     from vizcnn.receptive import ReceptiveField, receptive_field, receptive_fields
+    from vizcnn.sanity import SanityCheck, sanity_check
     from vizcnn.scan import ImageFolder, TopK, scan_topk
+    from vizcnn.similarity import Similarities
     from vizcnn.summary import LayerSummary, format_summary, summarize
     from vizcnn.units import Accuracy, ChannelStats, Dissection, accuracy, channel_stats, dissect
 

@@ -333,6 +333,7 @@ def _gallery(args: argparse.Namespace) -> None:
                                                   "num_classes": args.num_classes,
                                                   "trust_checkpoint": args.trust_checkpoint},
                               feature_vis=False if args.no_feature_vis else None,
+                              sanity=False if args.no_sanity else None,
                               feature_vis_steps=args.feature_vis_steps,
                               progress=rank == 0)
     except KeyboardInterrupt:
@@ -382,13 +383,42 @@ def _doctor(args: argparse.Namespace) -> None:
     model = _load(args)
     rank = _join_torchrun()  # every rank reads its shard; rank 0 reports
     report = doctor(model, args.data, args.layer, batch_size=args.batch_size,
-                    progress=rank == 0)
+                    progress=rank == 0, sanity=not args.no_sanity)
     if rank != 0:
         return
     print(report.text(), end="")
     if args.json:
         with atomic_path(args.json) as temporary:
             temporary.write_text(report.to_json())
+        print(f"wrote {args.json}")
+
+
+def _sanity(args: argparse.Namespace) -> None:
+    import json
+
+    from vizcnn.io import atomic_path, check_outside, file_target
+    from vizcnn.probes import parse_selector
+    from vizcnn.render.figures import figure_path
+    from vizcnn.render.panels import drawn_sanity
+    from vizcnn.sanity import METHODS, sanity_check
+    from vizcnn.scan import data_folder
+
+    figure_path(args.out)
+    if args.json:
+        check_outside(args.json, data_folder(args.data))
+        file_target(args.json)
+    model = _load(args)
+    channels = parse_channels(args.channels, None) if args.channels else None
+    checks = [sanity_check(model, args.data, args.layer, method, channels=channels,
+                           images=args.images, cascade=not args.independent, seed=args.seed,
+                           window=args.window, stride=args.stride, steps=args.steps,
+                           output=parse_selector(args.output))
+              for method in (args.method or METHODS)]
+    panel = drawn_sanity(model, checks)
+    _write(panel, args.out)
+    if args.json:
+        with atomic_path(args.json) as temporary:
+            temporary.write_text(json.dumps([check.to_dict() for check in checks], indent=1))
         print(f"wrote {args.json}")
 
 
@@ -504,6 +534,9 @@ EXAMPLES = {
                   "--layer features.0 --layer features.10 --channels 0-5 --out fig4.png"],
     "doctor": ["vizcnn doctor demo shapes:1000",
                "vizcnn doctor demo:1 shapes:1000 --json health.json"],
+    "sanity": ["vizcnn sanity demo shapes:200 --layer features.6 --out sanity.png",
+               "vizcnn sanity demo shapes:200 --layer features.3 --method deconv --channels 0-3 "
+               "--json sanity.json --out deconv-sanity.png"],
     "demo": ["vizcnn demo --out demo-out"],
     "train-demo": ["vizcnn train-demo --epochs 2 --per-epoch 2000 --out runs/quick"],
 }
@@ -707,6 +740,9 @@ def _add_gallery(commands) -> None:
                          help="leave the paper figures out of the index")
     gallery.add_argument("--no-health", action="store_true",
                          help="leave the health report (vizcnn doctor) out of the index")
+    gallery.add_argument("--no-sanity", action="store_true", help="leave out each layer's "
+                         "sanity check (how alike its projections stay once the weights are "
+                         "random; on where it costs fewer projections than the layer's own)")
     vis = gallery.add_mutually_exclusive_group()
     vis.add_argument("--no-feature-vis", action="store_true", help="leave the feature "
                      "visualizations out (they are on where the model's normalisation is "
@@ -756,6 +792,39 @@ def _add_doctor(commands) -> None:
                      help="layer to check (repeatable; default: every conv layer)")
     doc.add_argument("--batch-size", type=int, default=64)
     doc.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    doc.add_argument("--no-sanity", action="store_true", help="leave out each layer's sanity "
+                     "line (how alike its projections stay once every weight is random)")
+
+
+def _add_sanity(commands) -> None:
+    from vizcnn.sanity import BASELINE_MODELS, METHODS
+
+    san = _command(commands, "sanity", "does a picture depend on the weights? Each method's "
+                   "pictures as the layers are re-initialized from the top (Adebayo et al.)",
+                   _sanity)
+    _add_model_options(san)
+    san.add_argument("data", metavar="DATA", help="a folder of images, or shapes:N")
+    _add_input_options(san)
+    san.add_argument("--layer", required=True, metavar="L", help="a layer with weights")
+    san.add_argument("--method", action="append", choices=METHODS,
+                     help="repeatable (default: all three, side by side)")
+    san.add_argument("--channels", metavar="LIST", help="e.g. 0-3 or 3,7 (default: the "
+                     "layer's strongest three; occlusion: one channel, default each image's "
+                     "strongest)")
+    san.add_argument("--images", type=int, default=2, help="top images per channel (deconv) "
+                     "or images (occlusion), default 2")
+    san.add_argument("--independent", action="store_true", help="re-initialize one layer at "
+                     "a time instead of cascading from the top")
+    san.add_argument("--seed", type=int, default=0, help="seed of the re-initialization (0); "
+                     f"the {BASELINE_MODELS} random networks of the band use the next seeds")
+    san.add_argument("--window", type=int, help="occluder side (default a quarter of the "
+                     "image)")
+    san.add_argument("--stride", type=int, help="occluder step (default a quarter of the "
+                     "window)")
+    san.add_argument("--steps", type=int, help="feature visualization's steps")
+    _add_output_option(san)
+    san.add_argument("--out", required=True, help="figure file: .png, .pdf or .svg")
+    san.add_argument("--json", metavar="FILE", help="also write every number as JSON")
 
 
 def _add_demo(commands) -> None:
@@ -784,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_summary, _add_activations, _add_filters, _add_maps, _add_deconv, _add_topk,
                 _add_occlusion, _add_adversarial, _add_excite, _add_visualize, _add_invariance,
                 _add_gallery,
-                _add_evolution, _add_doctor, _add_demo, _add_train_demo):
+                _add_evolution, _add_doctor, _add_sanity, _add_demo, _add_train_demo):
         add(commands)
     return parser
 

@@ -51,6 +51,7 @@ __all__ = [
     "occlusion_figure",
     "projection_figure",
     "receptive_field_boxes",
+    "sanity_figure",
     "save_figure",
     "settledness_figure",
     "top_patches_figure",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # results of the core, for the annotations only
     from vizcnn.featvis import FeatureVisualization
     from vizcnn.probes.invariance import InvarianceResult
     from vizcnn.probes.occlusion import OcclusionMaps
+    from vizcnn.sanity import SanityCheck
 
 Pixels: TypeAlias = "torch.Tensor | np.ndarray"  # a tensor or an array of the shape given
 Normalisation: TypeAlias = "Sequence[float] | None"  # the model's mean or std, per channel
@@ -737,4 +739,106 @@ def first_layers_figure(rows: Sequence[Mapping]) -> Figure:
                    family="monospace", transform=ax[2].transAxes)
         for a in ax:
             a.set_axis_off()
+    return fig
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+SANITY_ROWS = 6  # picture rows drawn per method (the curves average every row)
+_METRIC_STYLE = {"spearman": ("rank corr.", "C0", "-"),
+                 "spearman_abs": ("rank corr. |x|", "C1", "-"),
+                 "ssim": ("SSIM", "C2", "--"), "hog": ("HOG", "C3", ":")}
+
+
+def _sanity_tiles(check: SanityCheck, pictures, mean: Normalisation, std: Normalisation
+                  ) -> np.ndarray:
+    """uint8 RGB tiles (R, h, w, 3) of one step's pictures, drawn as vizcnn draws them
+    elsewhere: projections symmetric about zero, maps stretched in the viridis colours,
+    feature visualizations as pixels."""
+    from vizcnn.render.grid import pixel_tiles, stretch
+
+    if check.method == "deconv":
+        return projection_tiles(pictures)
+    if check.method == "feature_visualization":
+        return pixel_tiles(pictures)
+    colours = matplotlib.colormaps["viridis"]
+    gray = np.stack([stretch(p[0]) for p in pictures.float().cpu().numpy()])
+    return (colours(gray)[..., :3] * 255).round().astype(np.uint8)
+
+
+def _sanity_block(fig, check: SanityCheck, mean: Normalisation, std: Normalisation) -> None:
+    """One method: its pictures (rows; columns: input, trained, each step that changed the
+    picture, a random network) above its similarity curves and the band of chance."""
+    from vizcnn.sanity import IMAGE_RECOVERY, LINE_METRIC
+
+    shown = [s for s, changed in enumerate(check.changed) if s == 0 or changed]
+    rows = min(len(check.rows), SANITY_ROWS)
+    columns = [("input", None)] if check.inputs is not None else []
+    columns += [("trained" if s == 0 else f"to {check.steps[s]}", check.pictures[s][:rows])
+                for s in shown]
+    columns.append(("random net", check.baseline[0][:rows]))
+    grid = fig.add_gridspec(rows + 3, len(columns), hspace=0.08, wspace=0.05)
+    for c, (title, pictures) in enumerate(columns):
+        tiles = (image_tiles(check.inputs[:rows], mean, std) if pictures is None
+                 else _sanity_tiles(check, pictures, mean, std))
+        for r in range(rows):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(tiles[r], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=5, pad=2, rotation=30 if c else 0)
+            if c == 0:
+                ax.set_ylabel(check.rows[r].replace(", ", "\n"), fontsize=4, rotation=0,
+                              ha="right", va="center")
+    ax = fig.add_subplot(grid[rows + 1:, :])
+    steps = range(len(check.steps))
+    for metric, (label, colour, style) in _METRIC_STYLE.items():
+        ax.plot(steps, check.curve(metric).numpy(), style, color=colour, label=label, lw=1,
+                marker="o", ms=2)
+    low, high = check.band(LINE_METRIC)
+    ax.axhspan(low, high, color=_METRIC_STYLE[LINE_METRIC][1], alpha=0.15,
+               label=f"random nets ({_METRIC_STYLE[LINE_METRIC][0]})")
+    if check.method == "deconv":
+        ax.axhline(IMAGE_RECOVERY, color="0.3", lw=0.6, ls=(0, (1, 2)))
+    ax.set_xticks(list(steps), ["trained", *check.steps[1:]], rotation=45, ha="right",
+                  fontsize=4)
+    ax.tick_params(axis="y", labelsize=5)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("similarity to trained", fontsize=5)
+    ax.legend(fontsize=4, loc="lower left", ncol=2, frameon=False)
+    what = {"deconv": "deconvnet", "occlusion": "occlusion", "feature_visualization":
+            "feature visualization"}[check.method]
+    fig.suptitle(f"{what}: {check.final():.2f} once random, {check.verdict()}"
+                 if check.method == "deconv" else f"{what}: {check.final():.2f} once random",
+                 fontsize=6)
+
+
+def sanity_figure(checks: SanityCheck | Sequence[SanityCheck], *, mean: Normalisation = None,
+                  std: Normalisation = None, title: str | None = None) -> Figure:
+    """Adebayo et al.'s Fig. 2 for vizcnn's pictures: per method, rows of pictures (channels
+    or images; columns: the input, the trained network's picture, the picture after each
+    cumulative randomization step that can change it, and a network with every weight
+    random), and below them the similarity to the trained picture at every step (the mean
+    over the rows, four measures) beside the band two unrelated pictures reach by chance.
+    Several checks are drawn side by side.
+
+    Args:
+        checks: ``sanity.SanityCheck`` results (one or several).
+        mean: the model's normalisation, to show the inputs in their own colours.
+        std: the same normalisation's standard deviation.
+        title: the figure's title (default: the layer and the randomization).
+    """
+    checks = [checks] if not isinstance(checks, Sequence) else list(checks)
+    if not checks:
+        raise BadArgument("no sanity check to draw")
+    widest = max(1 + sum(c.changed) + (c.inputs is not None) + 1 for c in checks)
+    rows = max(min(len(c.rows), SANITY_ROWS) for c in checks)
+    width = min(7.0 * len(checks), 2.4 * len(checks) + 0.45 * widest * len(checks))
+    fig = Figure(figsize=(width, 0.5 * rows + 2.2), layout="constrained")
+    for sub, check in zip(np.atleast_1d(fig.subfigures(1, len(checks))), checks, strict=True):
+        _sanity_block(sub, check, mean, std)
+    how = "cascading" if checks[0].cascade else "independent"
+    fig.suptitle(title or f"{checks[0].layer}: does the picture depend on the weights? "
+                 f"({how} randomization from the top, seed {checks[0].seed})", fontsize=7)
     return fig

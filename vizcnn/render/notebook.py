@@ -22,6 +22,7 @@ from vizcnn.probes.invariance import InvarianceResult
 from vizcnn.probes.occlusion import OcclusionMaps
 from vizcnn.render import figures
 from vizcnn.render.panels import Panel
+from vizcnn.sanity import SanityCheck
 from vizcnn.scan import TopK
 from vizcnn.units import ChannelStats
 
@@ -136,6 +137,7 @@ _PICTURES: dict[type, Callable[[Any], Figure]] = {
     FeatureVisualization: figures.feature_visualization_figure,
     FeatureEvolution: figures.evolution_figure,
     InvarianceResult: lambda result: figures.invariance_figure({result.transform: [result]}),
+    SanityCheck: figures.sanity_figure,
 }
 _TABLES: dict[type, Callable[[Any], str]] = {
     TopK: _topk_table,

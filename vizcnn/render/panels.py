@@ -46,6 +46,7 @@ __all__ = [
     "invariance_panel",
     "occlusion_panel",
     "projection_panel",
+    "sanity_panel",
     "top_patches_panel",
 ]
 
@@ -411,3 +412,27 @@ def _health_lines(report: Any, score: Any) -> list[str]:
     lines.append("dead per layer " + " ".join(str(len(h.dead)) for h in report.layers))
     lines.append(f"of {' '.join(str(h.channels) for h in report.layers)} channels")
     return lines
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def sanity_panel(model: nn.Module, data: Any, layer: str,
+                 methods: str | Sequence[str] = ("deconv", "occlusion", "feature_visualization"),
+                 **options: Any) -> Panel:
+    """Adebayo et al.'s sanity check of the pictures vizcnn draws of ``layer``: each method's
+    pictures under cascading randomization and their similarity to the trained network's,
+    side by side (``figures.sanity_figure``). ``options`` are ``sanity.sanity_check``'s; the
+    notes give each method's line; ``result`` is the list of ``SanityCheck``."""
+    from vizcnn.sanity import sanity_check
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    checks = [sanity_check(model, data, layer, method, **options) for method in methods]
+    return drawn_sanity(model, checks)
+
+
+def drawn_sanity(model: nn.Module, checks: Sequence[Any]) -> Panel:
+    """The figure and notes of ``sanity_panel`` from checks made already."""
+    mean, std = display_normalisation(model)
+    return Panel(figures.sanity_figure(checks, mean=mean, std=std),
+                 tuple(check.line() for check in checks), list(checks))
