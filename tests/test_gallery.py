@@ -3,6 +3,7 @@ numbers and pictures are those of the API, on the demo network and on torchvisio
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from helpers import check_links
 import vizcnn
 from vizcnn.render.gallery import write_gallery
 from vizcnn.render.grid import image_tiles, projection_tiles
+
+
+def _sanity_pages(site: Path) -> int:
+    """The layers whose sanity page the gallery wrote (where it cost less than their own
+    projections), as its gallery.json says."""
+    return len(json.loads((site / "gallery.json").read_text())["sanity"])
 
 
 def _png(path: Path) -> np.ndarray:
@@ -33,7 +40,13 @@ def demo_site(tmp_path_factory):
 def test_demo_site_has_every_page_and_no_broken_link(demo_site):
     _, site, index = demo_site
     assert index == site / "index.html"
-    assert check_links(site) == 1 + 2 + 2 * 6  # index, two layer pages, six channels each
+    # index, two layer pages, six channels each, each layer's sanity check (computed: it
+    # costs 6 x (1 + 2 or 4 steps + 3 random nets) = 36 or 48 projections, under 6 x 9)
+    assert check_links(site) == 1 + 2 + 2 * 6 + 2
+    for number, name in ((1, "features.3"), (2, "features.8")):
+        page = (site / f"layer{number}_{name}.html").read_text()
+        assert "Sanity check: these projections" in page
+        assert f'href="layer{number}_{name}/sanity.html"' in page
     text = index.read_text()
     assert "<td>demo</td>" in text and "features.3" in text and "features.8" in text
     assert not list(site.parent.glob(".site*"))  # no temporary folder left beside it
@@ -126,7 +139,7 @@ def test_interrupted_gallery_leaves_no_partial_site_and_resumes(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "resuming the scan saved in" in printed and f"wrote {out / 'index.html'}" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
-    assert check_links(out) == 1 + 1 + 3
+    assert check_links(out) == 1 + 1 + 3 + _sanity_pages(out)
 
 
 def test_channels_a_layer_lacks_are_refused_before_the_scan(tmp_path, capsys):
@@ -168,7 +181,7 @@ def test_a_folder_with_sibling_masks_gets_labels_accuracy_and_concepts(tmp_path,
     assert "Network Dissection: best concept" in page
     bar = '<span class="name">{}</span>'
     assert page.index(bar.format("circle")) < page.index(bar.format("star"))  # sorted folders
-    assert check_links(out) == 1 + 1 + 4
+    assert check_links(out) == 1 + 1 + 4 + _sanity_pages(out)
 
 
 def test_folder_mask_mistakes_are_one_line(tmp_path, capsys):
@@ -228,7 +241,7 @@ def test_a_killed_gallery_leaves_the_earlier_site_whole(tmp_path, capsys):
     assert after == before
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
-    assert check_links(out) == 1 + 2 + 96 + 128
+    assert check_links(out) == 1 + 2 + 96 + 128 + _sanity_pages(out)
 
 
 # --------------------------------------------------------------------------- feature visualization

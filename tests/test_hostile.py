@@ -540,7 +540,7 @@ sys.exit(vizcnn.cli.main(["gallery", "demo", "shapes:50", "--layer", "classifier
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((site / "layer1_classifier.1").glob("*.html"))) == 256
+    assert len(list((site / "layer1_classifier.1").glob("[0-9]*.html"))) == 256
     assert parse_channels("all", None) is None
     with pytest.raises(vizcnn.BadArgument, match="is past 65535"):
         parse_channels("0-999999999", None)

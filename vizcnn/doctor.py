@@ -39,8 +39,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,9 @@ class LayerHealth:
         broken_weights: ``(tensor, NaN count, inf count, size)`` of the layer's own
             parameters and buffers that hold NaN or infinity; the filter measures (duplicates,
             RMS, dominance, spectrum) are left out where there are any.
+        sanity: the deconvnet's sanity line (``vizcnn.sanity``): how alike the projections
+            of the layer's strongest units stay once every weight is random (mean rank
+            correlation, ``sanity.LINE_METRIC``); None where not measured.
     """
 
     name: str
@@ -168,6 +171,14 @@ class LayerHealth:
     grid_fraction: float | None = None
     non_finite: torch.Tensor | None = None
     broken_weights: tuple[tuple[str, int, int, int], ...] = ()
+    sanity: float | None = None
+
+    @property
+    def sanity_word(self) -> str | None:
+        """"depends on the weights" or "mostly image recovery" (see ``vizcnn.sanity``)."""
+        from vizcnn.sanity import verdict
+
+        return None if self.sanity is None else verdict(self.sanity)
 
     @property
     def broken(self) -> tuple[int, ...]:
@@ -221,6 +232,8 @@ class HealthReport(ShowsItself):
             if h.aliasing is not None:
                 notes.append(f"stride-{h.stride} grid {float(h.aliasing.mean()):.1%} of "
                              f"projection power (flat spectrum {h.grid_fraction:.1%})")
+            if h.sanity is not None:
+                notes.append(f"projections {h.sanity:.2f} alike once random: {h.sanity_word}")
             if h.broken_weights:
                 notes.append("NaN/inf weights")
             if h.broken:
@@ -257,6 +270,8 @@ class HealthReport(ShowsItself):
                                      "mean": float(h.aliasing.mean()),
                                      "grid_fraction": h.grid_fraction,
                                      "aliased": list(h.aliased)}
+            if h.sanity is not None:
+                entry["sanity"] = _sanity_entry(h.sanity)
             return entry
 
         return {"model": self.model, "data": self.data, "images": self.images,
@@ -279,6 +294,14 @@ class HealthReport(ShowsItself):
             (staging / "health.json").write_text(self.to_json())
             (staging / "health.txt").write_text(self.text())
         return folder
+
+
+def _sanity_entry(similarity: float) -> dict[str, Any]:
+    from vizcnn.sanity import IMAGE_RECOVERY, LINE_METRIC, verdict
+
+    return {"similarity": None if math.isnan(similarity) else similarity,
+            "verdict": verdict(similarity), "metric": LINE_METRIC, "threshold": IMAGE_RECOVERY,
+            "compared_with": "the same units' projections with every weight random"}
 
 
 def _floats(values: torch.Tensor) -> list[float | None]:
@@ -356,7 +379,7 @@ def aliasing_share(projections: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def doctor(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *,
-           batch_size: int = 64, progress: bool = True) -> HealthReport:
+           batch_size: int = 64, progress: bool = True, sanity: bool = True) -> HealthReport:
     """Check a trained network on ``data`` (anything ``scan_topk`` takes).
 
     Args:
@@ -365,6 +388,11 @@ def doctor(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *,
         layers: the layers checked (default: every conv layer). The first-layer spectrum is
             measured where the model's first conv layer is among them, the aliasing where the
             conv layer after a strided first layer is.
+        batch_size: images per forward pass.
+        progress: show a tqdm bar over the data.
+        sanity: give each layer its sanity line (``LayerHealth.sanity``): two deconvnet
+            projections of its ``sanity.LINE_CHANNELS`` strongest units, with the trained
+            weights and with every weight random.
 
     Returns:
         HealthReport.
@@ -379,13 +407,15 @@ def doctor(model: nn.Module, data: Any, layers: Sequence[str] | None = None, *,
     opened = open_data(data)
     stats = channel_stats(model, opened, names, batch_size=batch_size, progress=progress)
     return health_report(model, opened, names, stats, str(data) if isinstance(
-        data, (str, os.PathLike)) else type(data).__name__)
+        data, (str, os.PathLike)) else type(data).__name__, sanity=sanity)
 
 
 def health_report(model: nn.Module, data: Any, names: Sequence[str],
-                  stats: dict[str, ChannelStats], source: str | None = None) -> HealthReport:
+                  stats: dict[str, ChannelStats], source: str | None = None, *,
+                  sanity: bool | Mapping[str, float] = True) -> HealthReport:
     """The report of ``doctor`` from statistics gathered already (``channel_stats`` of
-    ``names`` over ``data``), e.g. by the gallery."""
+    ``names`` over ``data``), e.g. by the gallery; ``sanity``: True (measure each layer's
+    line), False, or the lines measured already ({layer: similarity})."""
     convs = list_layers(model, "conv")
     first = convs[0] if convs else None
     stride = _stride(resolve_layer(model, first)) if first else 1
@@ -396,14 +426,30 @@ def health_report(model: nn.Module, data: Any, names: Sequence[str],
         measured = name == after and not bool(stats[name].non_finite.any())
         aliasing, fraction = _aliasing(model, data, name, stats[name], stride) \
             if measured else (None, None)
-        healths.append(_layer_health(model, name, stats[name], name == first, aliasing,
-                                     stride if measured else None, fraction))
+        health = _layer_health(model, name, stats[name], name == first, aliasing,
+                               stride if measured else None, fraction)
+        similarity = (sanity.get(name) if isinstance(sanity, Mapping) else
+                      _sanity_line(model, data, name, stats[name]) if sanity else None)
+        healths.append(replace(health, sanity=similarity))
     findings = (*_non_finite_findings(model, healths),
                 *(f for h in healths for f in _findings(h)))
     info = model_info(model)
     some = next(iter(stats.values()))
     return HealthReport(info.spec or type(model).__name__, source or type(data).__name__,
                         len(some.indices), tuple(healths), findings, len(some.skipped))
+
+
+def _sanity_line(model: nn.Module, data: Any, name: str, stats: ChannelStats) -> float | None:
+    """The layer's sanity line (``vizcnn.sanity.layer_sanity``), None where it has no
+    weights, no unit fires or its activations break."""
+    from vizcnn.sanity import layer_sanity, line_units
+
+    if bool(stats.non_finite.any()):
+        return None
+    values, rows = stats.strongest()
+    channels, indices = line_units(values, stats.indices[rows])
+    check = layer_sanity(model, data, name, channels, indices, cascade=False, baseline_models=0)
+    return None if check is None else check.final()
 
 
 def _stride(module: nn.Module) -> int:

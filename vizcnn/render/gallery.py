@@ -169,7 +169,8 @@ def make_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
                   checkpoints: Any = None, checkpoint_options: dict | None = None,
                   feature_vis: bool | None = None,
                   feature_vis_steps: int | None = None,
-                  feature_vis_channels: int | None = None) -> Gallery:
+                  feature_vis_channels: int | None = None,
+                  sanity: bool | None = None) -> Gallery:
     """Write the gallery of ``model`` over ``data`` into the folder ``out``; returns what it
     wrote and computed (``Gallery``; ``write_gallery`` returns its index alone).
 
@@ -210,6 +211,12 @@ def make_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
         feature_vis_channels: visualize only this many channels per layer, those with the
             strongest natural units (default: every channel shown); the other channels'
             pages say that theirs was not computed.
+        sanity: each layer page says how alike its projections stay once every weight is
+            random, linked to a page with the layer's sanity check (``vizcnn.sanity``: the
+            deconvnet's pictures of the ``sanity.LINE_CHANNELS`` strongest shown channels'
+            top units under cascading randomization), and the health report gets the same
+            line. None (default): for each layer where that costs fewer projections than the
+            layer's top-k projections; True: every layer; False: none.
 
     A run that fails with an error leaves nothing: no site, no scan state; one interrupted
     (Ctrl-C) keeps its scan state at ``state_path``, to resume. The model and the
@@ -257,7 +264,7 @@ def make_gallery(model: nn.Module, data: Any, out: str | os.PathLike, *,
             made = _after_pass(model, passes, out, clock, layers=layers, size=size, rows=rows,
                         shown=shown, batch_size=batch_size, health=health,
                         checkpoints=checkpoints, figures=figures, command=command,
-                        feature_vis=(steps, feature_vis_channels, vis_fact))
+                        feature_vis=(steps, feature_vis_channels, vis_fact), sanity=sanity)
         finally:
             passes.close()
         barrier()  # every rank done before the state goes
@@ -386,7 +393,8 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
                 layers: list[str], size: tuple[int, int], rows: dict,
                 shown: dict[str, list[int]], batch_size: int, health: Any, checkpoints: Any,
                 figures: bool, command: str | None,
-                feature_vis: tuple[int | None, int | None, str]) -> tuple:
+                feature_vis: tuple[int | None, int | None, str], sanity: bool | None
+                ) -> tuple:
     """The stages after the first pass: dissection, health, evolution, feature
     visualization, then the site (projections, figures, pages), written whole into ``out``
     (the ranks share the projections and the pages; rank 0 moves the site into place).
@@ -397,9 +405,13 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
     data = passes.source
     dissections = (clock.run("dissection", passes.dissection, batch_size)
                    if passes.thresholds is not None else clock.skip("dissection", {}))
+    checks = (clock.skip("sanity", {}) if sanity is False else
+              clock.run("sanity", _on_rank0, _sanity_checks, model, data, top, shown, size,
+                        sanity))
     if health is True:
         report = clock.run("health", health_report, model, data, layers, stats,
-                           passes.describe)
+                           passes.describe, sanity=sanity is not False and {
+                               name: check.final() for name, check in checks.items()})
     else:
         report = clock.skip("health", health or None)
     if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
@@ -424,7 +436,8 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
         with _Site(model, data, root, layers=layers, size=size, rows=rows, top=top,
                    stats=stats, dissections=dissections, command=command, figures=figures,
                    source=source, score=score, health=report, evolution=evolution,
-                   visualized=visualized, vis_fact=vis_fact) as site:
+                   visualized=visualized, vis_fact=vis_fact,
+                   sanity=None if sanity is False else checks) as site:
             clock.run("projections", site.project, shown)
             clock.run("figures", site.draw_figures)
             clock.run("pages", site.write)
@@ -435,9 +448,31 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
                  "skipped": len(top.skipped),
                  "channels": sum(len(channels) for channels in shown.values()),
                  "images_decoded": decoded, "forward_passes": passes.forward_passes,
-                 "ranks": world, "feature_visualization": _feature_vis_summary(visualized)},
+                 "ranks": world, "feature_visualization": _feature_vis_summary(visualized),
+                 "sanity": {name: check.to_dict() for name, check in checks.items()}},
                 indent=2))
     return top, report, evolution, visualized
+
+
+def _sanity_checks(model: nn.Module, data: Any, top: Any, shown: dict[str, list[int]],
+                   size: tuple[int, int], wanted: bool | None) -> dict[str, Any]:
+    """{layer: SanityCheck} of the layers checked: the deconvnet's cascade for the top unit
+    of the shown channels that fire most (``sanity.layer_sanity``); with ``wanted`` None only
+    where it costs fewer projections than the layer's top-k."""
+    from vizcnn.sanity import LINE_CHANNELS, cascade_cost, layer_sanity, line_units
+
+    checks = {}
+    for name, channels in shown.items():
+        rows = torch.tensor(channels)
+        picked, indices = line_units(top.values[name][rows, 0], top.indices[name][rows, 0])
+        cost = cascade_cost(model, name, size, min(len(picked), LINE_CHANNELS))
+        if not picked or not cost or (wanted is None and cost >= len(channels) * top.k):
+            continue
+        check = layer_sanity(model, data, name, [channels[r] for r in picked], indices,
+                             positions=top.positions[name][rows[picked], 0])
+        if check is not None:
+            checks[name] = check
+    return checks
 
 
 def _on_rank0(function, *args: Any) -> Any:
@@ -605,7 +640,7 @@ def _with_model(model: nn.Module, checkpoints: Any, **options: Any
 class _Stages:
     """Runs the gallery's stages with one tqdm step each and records their seconds."""
 
-    NAMES = ("reading", "data pass", "dissection", "health", "evolution",
+    NAMES = ("reading", "data pass", "dissection", "sanity", "health", "evolution",
              "feature visualization", "projections", "figures", "pages")
 
     def __init__(self, progress: bool):
@@ -709,8 +744,10 @@ class _Site:
     def __init__(self, model: nn.Module, data: Any, root: Path, *, layers: list[str],
                  size: tuple[int, int], rows: dict, top: Any, stats: dict, dissections: dict,
                  command: str | None, figures: bool, source: str, score: Any, health: Any,
-                 evolution: Any, visualized: dict[str, _Visualized], vis_fact: str):
+                 evolution: Any, visualized: dict[str, _Visualized], vis_fact: str,
+                 sanity: dict[str, Any] | None):
         self.model, self.data, self.root, self.layers = model, data, root, layers
+        self.sanity = sanity  # None: left out (sanity=False); else {layer: SanityCheck}
         self.visualized, self.vis_fact = visualized, vis_fact
         self.health, self.evolution = health, evolution
         self.source, self.score = source, score
@@ -803,6 +840,7 @@ class _Site:
         for number, name in enumerate(self.layers):
             if self.rank == 0:
                 self._feature_vis_tiles(number, name)
+                self._sanity_page(number, name)
             self._layer(number, name, whole)
         if self.rank == 0:
             self._index()
@@ -892,7 +930,7 @@ class _Site:
                      kind=type(resolve_layer(self.model, name)).__name__,
                      shape="x".join(map(str, page.output_shape)) if page and page.output_shape
                      else "-", cards=cards, labelled=labelled,
-                     feature_vis=name in self.visualized,
+                     feature_vis=name in self.visualized, sanity=self._sanity_line(number, name),
                      previous=_layer_page(number - 1, self.layers[number - 1]) if number else None,
                      next=_layer_page(number + 1, self.layers[number + 1])
                      if number + 1 < len(self.layers) else None)
@@ -949,6 +987,41 @@ class _Site:
             histogram=[round(100 * c / max(counts.max(), 1), 1) for c in counts],
             low=float(edges[0]), high=float(edges[-1]), class_means=class_means,
             selectivity=selectivity, feature_vis=self._feature_vis_page(number, name, channel))
+
+    # ------------------------------------------------------------------ sanity checks
+
+    def _sanity_page(self, number: int, name: str) -> None:
+        """The layer's sanity page: the figure, the numbers per step, what they mean."""
+        if not self.sanity or name not in self.sanity:
+            return
+        from vizcnn.render.panels import drawn_sanity
+        from vizcnn.sanity import IMAGE_RECOVERY, LINE_METRIC
+        from vizcnn.similarity import METRICS
+
+        check = self.sanity[name]
+        folder = _layer_folder(number, name)
+        (self.root / folder).mkdir(exist_ok=True)
+        save_figure(drawn_sanity(self.model, [check]).figure,
+                    self.root / "img" / folder / "sanity.png", dpi=110)
+        rows = [(step, changed, [float(check.curve(m)[s]) for m in METRICS])
+                for s, (step, changed) in enumerate(zip(check.steps, check.changed,
+                                                        strict=True))]
+        self._render("sanity.html", self.root / folder / "sanity.html", layer=name,
+                     layer_page=f"../{_layer_page(number, name)}", line=check.line(),
+                     figure=f"../img/{folder}/sanity.png", metrics=METRICS, rows=rows,
+                     bands=[check.band(m) for m in METRICS], units=len(check.rows),
+                     threshold=IMAGE_RECOVERY, metric=LINE_METRIC, word=check.verdict(),
+                     final=check.final(), kept=check.kept)
+
+    def _sanity_line(self, number: int, name: str) -> dict | None:
+        """What the layer page says of its sanity check (None: sanity left out)."""
+        if self.sanity is None:
+            return None
+        if name not in self.sanity:
+            return {"absent": True}
+        check = self.sanity[name]
+        return {"final": check.final(), "word": check.verdict(), "band": check.band(),
+                "page": f"{_layer_folder(number, name)}/sanity.html", "units": len(check.rows)}
 
     # ------------------------------------------------------------------ feature visualization
 
