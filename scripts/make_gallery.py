@@ -2,7 +2,8 @@
 
 - ``gallery/demo/``: the figures and the report that ``vizcnn demo`` writes (first-layer
   filters, feature maps of every conv layer, Fig. 2 of every conv layer, Fig. 7, the
-  adversarial, excite and Fig. 5 panels) for the bundled demo network. The demo's gallery site
+  adversarial, excite and Fig. 5 panels, the sanity checks of layer 3) for the bundled demo
+  network. The demo's gallery site
   itself (about 10,000 files) is not committed: three screenshots of it are,
   ``gallery/gallery_index.png``, ``gallery_layer.png`` and ``gallery_channel.png``, taken by
   headless Chromium (Debian's ``chromium`` and ``chromium-driver``, through Selenium).

@@ -68,7 +68,7 @@ def test_architecture_page_names_every_module_and_only_real_ones():
 
 # the import levels of docs/architecture.md ("What each module may import")
 LEVELS = {
-    "errors": 1, "crops": 1, "progress": 1, "display": 1,
+    "errors": 1, "crops": 1, "progress": 1, "display": 1, "similarity": 1,
     "checks": 2, "layers": 2, "io": 2, "data.images": 2, "data.shapes": 2, "data": 2,
     "hooks": 3, "geometry": 3.5,
     "models": 4, "receptive": 4, "summary": 4,
@@ -76,6 +76,7 @@ LEVELS = {
     "probes.occlusion": 5,
     "probes.adversarial": 5,
     "probes.invariance": 5, "featvis": 5, "train": 5, "doctor": 5.5, "evolution": 5.5,
+    "sanity": 5.5,
     "render": 6, "render.grid": 6, "render.figures": 6, "render.panels": 6.5,
     "render.notebook": 6.6, "render.gallery": 6.7,
     "demo": 7, "cli": 7, "": 7,
