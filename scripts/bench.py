@@ -906,11 +906,44 @@ def bench_gallery_cost(quick: bool) -> None:
           f"decoded inputs {IMAGENET_IMAGES * 3 * 224 * 224 * 4 / 2**30:.0f} GB while it runs")
 
 
+def bench_sanity(quick: bool) -> None:
+    """The demo's sanity checks (vizcnn.sanity) per layer and method: each measure's mean
+    once every weight is random, beside the random networks' mean (the band's centre), and
+    the check's time, also per picture drawn (the trained network's, one per step that can
+    change it, the random networks')."""
+    import vizcnn.sanity as sanity
+    from vizcnn.similarity import METRICS
+
+    model = vizcnn.load_model("demo")
+    layers = ["features.6"] if quick else ["features.0", "features.3", "features.6",
+                                            "features.8", "features.10"]
+    print("\n== sanity checks of the demo network: similarity to the trained pictures once "
+          "every weight is random (random networks' mean) ==")
+    print(f"{'layer':<12} {'method':<22} " + " ".join(f"{m:>16}" for m in METRICS)
+          + "    check  per picture")
+    for layer in layers:
+        for method, options in (("deconv", {"images": 2}), ("occlusion", {"images": 4}),
+                                ("feature_visualization", {})):
+            sanity.DEFAULT_CHANNELS = 8 if method == "deconv" else 3
+            check, seconds = _timed(sanity.sanity_check, model, "shapes:500", layer, method,
+                                    progress=False, **options)
+            rows = ([r for r, name in enumerate(check.rows) if ": p(" in name]
+                    if method == "occlusion" else list(range(len(check.rows))))
+            chance = {m: float(check.baseline_similarity.metric(m)[:, rows].nanmean())
+                      for m in METRICS}
+            numbers = " ".join(f"{check.final(m, rows):>7.2f} ({chance[m]:5.2f})"
+                               for m in METRICS)
+            drawn = 1 + sum(check.changed) + check.baseline.shape[0]
+            print(f"{layer:<12} {method:<22} {numbers} {seconds:6.1f} s {seconds / drawn:6.2f} s",
+                  flush=True)
+    sanity.DEFAULT_CHANNELS = 3
+
+
 SECTIONS = {"deconv": bench_deconv, "scan": bench_scan, "occlusion": bench_occlusion,
             "gallery": bench_gallery, "featvis": bench_featvis,
             "featvis-quality": bench_featvis_quality, "gallery-scale": bench_gallery_scale,
             "gallery-cost": bench_gallery_cost,
-            "adversarial": bench_adversarial}
+            "adversarial": bench_adversarial, "sanity": bench_sanity}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,13 +98,18 @@ def test_demo_writes_figures_and_report(tmp_path, monkeypatch):
     health = (tmp_path / "demo" / "health.txt").read_text()
     assert "health report of demo" in health and "features.10" in health
     assert "features.0" in (tmp_path / "demo" / "health.json").read_text()
-    for name in ("adversarial_lbfgs.png", "excite_features.6.png", "fig5_invariance.png"):
+    for name in ("adversarial_lbfgs.png", "excite_features.6.png", "fig5_invariance.png",
+                 "sanity_features.6.png"):
         assert name in names
     index = tmp_path / "demo" / "gallery" / "index.html"
     assert index in files
     # a page for every channel of the 5 conv layers (48 + 96 + 128 + 128 + 96), one per
-    # layer, the index; every link inside the site
-    assert check_links(index.parent) == 496 + 5 + 1
+    # layer and its sanity check, the index; every link inside the site
+    assert check_links(index.parent) == 496 + 5 + 5 + 1
+    layer = (index.parent / "layer3_features.6.html").read_text()
+    assert "Sanity check: these projections" in layer
+    assert 'href="layer3_features.6/sanity.html"' in layer
+    assert "alike once random" in health
     assert "concept detectors" in index.read_text()
     assert "Health report" in index.read_text() and "settledness" in index.read_text()
     channel = (index.parent / "layer5_features.10" / "3.html").read_text()

@@ -60,6 +60,8 @@ INVARIANCE_IMAGES = (0, 1, 2, 3)
 INVARIANCE_LAYERS = ("features.1", "classifier.2")  # layer 1 and the hidden FC layer, after ReLU
 GALLERY_DATA = "shapes:2000"  # the gallery: every channel of the 5 conv layers over these
 EVOLUTION_CHANNELS = 6  # channels per layer in the Fig. 4 figure (the gallery shows them all)
+SANITY_LAYER = "features.6"  # conv3: the sanity figure of all three pictures (Adebayo et al.)
+SANITY_DATA = "shapes:500"  # the images its deconvnet and occlusion rows come from
 
 
 def _demo_network(spec: str) -> nn.Module:
@@ -72,7 +74,7 @@ def _demo_network(spec: str) -> nn.Module:
 
 def _figures(model, conv_layers: list[str], gallery: Gallery) -> Iterator[tuple[str, Figure]]:
     """Every figure of the demo as (file name, figure), drawn one at a time, each by one
-    panel: 2 per conv layer and 6 more. The top-9, the feature visualizations and the
+    panel: 2 per conv layer and 7 more. The top-9, the feature visualizations and the
     evolution are the gallery's: one pass over the data feeds them all."""
     images = [held_out_image(i) for i in DEMO_IMAGES]
     yield "filters_layer1.png", panels.filters_panel(model).figure
@@ -98,6 +100,8 @@ def _figures(model, conv_layers: list[str], gallery: Gallery) -> Iterator[tuple[
     yield f"excite_{EXCITE_LAYER}.png", panels.excite_panel(model, probe, EXCITE_LAYER).figure
     yield "fig5_invariance.png", panels.invariance_panel(
         model, [held_out_image(i) for i in INVARIANCE_IMAGES], layers=INVARIANCE_LAYERS).figure
+    yield f"sanity_{SANITY_LAYER}.png", panels.sanity_panel(model, SANITY_DATA, SANITY_LAYER,
+                                                            progress=False).figure
 
 
 def _report(model) -> str:
@@ -127,7 +131,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, progress: bool = True) -> list
     model = _demo_network("demo")
     conv_layers = list_layers(model, "conv")
     # the bar is closed before any error or Ctrl-C message reaches the terminal
-    with (progress_bar(total=2 * len(conv_layers) + 10, desc="vizcnn demo",
+    with (progress_bar(total=2 * len(conv_layers) + 11, desc="vizcnn demo",
                        disable=not progress) as bar,
           atomic_path(out_dir) as staging):
         staging.mkdir()

@@ -1,4 +1,5 @@
-"""Rendering: the only place where tensors become NumPy arrays, images and figures.
+"""Rendering: where tensors become NumPy arrays, images and figures (the one other place that
+converts to NumPy is ``vizcnn.similarity``, for scikit-image's measures).
 
 ``vizcnn.render.figures`` draws matplotlib Figures from results, ``vizcnn.render.grid`` makes
 uint8 image grids, and ``vizcnn.render.panels`` runs a probe and draws its figure in one call
@@ -17,6 +18,7 @@ from vizcnn.render.figures import (
     occlusion_figure,
     projection_figure,
     receptive_field_boxes,
+    sanity_figure,
     save_figure,
     top_patches_figure,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "panels",
     "projection_figure",
     "receptive_field_boxes",
+    "sanity_figure",
     "save_figure",
     "top_patches_figure",
     "write_gallery",

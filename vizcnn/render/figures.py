@@ -832,11 +832,12 @@ def sanity_figure(checks: SanityCheck | Sequence[SanityCheck], *, mean: Normalis
     checks = [checks] if not isinstance(checks, Sequence) else list(checks)
     if not checks:
         raise BadArgument("no sanity check to draw")
-    widest = max(1 + sum(c.changed) + (c.inputs is not None) + 1 for c in checks)
+    columns = [2 + sum(c.changed) + (c.inputs is not None) for c in checks]
     rows = max(min(len(c.rows), SANITY_ROWS) for c in checks)
-    width = min(7.0 * len(checks), 2.4 * len(checks) + 0.45 * widest * len(checks))
-    fig = Figure(figsize=(width, 0.5 * rows + 2.2), layout="constrained")
-    for sub, check in zip(np.atleast_1d(fig.subfigures(1, len(checks))), checks, strict=True):
+    fig = Figure(figsize=(0.55 * sum(columns) + 0.8 * len(checks), 0.55 * rows + 2.4),
+                 layout="constrained")
+    blocks = fig.subfigures(1, len(checks), width_ratios=[c + 1.5 for c in columns])
+    for sub, check in zip(np.atleast_1d(blocks), checks, strict=True):
         _sanity_block(sub, check, mean, std)
     how = "cascading" if checks[0].cascade else "independent"
     fig.suptitle(title or f"{checks[0].layer}: does the picture depend on the weights? "
