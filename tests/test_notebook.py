@@ -77,6 +77,7 @@ def test_a_health_report_shows_its_table_and_findings(demo, shown):
     assert header[:3] == ["layer", "channels", "dead"]
     for row, layer in zip(rows, report.layers, strict=True):
         assert row[0] == layer.name and int(row[2]) == len(layer.dead)
+        assert row[6] == f"{layer.sanity:.2f}: {layer.sanity_word}"
     for finding in report.findings:
         assert finding.sentence().split()[0] in html
 
@@ -87,6 +88,14 @@ def test_occlusion_maps_show_a_map_per_image(demo, shown):
                             progress=False)
     picture = _png(shown(maps))
     assert picture.ndim == 3 and picture.std() > 10
+
+
+def test_a_sanity_check_shows_its_figure(demo, shown):
+    check = vizcnn.sanity_check(demo, "shapes:20", "features.3", "deconv", channels=[1],
+                                images=1, baseline_models=1, progress=False)
+    picture = _png(shown(check))
+    width, height = vizcnn.render.sanity_figure(check).get_size_inches() * 80
+    assert picture.shape[:2] == (round(height), round(width)) and picture.std() > 10
 
 
 def test_a_result_without_a_picture_shows_no_png(demo, shown):

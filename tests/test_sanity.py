@@ -213,6 +213,7 @@ def test_the_doctor_and_the_line_agree_with_the_cascade():
     channels, indices = line_units(values, stats["features.6"].indices[rows])
     cascade = layer_sanity(model, "shapes:60", "features.6", channels, indices,
                            baseline_models=1)
+    assert cascade.steps[-1] == "features.0" and cascade.changed[-1]
     line = report.layer("features.6").sanity
     assert line == pytest.approx(cascade.final(), abs=1e-9)
     assert "alike once random" in report.text()

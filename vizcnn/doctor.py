@@ -440,16 +440,15 @@ def health_report(model: nn.Module, data: Any, names: Sequence[str],
 
 
 def _sanity_line(model: nn.Module, data: Any, name: str, stats: ChannelStats) -> float | None:
-    """The layer's sanity line (``vizcnn.sanity.layer_sanity``), None where it has no
+    """The layer's sanity line (``vizcnn.sanity.line_similarity``), None where it has no
     weights, no unit fires or its activations break."""
-    from vizcnn.sanity import layer_sanity, line_units
+    from vizcnn.sanity import line_similarity, line_units
 
     if bool(stats.non_finite.any()):
         return None
     values, rows = stats.strongest()
     channels, indices = line_units(values, stats.indices[rows])
-    check = layer_sanity(model, data, name, channels, indices, cascade=False, baseline_models=0)
-    return None if check is None else check.final()
+    return line_similarity(model, data, name, channels, indices)
 
 
 def _stride(module: nn.Module) -> int:

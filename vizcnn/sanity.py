@@ -347,6 +347,7 @@ def _deconv_method(model, data, layer, channels, images, options) -> Pictures:
 
 
 def _occlusion_method(model, data, layer, channels, images, options) -> Pictures:
+    from vizcnn.models import model_info
     from vizcnn.probes.occlusion import occlusion
     from vizcnn.scan import images_at
 
@@ -364,7 +365,7 @@ def _occlusion_method(model, data, layer, channels, images, options) -> Pictures
                 "output": options.get("output"), "preprocessing": options.get("preprocessing")}
     trained = occlusion(model, x, channel=None if given is None else int(given[0]), **keywords)
     targets, picked = trained.target.tolist(), trained.channel.tolist()
-    names = _class_names(model)
+    name = model_info(model).class_name
 
     def draw(network: nn.Module) -> torch.Tensor:
         maps = [occlusion(network, x[n:n + 1], target=targets[n], channel=picked[n], **keywords)
@@ -373,15 +374,8 @@ def _occlusion_method(model, data, layer, channels, images, options) -> Pictures
                            ).float().unsqueeze(1)
 
     labels = [label for n in range(len(x)) for label in
-              (f"image {n}: p({names(targets[n])})", f"image {n}: {layer} ch {picked[n]}")]
+              (f"image {n}: p({name(targets[n])})", f"image {n}: {layer} ch {picked[n]}")]
     return Pictures(draw, tuple(labels), x.repeat_interleave(2, 0), tuple(x.shape[-2:]), True)
-
-
-def _class_names(model: nn.Module) -> Callable[[int], str]:
-    from vizcnn.models import model_info
-
-    classes = model_info(model).classes
-    return lambda c: classes[c] if classes and c < len(classes) else str(c)
 
 
 def _featvis_method(model, data, layer, channels, images, options) -> Pictures:
@@ -550,39 +544,45 @@ def line_units(values: torch.Tensor, indices: torch.Tensor, count: int = LINE_CH
     return order, [int(indices[c]) for c in order]
 
 
-def layer_sanity(model: nn.Module, data: Any, layer: str, channels: Sequence[int],
-                 indices: Sequence[int], *, positions: torch.Tensor | None = None,
-                 cascade: bool = True, seed: int = 0, baseline_models: int = BASELINE_MODELS
-                 ) -> SanityCheck | None:
-    """The deconvnet's sanity check for given units of ``layer``: each channel's projection
-    from its unit in the data-set image ``indices`` (at ``positions`` (P, 2), default the
-    channel's strongest unit there). ``cascade=False`` with ``baseline_models=0`` draws just
-    two pictures per unit, the trained network's and the one with every weight random: the
-    number of the gallery's and the doctor's line (``SanityCheck.final``), which the full
-    cascade's last step gives too. None where ``layer`` has no weights or no unit fires."""
+def _line_pictures(model: nn.Module, data: Any, layer: str, channels: Sequence[int],
+                   indices: Sequence[int], positions: torch.Tensor | None) -> Pictures:
     from vizcnn.scan import images_at
 
-    if not channels or layer not in randomizable(model):
-        return None
-    names = randomizable(model)
     distinct = sorted(set(indices))
     x = images_at(model, data, distinct).to(model_device(model))
     rows = [distinct.index(i) for i in indices]
     labels = [f"channel {c}, image {i}" for c, i in zip(channels, indices, strict=True)]
-    pictures = deconv_pictures(model, x, layer, channels, rows, positions, labels)
-    if cascade:
-        return check_pictures(model, layer, "deconv", pictures, names, seed=seed,
-                              baseline_models=baseline_models)
+    return deconv_pictures(model, x, layer, channels, rows, positions, labels)
+
+
+def layer_sanity(model: nn.Module, data: Any, layer: str, channels: Sequence[int],
+                 indices: Sequence[int], *, positions: torch.Tensor | None = None,
+                 seed: int = 0, baseline_models: int = BASELINE_MODELS) -> SanityCheck | None:
+    """The deconvnet's sanity check (the cascade) for given units of ``layer``: each
+    channel's projection from its unit in the data-set image ``indices`` (at ``positions``
+    (P, 2), default the channel's strongest unit there). None where ``layer`` has no weights
+    or there is no unit."""
+    if not channels or layer not in randomizable(model):
+        return None
+    return check_pictures(model, layer, "deconv",
+                          _line_pictures(model, data, layer, channels, indices, positions),
+                          randomizable(model), seed=seed, baseline_models=baseline_models)
+
+
+def line_similarity(model: nn.Module, data: Any, layer: str, channels: Sequence[int],
+                    indices: Sequence[int], *, positions: torch.Tensor | None = None,
+                    seed: int = 0) -> float | None:
+    """The number of a layer's line (the doctor's): the mean ``LINE_METRIC`` between the
+    trained network's projections of the units (as ``layer_sanity``) and those of the network
+    with every weight random, which is also the cascade's last step (``SanityCheck.final``).
+    Two projections per unit. None where ``layer`` has no weights or there is no unit."""
+    if not channels or layer not in randomizable(model):
+        return None
+    pictures = _line_pictures(model, data, layer, channels, indices, positions)
     trained = pictures.draw(model)
     with _quiet():
-        every = pictures.draw(_all_random(model, names, seed))
-    empty = Similarities(*(torch.zeros(0, len(channels), dtype=torch.float64)
-                           for _ in METRICS))
-    return SanityCheck("deconv", layer, pictures.rows, ("trained", "every layer"),
-                       (False, True), True, seed, pictures.inputs, torch.stack([trained, every]),
-                       trained.new_zeros(0, *trained.shape),
-                       stacked([similarities(trained, trained), similarities(trained, every)]),
-                       empty, kept_parameters(model, names))
+        every = pictures.draw(_all_random(model, randomizable(model), seed))
+    return float(similarities(trained, every).metric(LINE_METRIC).nanmean())
 
 
 def cascade_cost(model: nn.Module, layer: str, size: tuple[int, int], units: int,

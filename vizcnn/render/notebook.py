@@ -84,12 +84,13 @@ def _topk_table(top: Any) -> str:
 
 def _health_table(report: Any) -> str:
     rows = [(h.name, h.channels, len(h.dead), len(h.always_on), len(h.duplicates),
-             len(h.dominant)) for h in report.layers]
+             len(h.dominant), "" if h.sanity is None else f"{h.sanity:.2f}: {h.sanity_word}")
+            for h in report.layers]
     findings = [finding.sentence() for finding in report.findings] or ["no problem found"]
     return table_html(f"HealthReport of {report.model} over {report.data} "
                       f"({report.images:,} images)",
-                      ("layer", "channels", "dead", "always on", "duplicates", "dominant"),
-                      rows, findings)
+                      ("layer", "channels", "dead", "always on", "duplicates", "dominant",
+                       "projections alike once random"), rows, findings)
 
 
 def _adversarial_table(result: Any) -> str:
