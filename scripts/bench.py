@@ -927,8 +927,8 @@ def bench_sanity(quick: bool) -> None:
             sanity.DEFAULT_CHANNELS = 8 if method == "deconv" else 3
             check, seconds = _timed(sanity.sanity_check, model, "shapes:500", layer, method,
                                     progress=False, **options)
-            rows = ([r for r, name in enumerate(check.rows) if ": p(" in name]
-                    if method == "occlusion" else list(range(len(check.rows))))
+            rows = (check.rows_of("class score") if method == "occlusion"
+                    else list(range(len(check.rows))))
             chance = {m: float(check.baseline_similarity.metric(m)[:, rows].nanmean())
                       for m in METRICS}
             numbers = " ".join(f"{check.final(m, rows):>7.2f} ({chance[m]:5.2f})"

@@ -142,7 +142,7 @@ def test_on_the_demo_the_weight_dependent_pictures_fall_to_chance():
     model = vizcnn.load_model("demo")
     occlusion = sanity_check(model, "shapes:40", "features.6", "occlusion", images=4,
                              progress=False)
-    classes = [r for r, name in enumerate(occlusion.rows) if ": p(" in name]
+    classes = occlusion.rows_of("class score")
     assert len(classes) == 4
     at = occlusion.steps.index("features.6")
     for metric in ("spearman", "spearman_abs", "ssim"):
@@ -183,6 +183,8 @@ def test_the_model_is_left_alone_and_the_seed_gives_the_numbers():
     occlusion = runs[3]
     assert occlusion.steps == ("trained", "box", "classes", "conv2", "act", "conv1")
     assert occlusion.rows[0].startswith("image 0: p(") and occlusion.rows[1].endswith("ch 1")
+    assert occlusion.kinds[:2] == ("class score", "feature map")
+    assert occlusion.rows_of("feature map") == [1, 3]
 
 
 def test_a_parameter_without_reset_is_kept_and_said():

@@ -37,6 +37,7 @@ from vizcnn.progress import progress_bar
 from vizcnn.render import panels
 from vizcnn.render.figures import save_figure
 from vizcnn.render.gallery import Gallery, make_gallery
+from vizcnn.sanity import sanity_check
 from vizcnn.summary import format_summary, summarize
 from vizcnn.train import predict, render_batch
 
@@ -62,6 +63,9 @@ GALLERY_DATA = "shapes:2000"  # the gallery: every channel of the 5 conv layers 
 EVOLUTION_CHANNELS = 6  # channels per layer in the Fig. 4 figure (the gallery shows them all)
 SANITY_LAYER = "features.6"  # conv3: the sanity figure of all three pictures (Adebayo et al.)
 SANITY_DATA = "shapes:500"  # the images its deconvnet and occlusion rows come from
+# (method, images): the deconvnet's top 2 images per channel; occlusion's first 4 images, as
+# many as keep its class-score maps' band (3 random networks x 4 maps) from being a lucky few
+SANITY_METHODS = (("deconv", 2), ("occlusion", 4), ("feature_visualization", 1))
 
 
 def _demo_network(spec: str) -> nn.Module:
@@ -100,8 +104,9 @@ def _figures(model, conv_layers: list[str], gallery: Gallery) -> Iterator[tuple[
     yield f"excite_{EXCITE_LAYER}.png", panels.excite_panel(model, probe, EXCITE_LAYER).figure
     yield "fig5_invariance.png", panels.invariance_panel(
         model, [held_out_image(i) for i in INVARIANCE_IMAGES], layers=INVARIANCE_LAYERS).figure
-    yield f"sanity_{SANITY_LAYER}.png", panels.sanity_panel(model, SANITY_DATA, SANITY_LAYER,
-                                                            progress=False).figure
+    checks = [sanity_check(model, SANITY_DATA, SANITY_LAYER, method, images=images,
+                           progress=False) for method, images in SANITY_METHODS]
+    yield f"sanity_{SANITY_LAYER}.png", panels.drawn_sanity(model, checks).figure
 
 
 def _report(model) -> str:

@@ -92,6 +92,8 @@ class SanityCheck(ShowsItself):
         similarity: ``Similarities`` (S, R) of each step's pictures to the trained ones.
         baseline_similarity: ``Similarities`` (B, R) of the baseline's pictures to them.
         kept: parameters that no ``reset_parameters`` re-initializes (they stay trained).
+        kinds: per row, what kind of picture it is where a method draws two ("class score"
+            and "feature map" for occlusion); empty where every row is of one kind.
     """
 
     method: str
@@ -107,6 +109,16 @@ class SanityCheck(ShowsItself):
     similarity: Similarities
     baseline_similarity: Similarities
     kept: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    def rows_of(self, kind: str | None) -> list[int] | None:
+        """The rows of one kind (None: every row)."""
+        if kind is None:
+            return None
+        if kind not in self.kinds:
+            raise BadArgument(f"no row of kind {kind!r}",
+                              f"the kinds: {', '.join(dict.fromkeys(self.kinds)) or 'none'}")
+        return [r for r, k in enumerate(self.kinds) if k == kind]
 
     def curve(self, metric: str = LINE_METRIC, rows: Sequence[int] | None = None
               ) -> torch.Tensor:
@@ -136,11 +148,16 @@ class SanityCheck(ShowsItself):
         return verdict(self.final())
 
     def line(self) -> str:
-        """One line: the similarity at the last step, its word and the chance band."""
-        low, high = self.band()
-        return (f"{self.layer}: {self.method} similarity {self.final():.2f} once randomized "
+        """One line: the similarity at the last step (of the first kind's rows, where there
+        are kinds), its word and the random networks' band."""
+        kind = self.kinds[0] if self.kinds else None
+        rows = self.rows_of(kind)
+        low, high = self.band(rows=rows)
+        final = self.final(rows=rows)
+        what = self.method.replace("_", " ") + (f" ({kind})" if kind else "")
+        return (f"{self.layer}: {what} similarity {final:.2f} once randomized "
                 f"({_METRIC_NAMES[LINE_METRIC]}; random networks {low:.2f} to {high:.2f}): "
-                f"{self.verdict()}")
+                f"{verdict(final)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers and names, for JSON: per metric, the steps' and the baseline's
@@ -154,6 +171,7 @@ class SanityCheck(ShowsItself):
         return {"method": self.method, "layer": self.layer, "rows": list(self.rows),
                 "steps": list(self.steps), "changed": list(self.changed),
                 "cascade": self.cascade, "seed": self.seed, "kept": list(self.kept),
+                "kinds": list(self.kinds),
                 "final": self.final(), "verdict": self.verdict(),
                 "threshold": IMAGE_RECOVERY, "line_metric": LINE_METRIC, "metrics": metrics}
 
@@ -266,6 +284,7 @@ class Pictures:
     inputs: torch.Tensor | None
     size: tuple[int, int]  # the model's input size, for the trace
     everything: bool  # every module can change the picture (a class score's map)
+    kinds: tuple[str, ...] = ()  # per row, where a method draws two kinds of picture
 
 
 def _strongest_channels(model: nn.Module, data: Any, layer: str, channels: Any, count: int,
@@ -375,7 +394,8 @@ def _occlusion_method(model, data, layer, channels, images, options) -> Pictures
 
     labels = [label for n in range(len(x)) for label in
               (f"image {n}: p({name(targets[n])})", f"image {n}: {layer} ch {picked[n]}")]
-    return Pictures(draw, tuple(labels), x.repeat_interleave(2, 0), tuple(x.shape[-2:]), True)
+    return Pictures(draw, tuple(labels), x.repeat_interleave(2, 0), tuple(x.shape[-2:]), True,
+                    ("class score", "feature map") * len(x))
 
 
 def _featvis_method(model, data, layer, channels, images, options) -> Pictures:
@@ -511,7 +531,7 @@ def check_pictures(model: nn.Module, layer: str, method: str, pictures: Pictures
         pictures.inputs, steps, torch.stack(baseline),
         stacked([similarities(trained, picture) for picture in drawn]),
         stacked([similarities(trained, picture) for picture in baseline]),
-        kept_parameters(model, names))
+        kept_parameters(model, names), pictures.kinds)
 
 
 @contextlib.contextmanager

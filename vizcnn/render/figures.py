@@ -793,10 +793,15 @@ def _sanity_block(fig, check: SanityCheck, mean: Normalisation, std: Normalisati
                               ha="right", va="center")
     ax = fig.add_subplot(grid[rows + 1:, :])
     steps = range(len(check.steps))
+    kinds = list(dict.fromkeys(check.kinds))
+    main = check.rows_of(kinds[0]) if kinds else None  # occlusion: the class score's maps
     for metric, (label, colour, style) in _METRIC_STYLE.items():
-        ax.plot(steps, check.curve(metric).numpy(), style, color=colour, label=label, lw=1,
-                marker="o", ms=2)
-    low, high = check.band(LINE_METRIC)
+        ax.plot(steps, check.curve(metric, main).numpy(), style, color=colour, label=label,
+                lw=1, marker="o", ms=2)
+    for kind in kinds[1:]:
+        ax.plot(steps, check.curve(LINE_METRIC, check.rows_of(kind)).numpy(), "-", color="0.6",
+                lw=1, marker="s", ms=2, label=f"{kind}: {_METRIC_STYLE[LINE_METRIC][0]}")
+    low, high = check.band(LINE_METRIC, main)
     ax.axhspan(low, high, color=_METRIC_STYLE[LINE_METRIC][1], alpha=0.15,
                label=f"random nets ({_METRIC_STYLE[LINE_METRIC][0]})")
     if check.method == "deconv":
@@ -809,8 +814,9 @@ def _sanity_block(fig, check: SanityCheck, mean: Normalisation, std: Normalisati
     ax.legend(fontsize=4, loc="lower left", ncol=2, frameon=False)
     what = {"deconv": "deconvnet", "occlusion": "occlusion", "feature_visualization":
             "feature visualization"}[check.method]
-    fig.suptitle(f"{what}: {check.final():.2f} once random, {check.verdict()}"
-                 if check.method == "deconv" else f"{what}: {check.final():.2f} once random",
+    final = f"{what}: {check.final(LINE_METRIC, main):.2f} once random" + (
+        f" ({kinds[0]}; curves: its maps)" if kinds else "")
+    fig.suptitle(f"{final}, {check.verdict()}" if check.method == "deconv" else final,
                  fontsize=6)
 
 
