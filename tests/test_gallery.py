@@ -47,6 +47,7 @@ def test_demo_site_has_every_page_and_no_broken_link(demo_site):
         page = (site / f"layer{number}_{name}.html").read_text()
         assert "Sanity check: these projections" in page
         assert f'href="layer{number}_{name}/sanity.html"' in page
+        assert f'href="layer{number}_{name}/sanity.html"' in index.read_text()  # health table
     text = index.read_text()
     assert "<td>demo</td>" in text and "features.3" in text and "features.8" in text
     assert not list(site.parent.glob(".site*"))  # no temporary folder left beside it

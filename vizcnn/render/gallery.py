@@ -891,6 +891,9 @@ class _Site:
                      title=f"vizcnn gallery: {self.info.spec or type(self.model).__name__}",
                      facts=facts, layers=layers, filters=filters, figures=figures, notes=notes,
                      concepts=bool(self.dissections), health=self.health, settled=settled,
+                     sanity_pages={name: f"{_layer_folder(number, name)}/sanity.html"
+                                   for number, name in enumerate(self.layers)
+                                   if self.sanity and name in self.sanity},
                      epochs=self.evolution.epochs if self.evolution is not None else ())
 
     def _layer(self, number: int, name: str, whole: dict[int, str]) -> None:
