@@ -4,12 +4,9 @@ output went. A user's mistake prints one line to stderr and exits 2, never a tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from vizcnn import __version__
 from vizcnn.errors import VizCNNError
@@ -891,29 +888,6 @@ _NO_MEMORY = ("vizcnn: error: not enough memory; use a smaller input size, image
               "k")
 
 
-@contextlib.contextmanager
-def _interrupts_noted() -> Iterator[list[int]]:
-    """Ctrl-C raises KeyboardInterrupt as always, and is also noted in the list yielded, so
-    that an interrupt a library swallows is still honoured (seen in the suite: a SIGINT while
-    PyTorch imported, and the command then ran to its end, exit 0). Where Ctrl-C is ignored
-    (a background job) or this is not the main thread, nothing changes."""
-    received: list[int] = []
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-        yield received
-        return
-
-    def interrupt(signum: int, frame) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vizcnn`` console script; returns the exit code. Everything,
     the parsing included, runs inside the handlers: a mistake is one line and exit 2, Ctrl-C
@@ -930,15 +904,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = one_line_warning  # warnings as one line each, like errors
     try:
-        with _interrupts_noted() as interrupted:
-            args = build_parser().parse_args(argv)
-            options.update(_options(args))
-            args.command_line = "vizcnn " + shlex.join(sys.argv[1:] if argv is None else argv)
-            import torch  # noqa: F401 - the long import, here: a Ctrl-C during it counts below
-
-            if interrupted:
-                raise KeyboardInterrupt
-            args.run(args)
+        args = build_parser().parse_args(argv)
+        options.update(_options(args))
+        args.command_line = "vizcnn " + shlex.join(sys.argv[1:] if argv is None else argv)
+        args.run(args)
     except VizCNNError as error:
         print(f"vizcnn: error: {in_own_words(str(error), options)}", file=sys.stderr)
         return EXIT_USER_ERROR
