@@ -111,6 +111,12 @@ class SanityCheck(ShowsItself):
     kept: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
 
+    @property
+    def main_rows(self) -> list[int] | None:
+        """The rows the verdict is about: the first kind's (occlusion: the class score's
+        maps), or every row (None)."""
+        return self.rows_of(self.kinds[0]) if self.kinds else None
+
     def rows_of(self, kind: str | None) -> list[int] | None:
         """The rows of one kind (None: every row)."""
         if kind is None:
@@ -144,17 +150,17 @@ class SanityCheck(ShowsItself):
         return float(self.curve(metric, rows)[-1])
 
     def verdict(self) -> str:
-        """The line's word: "depends on the weights" or "mostly image recovery"."""
-        return verdict(self.final())
+        """The line's word for ``main_rows``: "depends on the weights" or "mostly image
+        recovery"."""
+        return verdict(self.final(rows=self.main_rows))
 
     def line(self) -> str:
-        """One line: the similarity at the last step (of the first kind's rows, where there
-        are kinds), its word and the random networks' band."""
-        kind = self.kinds[0] if self.kinds else None
-        rows = self.rows_of(kind)
+        """One line: the similarity of ``main_rows`` at the last step, its word and the
+        random networks' band."""
+        rows = self.main_rows
         low, high = self.band(rows=rows)
         final = self.final(rows=rows)
-        what = self.method.replace("_", " ") + (f" ({kind})" if kind else "")
+        what = self.method.replace("_", " ") + (f" ({self.kinds[0]})" if self.kinds else "")
         return (f"{self.layer}: {what} similarity {final:.2f} once randomized "
                 f"({_METRIC_NAMES[LINE_METRIC]}; random networks {low:.2f} to {high:.2f}): "
                 f"{verdict(final)}")
@@ -172,7 +178,7 @@ class SanityCheck(ShowsItself):
                 "steps": list(self.steps), "changed": list(self.changed),
                 "cascade": self.cascade, "seed": self.seed, "kept": list(self.kept),
                 "kinds": list(self.kinds),
-                "final": self.final(), "verdict": self.verdict(),
+                "final": self.final(rows=self.main_rows), "verdict": self.verdict(),
                 "threshold": IMAGE_RECOVERY, "line_metric": LINE_METRIC, "metrics": metrics}
 
     def save(self, folder: str | os.PathLike) -> Path:

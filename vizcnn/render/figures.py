@@ -794,7 +794,7 @@ def _sanity_block(fig, check: SanityCheck, mean: Normalisation, std: Normalisati
     ax = fig.add_subplot(grid[rows + 1:, :])
     steps = range(len(check.steps))
     kinds = list(dict.fromkeys(check.kinds))
-    main = check.rows_of(kinds[0]) if kinds else None  # occlusion: the class score's maps
+    main = check.main_rows  # occlusion: the class score's maps
     for metric, (label, colour, style) in _METRIC_STYLE.items():
         ax.plot(steps, check.curve(metric, main).numpy(), style, color=colour, label=label,
                 lw=1, marker="o", ms=2)
