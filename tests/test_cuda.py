@@ -108,3 +108,18 @@ def test_feature_visualization_on_cuda_follows_the_cpu():
     # the arithmetic's noise
     assert torch.allclose(on_gpu.images.cpu(), on_cpu.images, atol=5e-3)
     assert all(not module._forward_hooks for module in gpu.modules())
+
+
+def test_sanity_check_on_cuda_keeps_the_model_and_repeats():
+    """A sanity check on the GPU: the copies and the pictures on the model's device, the model
+    as it was, the same seed the same numbers (to float noise: CUDA's unpooling adds
+    atomically)."""
+    model = vizcnn.load_model("demo", device="cuda")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = [vizcnn.sanity_check(model, "shapes:40", "features.3", "deconv", channels=[1, 2],
+                                baseline_models=1, progress=False) for _ in range(2)]
+    assert runs[0].pictures.is_cuda
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not module._forward_hooks for module in model.modules())
+    first, second = (run.similarity.spearman for run in runs)
+    assert torch.allclose(first, second, atol=1e-4) and first.isfinite().all()
