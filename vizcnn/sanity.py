@@ -291,6 +291,11 @@ class Pictures:
     size: tuple[int, int]  # the model's input size, for the trace
     everything: bool  # every module can change the picture (a class score's map)
     kinds: tuple[str, ...] = ()  # per row, where a method draws two kinds of picture
+    trained: torch.Tensor | None = None  # the trained network's, where setting up drew them
+
+    def of_trained(self, model: nn.Module) -> torch.Tensor:
+        """The trained network's pictures, drawn once."""
+        return self.trained if self.trained is not None else self.draw(model)
 
 
 def _strongest_channels(model: nn.Module, data: Any, layer: str, channels: Any, count: int,
@@ -340,7 +345,8 @@ def deconv_pictures(model: nn.Module, x: torch.Tensor, layer: str, channels: Seq
 
     patches = Deconvnet(model).project_patches(x, layer, channels_t, image_indices=rows,
                                                positions=positions, activations=ones)
-    return Pictures(draw, tuple(labels), patches.images, tuple(x.shape[-2:]), False)
+    return Pictures(draw, tuple(labels), patches.images, tuple(x.shape[-2:]), False,
+                    trained=patches.projections)
 
 
 def _strongest_positions(model: nn.Module, x: torch.Tensor, layer: str,
@@ -392,23 +398,30 @@ def _occlusion_method(model, data, layer, channels, images, options) -> Pictures
     targets, picked = trained.target.tolist(), trained.channel.tolist()
     name = model_info(model).class_name
 
+    def pictures(prob: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        """(N, gy, gx) each -> (2N, 1, gy, gx): per image its class score's map, then its
+        feature map's."""
+        return torch.stack([prob, activation.to(prob.dtype)], 1).flatten(0, 1).unsqueeze(1)
+
     def draw(network: nn.Module) -> torch.Tensor:
-        maps = [occlusion(network, x[n:n + 1], target=targets[n], channel=picked[n], **keywords)
-                for n in range(len(x))]
-        return torch.stack([m for found in maps for m in (found.prob[0], found.activation[0])]
-                           ).float().unsqueeze(1)
+        found = [occlusion(network, x[n:n + 1], target=targets[n], channel=picked[n],
+                           **keywords) for n in range(len(x))]
+        return pictures(torch.cat([f.prob for f in found]),
+                        torch.cat([f.activation for f in found]))
 
     labels = [label for n in range(len(x)) for label in
               (f"image {n}: p({name(targets[n])})", f"image {n}: {layer} ch {picked[n]}")]
     return Pictures(draw, tuple(labels), x.repeat_interleave(2, 0), tuple(x.shape[-2:]), True,
-                    ("class score", "feature map") * len(x))
+                    ("class score", "feature map") * len(x),
+                    pictures(trained.prob, trained.activation))
 
 
 def _featvis_method(model, data, layer, channels, images, options) -> Pictures:
     from vizcnn.featvis import feature_visualization
     from vizcnn.models import model_info
 
-    _, wanted = _strongest_channels(model, data, layer, channels, DEFAULT_CHANNELS)
+    wanted = (_strongest_channels(model, data, layer, None, DEFAULT_CHANNELS)[1]
+              if channels is None else channel_indices(channels).tolist())  # checked by featvis
     size = model_info(model).input_size
     if size is None:
         from vizcnn.scan import first_input
@@ -519,7 +532,7 @@ def check_pictures(model: nn.Module, layer: str, method: str, pictures: Pictures
     total = 1 + sum(changed) + baseline_models
     with progress_bar(total=total, desc=f"sanity check {layer}", unit="picture",
                       disable=not progress) as bar, _quiet():
-        trained = pictures.draw(model)
+        trained = pictures.of_trained(model)
         bar.update()
         drawn = [trained]
         for feeds, network in zip(changed, _randomized(model, order, cascade, seed),
@@ -605,7 +618,7 @@ def line_similarity(model: nn.Module, data: Any, layer: str, channels: Sequence[
     if not channels or layer not in randomizable(model):
         return None
     pictures = _line_pictures(model, data, layer, channels, indices, positions)
-    trained = pictures.draw(model)
+    trained = pictures.of_trained(model)
     with _quiet():
         every = pictures.draw(_all_random(model, randomizable(model), seed))
     return float(similarities(trained, every).metric(LINE_METRIC).nanmean())

@@ -750,8 +750,7 @@ _METRIC_STYLE = {"spearman": ("rank corr.", "C0", "-"),
                  "ssim": ("SSIM", "C2", "--"), "hog": ("HOG", "C3", ":")}
 
 
-def _sanity_tiles(check: SanityCheck, pictures, mean: Normalisation, std: Normalisation
-                  ) -> np.ndarray:
+def _sanity_tiles(check: SanityCheck, pictures) -> np.ndarray:
     """uint8 RGB tiles (R, h, w, 3) of one step's pictures, drawn as vizcnn draws them
     elsewhere: projections symmetric about zero, maps stretched in the viridis colours,
     feature visualizations as pixels."""
@@ -780,7 +779,7 @@ def _sanity_block(fig, check: SanityCheck, mean: Normalisation, std: Normalisati
     grid = fig.add_gridspec(rows + 3, len(columns), hspace=0.08, wspace=0.05)
     for c, (title, pictures) in enumerate(columns):
         tiles = (image_tiles(check.inputs[:rows], mean, std) if pictures is None
-                 else _sanity_tiles(check, pictures, mean, std))
+                 else _sanity_tiles(check, pictures))
         for r in range(rows):
             ax = fig.add_subplot(grid[r, c])
             ax.imshow(tiles[r], interpolation="nearest")

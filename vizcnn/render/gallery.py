@@ -410,8 +410,8 @@ def _after_pass(model: nn.Module, passes: _Passes, out: Path, clock: _Stages, *,
                         sanity))
     if health is True:
         report = clock.run("health", health_report, model, data, layers, stats,
-                           passes.describe, sanity=sanity is not False and {
-                               name: check.final() for name, check in checks.items()})
+                           passes.describe,
+                           sanity={name: check.final() for name, check in checks.items()})
     else:
         report = clock.skip("health", health or None)
     if checkpoints is None or isinstance(checkpoints, FeatureEvolution):
@@ -459,19 +459,16 @@ def _sanity_checks(model: nn.Module, data: Any, top: Any, shown: dict[str, list[
     """{layer: SanityCheck} of the layers checked: the deconvnet's cascade for the top unit
     of the shown channels that fire most (``sanity.layer_sanity``); with ``wanted`` None only
     where it costs fewer projections than the layer's top-k."""
-    from vizcnn.sanity import LINE_CHANNELS, cascade_cost, layer_sanity, line_units
+    from vizcnn.sanity import cascade_cost, layer_sanity, line_units
 
     checks = {}
     for name, channels in shown.items():
         rows = torch.tensor(channels)
         picked, indices = line_units(top.values[name][rows, 0], top.indices[name][rows, 0])
-        cost = cascade_cost(model, name, size, min(len(picked), LINE_CHANNELS))
-        if not picked or not cost or (wanted is None and cost >= len(channels) * top.k):
-            continue
-        check = layer_sanity(model, data, name, [channels[r] for r in picked], indices,
-                             positions=top.positions[name][rows[picked], 0])
-        if check is not None:
-            checks[name] = check
+        cost = cascade_cost(model, name, size, len(picked))  # 0: no unit, or no weights
+        if cost and (wanted or cost < len(channels) * top.k):
+            checks[name] = layer_sanity(model, data, name, [channels[r] for r in picked],
+                                        indices, positions=top.positions[name][rows[picked], 0])
     return checks
 
 
